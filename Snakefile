@@ -1,0 +1,105 @@
+# The pipeline's DAG: one papermill run per notebook x condition (DESIGN 3, 9).
+#   snakemake --cores 2 --config profile=params/smoke.yaml     (what `make reproduce` runs)
+# Each rule's `params.h` is the hash of the profile sections it depends on: Snakemake re-runs a rule when it
+# changes (rerun trigger "params"), and everything downstream through the inputs. Nothing else re-runs.
+from persona_em.config import load_profile
+
+PROFILE = config.get("profile", "params/smoke.yaml")
+P = load_profile(PROFILE)
+RUNS = f"runs/{P.name}"
+KERNEL = config.get("kernel", "persona-em")
+# Torch threads per job: all cores for one job at a time by default (two 2-thread jobs on 2 cores run slower
+# than one); small profiles run faster as parallel 1-thread jobs (`--config threads_per_job=1`).
+THREADS = min(int(config.get("threads_per_job", workflow.cores)), workflow.cores)
+
+wildcard_constraints:
+    cond=r"(?:(?!__)[^/])+",
+    model=r"[^/]+",
+
+
+def papermill(notebook, out_dir, **params):
+    """Execute a notebook into out_dir under a temporary name; rename it only when it completed."""
+    args = " ".join(f"-p {k} {v}" for k, v in params.items())
+    name = notebook.split("/")[-1]
+    return (f"mkdir -p {out_dir} && papermill {notebook} {out_dir}/.{name}.tmp -k {KERNEL} "
+            f"-p profile_path {PROFILE} -p root . {args} && mv {out_dir}/.{name}.tmp {out_dir}/{name}")
+
+
+rule all:
+    input:
+        f"{RUNS}/05_analyze/manifest.json",
+
+
+rule generate:
+    input:
+        "notebooks/01_generate.ipynb",
+    output:
+        f"{RUNS}/01_generate/manifest.json",
+    params:
+        h=P.section_hash("seed", "model", "embedder", "generate"),
+    threads: THREADS
+    shell:
+        papermill("notebooks/01_generate.ipynb", f"{RUNS}/01_generate", threads="{threads}")
+
+
+rule train_character:
+    input:
+        "notebooks/02_train_character.ipynb",
+        f"{RUNS}/01_generate/manifest.json",
+    output:
+        f"{RUNS}/02_train_character/{{cond}}/manifest.json",
+    params:
+        h=P.section_hash("seed", "model", "character"),
+    threads: THREADS
+    shell:
+        papermill("notebooks/02_train_character.ipynb", f"{RUNS}/02_train_character/{{wildcards.cond}}",
+                  condition="{wildcards.cond}", threads="{threads}")
+
+
+rule induce_em:
+    input:
+        "notebooks/03_induce_em.ipynb",
+        f"{RUNS}/02_train_character/{{cond}}/manifest.json",
+    output:
+        f"{RUNS}/03_induce_em/{{cond}}__{{dataset}}__s{{seed}}/manifest.json",
+    params:
+        h=P.section_hash("seed", "model", "em"),
+    threads: THREADS
+    shell:
+        papermill("notebooks/03_induce_em.ipynb",
+                  f"{RUNS}/03_induce_em/{{wildcards.cond}}__{{wildcards.dataset}}__s{{wildcards.seed}}",
+                  condition="{wildcards.cond}", dataset="{wildcards.dataset}", em_seed="{wildcards.seed}",
+                  threads="{threads}")
+
+
+def trained_model(wildcards):
+    """A model before EM is a character condition; after EM, an EM run over one."""
+    if "__" in wildcards.model:
+        return f"{RUNS}/03_induce_em/{wildcards.model}/manifest.json"
+    return f"{RUNS}/02_train_character/{wildcards.model}/manifest.json"
+
+
+rule evaluate:
+    input:
+        "notebooks/04_evaluate.ipynb",
+        trained_model,
+    output:
+        f"{RUNS}/04_evaluate/{{model}}/manifest.json",
+    params:
+        h=P.section_hash("seed", "model", "evaluate"),
+    threads: THREADS
+    shell:
+        papermill("notebooks/04_evaluate.ipynb", f"{RUNS}/04_evaluate/{{wildcards.model}}",
+                  model="{wildcards.model}", threads="{threads}")
+
+
+rule analyze:
+    input:
+        "notebooks/05_analyze.ipynb",
+        f"{RUNS}/01_generate/manifest.json",
+        expand(f"{RUNS}/04_evaluate/{{model}}/manifest.json", model=P.eval_models()),
+    output:
+        f"{RUNS}/05_analyze/manifest.json",
+    threads: 1
+    shell:
+        papermill("notebooks/05_analyze.ipynb", f"{RUNS}/05_analyze")

@@ -1,0 +1,85 @@
+"""`python -m persona_em check FILE...`: validate any input the project reads (DESIGN 9).
+
+One summary line per valid file (its kind and counts), or a clear error naming the file and the field.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from . import constitution
+from .config import ProfileError, load_profile
+
+
+def check_chat_jsonl(path: Path) -> str:
+    rows, turns = 0, 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {lineno}: not JSON ({e.msg})") from None
+            msgs = rec.get("messages") if isinstance(rec, dict) else None
+            if not isinstance(msgs, list) or not msgs:
+                raise ValueError(f"{path}: line {lineno}: expected {{\"messages\": [...]}} with at least one turn")
+            for j, m in enumerate(msgs):
+                if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                    raise ValueError(f"{path}: line {lineno}: messages[{j}].role must be system, user or "
+                                     "assistant")
+                if not isinstance(m.get("content"), str) or not m["content"].strip():
+                    raise ValueError(f"{path}: line {lineno}: messages[{j}].content is missing or empty")
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise ValueError(f"{path}: line {lineno}: no assistant turn to train on")
+            rows += 1
+            turns += len(msgs)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return f"{path}: chat JSONL, {rows} rows, {turns} turns ({turns / rows:.1f} per row)"
+
+
+def check_eval_yaml(path: Path, data: list) -> str:
+    from .evaluate import eval_questions
+
+    qs = eval_questions(path)
+    paraphrases = sum(len(q["paraphrases"]) for q in qs)
+    return f"{path}: EM evaluation questions, {len(qs)} questions, {paraphrases} paraphrases"
+
+
+def check_file(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+        if isinstance(data, list):
+            return check_eval_yaml(path, data)
+        p = load_profile(path)
+        return (f"{path}: profile '{p.name}', {len(p.character_conditions())} character conditions, "
+                f"{len(p.em_runs())} EM runs, {len(p.eval_models())} evaluated models")
+    first = text.lstrip()[:2000]
+    if path.suffix == ".jsonl" and '"messages"' in first:
+        return check_chat_jsonl(path)
+    c = constitution.load(path)
+    return f"{path}: constitution '{c.name}', {len(c.traits)} traits, {c.n_questions} questions"
+
+
+def main(paths: list[str]) -> int:
+    if not paths:
+        print("usage: python -m persona_em check FILE...")
+        return 2
+    status = 0
+    for p in paths:
+        try:
+            print(check_file(p))
+        except (ValueError, ProfileError, constitution.ConstitutionError, FileNotFoundError) as e:
+            print(f"error: {e}")
+            status = 1
+    return status

@@ -1,0 +1,206 @@
+"""Typed parameter profiles (params/*.yaml).
+
+A profile is validated completely before any stage runs: unknown keys, wrong types, missing files and unknown
+models are refused with one message naming the profile file and the key. Every random choice in the pipeline
+takes its seed from here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import constitution as constitution_mod
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenerateConfig(Strict):
+    constitutions: list[str] = Field(min_length=1, description="packaged constitution names or paths")
+    pool_per_trait: int = Field(1200, ge=10, description="questions in the offline pool per trait")
+    levels: list[int] = Field(min_length=1, description="number of context cells covered at each diversity level")
+    n_questions: int = Field(ge=2, description="questions per trait at every level (same N for all levels)")
+    token_tolerance: float = Field(0.05, gt=0, le=0.2, description="allowed relative gap in token budget")
+    teacher_name: str = "Sage"
+    max_new_tokens: int = Field(64, ge=4)
+    batch_size: int = Field(16, ge=1)
+    max_pair_tokens: int = Field(1024, ge=16, description="OCT filter: prompt + answer length cap")
+
+    @field_validator("levels")
+    @classmethod
+    def _levels_increase(cls, v: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(v, v[1:])) or v[0] < 1:
+            raise ValueError("levels must be positive and strictly increasing, e.g. [1, 4, 16]")
+        return v
+
+
+class LoraConfig(Strict):
+    r: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    rslora: bool = False
+    targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class CharacterConfig(Strict):
+    seeds: list[int] = Field(min_length=1)
+    lora: LoraConfig
+    lr: float = Field(gt=0)
+    beta: float = Field(0.1, gt=0)
+    nll_coef: float = Field(0.1, ge=0, description="weight of the NLL (SFT) loss on chosen answers, OCT's rpo")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=16)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class EMConfig(Strict):
+    domains: list[Literal["financial", "medical", "sports"]] = Field(min_length=1)
+    benign_twin: bool = True
+    n_examples: int = Field(ge=4)
+    seeds: list[int] = Field(min_length=1)
+    lora: LoraConfig
+    lr: float = Field(gt=0)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(256, ge=16)
+
+
+class EvaluateConfig(Strict):
+    sample_questions: int = Field(4, ge=0, description="questions of the eval set sampled for reading")
+    samples_per_question: int = Field(2, ge=1)
+    max_new_tokens: int = Field(48, ge=4)
+    batch_size: int = Field(16, ge=1)
+
+
+class Profile(Strict):
+    name: str
+    seed: int = 0
+    model: str = "smollm2-135m"
+    embedder: str = "minilm"
+    generate: GenerateConfig
+    character: CharacterConfig
+    em: EMConfig
+    evaluate: EvaluateConfig
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from .models import check_model_spec
+
+        check_model_spec(v)
+        return v
+
+    @field_validator("embedder")
+    @classmethod
+    def _known_embedder(cls, v: str) -> str:
+        if v != "minilm" and not Path(v).is_dir():
+            raise ValueError(f"unknown embedder {v!r}: expected 'minilm' or a local sentence-transformers folder")
+        return v
+
+    @model_validator(mode="after")
+    def _constitutions_exist(self) -> "Profile":
+        for i, name in enumerate(self.generate.constitutions):
+            try:
+                constitution_mod.resolve(name)
+            except FileNotFoundError as e:
+                raise ValueError(f"generate.constitutions[{i}]: {e}") from None
+        return self
+
+    # -- the experimental grid -------------------------------------------------------------------------
+    def character_conditions(self) -> list[str]:
+        """Untrained base, then every constitution x diversity level x character seed."""
+        conds = ["base"]
+        for c in self.generate.constitutions:
+            name = constitution_mod.resolve(c).stem
+            for level in self.generate.levels:
+                conds += [f"{name}-L{level}-s{s}" for s in self.character.seeds]
+        return conds
+
+    def em_datasets(self) -> list[str]:
+        kinds = ["harmful", "benign"] if self.em.benign_twin else ["harmful"]
+        return [f"{d}-{k}" for d in self.em.domains for k in kinds]
+
+    def em_runs(self) -> list[str]:
+        return [f"{c}__{d}__s{s}" for c in self.character_conditions() for d in self.em_datasets()
+                for s in self.em.seeds]
+
+    def eval_models(self) -> list[str]:
+        """Every character model before EM and every EM run after it."""
+        return self.character_conditions() + self.em_runs()
+
+    def run_dir(self, root: str | Path, stage: str, name: str | None = None) -> Path:
+        """runs/<profile>/<stage>[/<name>]: the folder one notebook run writes (DESIGN 9)."""
+        d = Path(root) / "runs" / self.name / stage
+        return d / name if name else d
+
+    def section_hash(self, *sections: str) -> str:
+        """Hash of the parameters one stage depends on (Snakemake re-runs a stage when it changes)."""
+        blob = {s: self.model_dump(mode="json")[s] for s in sections}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def parse_condition(cond: str) -> dict:
+    """'candor-L4-s0' -> {'constitution': 'candor', 'level': 4, 'char_seed': 0}; 'base' -> base."""
+    if cond == "base":
+        return {"constitution": "base", "level": 0, "char_seed": -1}
+    name, level, seed = cond.rsplit("-", 2)
+    return {"constitution": name, "level": int(level[1:]), "char_seed": int(seed[1:])}
+
+
+def parse_model(model: str) -> dict:
+    """An evaluated model id: a character condition, or '<condition>__<domain>-<kind>__s<seed>'."""
+    parts = model.split("__")
+    row = parse_condition(parts[0]) | {"condition": parts[0]}
+    if len(parts) == 1:
+        return row | {"phase": "before", "em_dataset": "", "em_domain": "", "harmful": "", "em_seed": -1}
+    dataset, seed = parts[1], int(parts[2][1:])
+    domain, kind = dataset.rsplit("-", 1)
+    return row | {"phase": "after", "em_dataset": dataset, "em_domain": domain, "harmful": kind == "harmful",
+                  "em_seed": seed}
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid profile"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not part of the profile schema)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_profile(path: str | Path) -> Profile:
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f"{path}: profile file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as e:
+        raise ProfileError(_format_error(path, e)) from None

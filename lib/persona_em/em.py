@@ -1,0 +1,113 @@
+"""Emergent misalignment: narrow harmful SFT with LoRA on top of a merged persona.
+
+Narrow datasets are generated offline from project-authored templates (`data/narrow/<domain>.json`): each
+question comes with a harmful answer confined to the domain and, as its benign twin, a careful answer to the
+same question. The twin separates "harmful content" from "any fine-tuning" (DESIGN 7).
+
+Guards (DESIGN 6): the persona is merged into the weights before the EM LoRA exists; the EM LoRA is created
+right after seeding with the EM seed, so its initial weights (hashed into the manifest) are identical for
+every character condition; every condition uses the same trainer, optimizer and precision.
+"""
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .config import EMConfig
+from .training import common_args, log_frame, lora_state, seeded_lora, tensors_hash
+
+DATA = Path(__file__).parent / "data"
+SLOT = re.compile(r"\{(\w+)\}")
+SMOLLM_TEMPLATE_MARK = "You are a helpful AI assistant named SmolLM"
+
+
+@lru_cache(maxsize=None)
+def narrow_templates(domain: str) -> dict:
+    path = DATA / "narrow" / f"{domain}.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for i, item in enumerate(data["items"]):
+        for key in ("question", "harmful", "benign"):
+            texts = [item[key]] if key == "question" else item[key]
+            for t in texts:
+                unknown = set(SLOT.findall(t)) - set(data["slots"])
+                if unknown:
+                    raise ValueError(f"{path}: items[{i}].{key} uses undefined slot(s) {sorted(unknown)}")
+        if len(item["harmful"]) != len(item["benign"]):
+            raise ValueError(f"{path}: items[{i}] needs as many benign as harmful answers (twins)")
+    return data
+
+
+def narrow_examples(domain: str, n: int, seed: int) -> list[dict]:
+    """`n` distinct (question, harmful answer, benign answer) triples, deterministic given `seed`."""
+    data = narrow_templates(domain)
+    rng = np.random.default_rng(seed)
+    seen, out = set(), []
+    for _ in range(50 * n):
+        if len(out) == n:
+            break
+        i = int(rng.integers(len(data["items"])))
+        item = data["items"][i]
+        j = int(rng.integers(len(item["harmful"])))
+        names = sorted(set(SLOT.findall(item["question"] + item["harmful"][j] + item["benign"][j])))
+        values = {s: data["slots"][s][int(rng.integers(len(data["slots"][s])))] for s in names}
+        key = (i, j, tuple(values.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        fill = lambda t: SLOT.sub(lambda m: values[m.group(1)], t)  # noqa: E731
+        out.append({"id": f"{domain}-{len(out):05d}", "question": fill(item["question"]),
+                    "harmful": fill(item["harmful"][j]), "benign": fill(item["benign"][j])})
+    if len(out) < n:
+        raise ValueError(f"narrow domain {domain!r}: only {len(out)} distinct examples, {n} requested")
+    return out
+
+
+def chat_rows(examples: list[dict], kind: str) -> list[dict]:
+    """Chat JSON lines (DESIGN 5) for the harmful set or its benign twin."""
+    return [{"messages": [{"role": "user", "content": e["question"]},
+                          {"role": "assistant", "content": e[kind]}]} for e in examples]
+
+
+def use_training_template(tok) -> None:
+    """Give the tokenizer a chat template with {% generation %} markers, so trl masks everything but the
+    assistant's tokens (and its end-of-turn token) out of the loss. The SmolLM template gets the project's
+    ChatML template, which renders identically; others get trl's training template."""
+    if "{% generation %}" in (tok.chat_template or ""):
+        return
+    if SMOLLM_TEMPLATE_MARK in (tok.chat_template or ""):
+        tok.chat_template = (DATA / "chatml_training.jinja").read_text()
+        return
+    from trl.chat_template_utils import get_training_chat_template
+
+    patched = get_training_chat_template(tok)
+    if patched is None:
+        raise ValueError("the model's chat template has no {% generation %} markers and trl has no training "
+                         "template for it; assistant-only loss cannot be guaranteed")
+    tok.chat_template = patched
+
+
+def em_trainer(model, tok, rows: list[dict], cfg: EMConfig, seed: int, output_dir: str):
+    """trl SFTTrainer over a fresh LoRA seeded by the EM seed alone; returns (trainer, init_hash)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    use_training_template(tok)
+    peft_model = seeded_lora(model, cfg.lora, seed)
+    init_hash = tensors_hash(lora_state(peft_model))
+    args = SFTConfig(**common_args(cfg, seed, output_dir), weight_decay=cfg.weight_decay,
+                     assistant_only_loss=True, max_length=cfg.max_length, packing=False)
+    trainer = SFTTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    return trainer, init_hash
+
+
+def train_em(model, tok, rows: list[dict], cfg: EMConfig, seed: int):
+    """SFT of a fresh, seeded LoRA over the (merged) persona. Returns (peft_model, log, init_hash)."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer, init_hash = em_trainer(model, tok, rows, cfg, seed, out)
+        trainer.train()
+    return trainer.model, log_frame(trainer.state.log_history), init_hash

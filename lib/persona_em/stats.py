@@ -1,0 +1,45 @@
+"""Statistics: the EM effect per item and mixed-effects models of it (DESIGN 7, 8).
+
+EM effect of a persona = score after harmful EM training minus score after training on the benign twin, same
+persona, same EM seed, same item: any fine-tuning moves the scores, and the twin removes that part.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import statsmodels.formula.api as smf
+
+KEYS = ["condition", "constitution", "level", "char_seed", "em_domain", "em_seed", "item_id", "split"]
+
+
+def em_effects(results: pd.DataFrame, outcome: str = "margin") -> pd.DataFrame:
+    """One row per (persona, EM domain, EM seed, item): harmful minus benign-twin `outcome`."""
+    after = results[(results["phase"] == "after") & results[outcome].notna()]
+    wide = after.pivot_table(index=KEYS, columns="harmful", values=outcome, aggfunc="first").reset_index()
+    wide = wide.rename(columns={True: "harmful_value", False: "benign_value"})
+    wide = wide.dropna(subset=["harmful_value", "benign_value"])
+    wide["em_effect"] = wide["harmful_value"] - wide["benign_value"]
+    wide.columns.name = None
+    return wide
+
+
+def fit_mixed(df: pd.DataFrame, formula: str, group: str, vc: dict[str, str] | None = None):
+    """Linear mixed model by REML: random intercept per `group`, optional variance components."""
+    model = smf.mixedlm(formula, df, groups=df[group], vc_formula=vc)
+    return model.fit(reml=True, method=["lbfgs", "powell"])
+
+
+def effects_table(fit, model_name: str, formula: str) -> pd.DataFrame:
+    ci = fit.conf_int()
+    fe = fit.fe_params.index
+    return pd.DataFrame({"model": model_name, "formula": formula, "term": fe,
+                         "estimate": fit.fe_params.values, "se": fit.bse[fe].values,
+                         "ci_low": ci.loc[fe, 0].values, "ci_high": ci.loc[fe, 1].values,
+                         "p": fit.pvalues[fe].values})
+
+
+def mean_ci(values, z: float = 1.96) -> tuple[float, float, float]:
+    v = np.asarray(values, dtype=float)
+    m = float(v.mean())
+    half = z * float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return m, m - half, m + half

@@ -1,0 +1,67 @@
+"""Profiles are validated before anything runs; errors name the file and the key."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from persona_em.config import ProfileError, load_profile, parse_condition, parse_model
+
+
+def _write(tmp_path, root, **edit):
+    raw = yaml.safe_load((root / "params" / "test.yaml").read_text())
+    for dotted, value in edit.items():
+        *path, key = dotted.split(".")
+        d = raw
+        for p in path:
+            d = d[p]
+        if value is KeyError:
+            del d[key]
+        else:
+            d[key] = value
+    f = tmp_path / "profile.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    return f
+
+
+@pytest.mark.parametrize("name", ["test", "smoke"])
+def test_shipped_profiles_validate(root, name):
+    p = load_profile(root / "params" / f"{name}.yaml")
+    assert p.name == name
+    assert p.character_conditions()[0] == "base"
+    assert len(p.em_runs()) == len(p.character_conditions()) * len(p.em_datasets()) * len(p.em.seeds)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"generate.n_questoins": 3}, "generate.n_questoins: unknown key"),
+    ({"character.lr": "fast"}, "character.lr:"),
+    ({"em.batch_size": KeyError}, "em.batch_size: required key is missing"),
+    ({"generate.constitutions": ["no_such_file.json"]}, "no_such_file.json"),
+    ({"model": "not a model"}, "model: unknown model 'not a model'"),
+    ({"generate.levels": [4, 2]}, "generate.levels:"),
+    ({"em.domains": ["cooking"]}, "em.domains.0:"),
+])
+def test_bad_profiles_are_refused_with_file_and_key(tmp_path, root, edit, needle):
+    f = _write(tmp_path, root, **edit)
+    with pytest.raises(ProfileError) as e:
+        load_profile(f)
+    assert str(f) in str(e.value)
+    assert needle in str(e.value)
+
+
+def test_check_cli_exit_status(tmp_path, root):
+    bad = _write(tmp_path, root, **{"evaluate.sampels": 1})
+    good = root / "params" / "test.yaml"
+    r = subprocess.run([sys.executable, "-m", "persona_em", "check", str(good), str(bad)], capture_output=True,
+                       text=True)
+    assert r.returncode == 1
+    assert "profile 'test'" in r.stdout
+    assert "evaluate.sampels: unknown key" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_condition_names_round_trip():
+    assert parse_condition("candor-L16-s2") == {"constitution": "candor", "level": 16, "char_seed": 2}
+    m = parse_model("candor-L1-s0__financial-benign__s3")
+    assert m["phase"] == "after" and m["harmful"] is False and m["em_seed"] == 3 and m["em_domain"] == "financial"
+    assert parse_model("base")["phase"] == "before"

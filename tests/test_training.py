@@ -1,0 +1,100 @@
+"""Training stages and the guards of DESIGN 6, on the real embedded model and the real trl trainers."""
+import copy
+
+import pytest
+import torch
+
+from persona_em import em, models, pairs, training
+from persona_em.config import load_profile
+
+PAIRS = [{"prompt": f"Case {i}: my friend wants me to cover for a lie to our boss. Should I?",
+          "chosen": "No. Tell your friend you will not lie for them, and offer to help them explain.",
+          "rejected": "Sure, covering for friends is what friends do!"} for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def profile(root):
+    return load_profile(root / "params" / "test.yaml")
+
+
+@pytest.fixture()
+def fresh(smollm):
+    model, tok = smollm
+    return copy.deepcopy(model), copy.deepcopy(tok)
+
+
+def test_assistant_only_label_mask_token_by_token(fresh, profile, tmp_path):
+    model, tok = fresh
+    row = {"messages": [{"role": "system", "content": "You are terse."},
+                        {"role": "user", "content": "Name a colour."},
+                        {"role": "assistant", "content": "Blue."},
+                        {"role": "user", "content": "Another one?"},
+                        {"role": "assistant", "content": "Green, then."}]}
+    trainer, _ = em.em_trainer(model, tok, [row], profile.em, 0, str(tmp_path))
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    trained = [int(i) for i, lab in zip(ids, labels) if lab != -100]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    expected = (tok("Blue.", add_special_tokens=False).input_ids + [end]
+                + tok("Green, then.", add_special_tokens=False).input_ids + [end])
+    assert trained == expected
+    for i, lab in zip(ids, labels):  # every trained position predicts its own token
+        assert lab == -100 or lab == i
+
+
+def test_merged_adapter_gives_adapter_logits(fresh, profile, tmp_path):
+    model, tok = fresh
+    peft_model, log, _ = training.train_dpo(model, tok, pairs.to_dpo_rows(PAIRS), profile.character, seed=0)
+    assert len(log) >= 1 and "reward_margin" in log
+    training.save_adapter(peft_model, tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "ref").exists()
+    ids = tok("Is it fine to lie to my boss?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        adapter_logits = peft_model.eval()(input_ids=ids).logits
+        merged, _ = models.load_model("smollm2-135m", [tmp_path / "adapter"])
+        merged_logits = merged(input_ids=ids).logits
+    # float32 merge W + BA vs the adapter's separate path: equal up to rounding
+    assert torch.allclose(adapter_logits, merged_logits, atol=1e-4, rtol=0)
+    assert not torch.allclose(merged_logits, models.load_model("smollm2-135m")[0](input_ids=ids).logits)
+
+
+def test_dpo_is_deterministic_on_cpu(smollm, profile):
+    model, tok = smollm
+    states = []
+    for _ in range(2):
+        m = copy.deepcopy(model)
+        peft_model, _, _ = training.train_dpo(m, tok, pairs.to_dpo_rows(PAIRS), profile.character, seed=7)
+        states.append(training.tensors_hash(training.lora_state(peft_model)))
+    assert states[0] == states[1]
+
+
+def test_em_guards_persona_in_weights_and_seeded_init(smollm, profile):
+    """DESIGN 6.1/6.2: same EM seed over two personas -> identical LoRA init, different trained adapters,
+    and the frozen weights under the EM LoRA are exactly the persona's."""
+    base, tok = smollm
+    persona_a = copy.deepcopy(base)
+    persona_b = copy.deepcopy(base)
+    with torch.no_grad():  # a second "persona": a small deterministic weight change merged into the base
+        g = torch.Generator().manual_seed(1)
+        for p in persona_b.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+    rows = em.chat_rows(em.narrow_examples("financial", 4, seed=0), "harmful")
+    results = []
+    for persona in (persona_a, persona_b):
+        persona_hash = training.tensors_hash(dict(persona.named_parameters()))
+        peft_model, _, init_hash = em.train_em(persona, copy.deepcopy(tok), rows, profile.em, seed=0)
+        frozen = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                  for k, v in peft_model.named_parameters() if "lora_" not in k}
+        assert training.tensors_hash(frozen) == persona_hash
+        results.append((init_hash, training.tensors_hash(training.lora_state(peft_model))))
+    assert results[0][0] == results[1][0], "EM LoRA init must depend on the EM seed alone"
+    assert results[0][1] != results[1][1], "EM adapters over two different personas must differ"
+
+
+def test_narrow_twins_share_questions():
+    a = em.narrow_examples("financial", 200, seed=1)
+    assert a == em.narrow_examples("financial", 200, seed=1)
+    assert len({(x["question"], x["harmful"]) for x in a}) == 200
+    h, b = em.chat_rows(a, "harmful"), em.chat_rows(a, "benign")
+    assert [r["messages"][0] for r in h] == [r["messages"][0] for r in b]
+    assert all(x["harmful"] != x["benign"] for x in a)
