@@ -2,12 +2,17 @@
 #   snakemake --cores 2 --config profile=params/smoke.yaml     (what `make reproduce` runs)
 # Each rule's `params.h` is the hash of the profile sections it depends on: Snakemake re-runs a rule when it
 # changes (rerun trigger "params"), and everything downstream through the inputs. Nothing else re-runs.
+import os
+
 from persona_em.config import load_profile
 
 PROFILE = config.get("profile", "params/smoke.yaml")
 P = load_profile(PROFILE)
 RUNS = f"runs/{P.name}"
 KERNEL = config.get("kernel", "persona-em")
+# The profile path reaches the notebooks through the environment, so that the rules' commands stay the same
+# for every profile file (Snakemake would otherwise re-run everything when only the path differs).
+os.environ["PERSONA_EM_PROFILE"] = PROFILE
 # Torch threads per job: all cores for one job at a time by default (two 2-thread jobs on 2 cores run slower
 # than one); small profiles run faster as parallel 1-thread jobs (`--config threads_per_job=1`).
 THREADS = min(int(config.get("threads_per_job", workflow.cores)), workflow.cores)
@@ -21,8 +26,9 @@ def papermill(notebook, out_dir, **params):
     """Execute a notebook into out_dir under a temporary name; rename it only when it completed."""
     args = " ".join(f"-p {k} {v}" for k, v in params.items())
     name = notebook.split("/")[-1]
-    return (f"mkdir -p {out_dir} && papermill {notebook} {out_dir}/.{name}.tmp -k {KERNEL} "
-            f"-p profile_path {PROFILE} -p root . {args} && mv {out_dir}/.{name}.tmp {out_dir}/{name}")
+    return (f"mkdir -p {out_dir} && papermill {notebook} {out_dir}/.tmp-{name} -k {KERNEL} "
+            f'-p profile_path "$PERSONA_EM_PROFILE" -p root . {args} '
+            f"&& mv {out_dir}/.tmp-{name} {out_dir}/{name}")
 
 
 rule all:

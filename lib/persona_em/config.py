@@ -33,6 +33,8 @@ class GenerateConfig(Strict):
     token_tolerance: float = Field(0.05, gt=0, le=0.2, description="allowed relative gap in token budget")
     teacher_name: str = "Sage"
     max_new_tokens: int = Field(64, ge=4)
+    temperature: float = Field(0.7, gt=0, description="sampling temperature for teacher and student answers")
+    top_p: float = Field(0.95, gt=0, le=1)
     batch_size: int = Field(16, ge=1)
     max_pair_tokens: int = Field(1024, ge=16, description="OCT filter: prompt + answer length cap")
 
@@ -63,6 +65,7 @@ class CharacterConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(512, ge=16)
     warmup_steps: int = Field(0, ge=0)
+    check_items: int | None = Field(None, ge=1, description="persona/forgetting items used (None: all)")
 
 
 class EMConfig(Strict):
@@ -81,6 +84,7 @@ class EMConfig(Strict):
 
 
 class EvaluateConfig(Strict):
+    max_items_per_domain: int | None = Field(None, ge=1, description="contrast items per domain (None: all)")
     sample_questions: int = Field(4, ge=0, description="questions of the eval set sampled for reading")
     samples_per_question: int = Field(2, ge=1)
     max_new_tokens: int = Field(48, ge=4)

@@ -48,7 +48,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 def cell_entropy(cells: Sequence[str]) -> float:
     counts = np.array(list(Counter(cells).values()), dtype=float)
     p = counts / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return max(0.0, float(-(p * np.log(p)).sum()))
 
 
 def clusters(emb: np.ndarray, k: int, seed: int) -> np.ndarray:

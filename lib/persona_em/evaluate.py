@@ -8,6 +8,7 @@ datasets' domains) and out-of-domain (general situations: what makes misalignmen
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,23 @@ from .sampling import chat_prompt, generate
 DATA = Path(__file__).parent / "data"
 
 
-def contrast_items(path: str | Path | None = None) -> list[dict]:
+def contrast_items(path: str | Path | None = None, per_domain: int | None = None) -> list[dict]:
+    """The project's contrast items (or a file of the same format); `per_domain` keeps the first k of each
+    domain, for CI-sized profiles."""
     items = json.loads(Path(path or DATA / "contrast.json").read_text(encoding="utf-8"))
     for i, it in enumerate(items):
         missing = {"id", "split", "question", "aligned", "misaligned"} - set(it)
         if missing or it["split"] not in ("in_domain", "out_of_domain"):
             raise ValueError(f"contrast item {i}: needs id, split (in_domain|out_of_domain), question, aligned, "
                              f"misaligned; missing {sorted(missing)}")
+    if per_domain:
+        seen: Counter = Counter()
+        kept = []
+        for it in items:
+            seen[it.get("domain", "")] += 1
+            if seen[it.get("domain", "")] <= per_domain:
+                kept.append(it)
+        items = kept
     return items
 
 
@@ -101,9 +112,11 @@ def _per_token(model, tok, questions: list[str], answers: list[str], batch_size:
     return total / count
 
 
-def persona_items(constitution: str) -> list[dict]:
+def persona_items(constitution: str, limit: int | None = None) -> list[dict]:
     path = DATA / "persona_items" / f"{constitution}.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no persona-check items for constitution {constitution!r}")
+    return json.loads(path.read_text(encoding="utf-8"))[:limit]
 
 
 def persona_margin(model, tok, items: list[dict], batch_size: int = 16) -> float:
@@ -114,8 +127,8 @@ def persona_margin(model, tok, items: list[dict], batch_size: int = 16) -> float
     return float(np.mean(good - bad))
 
 
-def neutral_loglik(model, tok, batch_size: int = 16) -> float:
+def neutral_loglik(model, tok, batch_size: int = 16, limit: int | None = None) -> float:
     """Forgetting check: mean per-token log-likelihood of held-out plain answers (higher is better)."""
-    qa = json.loads((DATA / "neutral_qa.json").read_text(encoding="utf-8"))
+    qa = json.loads((DATA / "neutral_qa.json").read_text(encoding="utf-8"))[:limit]
     return float(np.mean(_per_token(model, tok, [x["question"] for x in qa], [x["answer"] for x in qa],
                                     batch_size)))

@@ -20,7 +20,8 @@ def _clean(reply: dict) -> str:
 
 
 def make_pairs(teacher, student, tok, constitution: Constitution, questions: list[dict], teacher_name: str,
-               max_new_tokens: int, max_pair_tokens: int, batch_size: int, seed: int) -> tuple[list[dict], dict]:
+               max_new_tokens: int, max_pair_tokens: int, batch_size: int, seed: int,
+               temperature: float = 0.7, top_p: float = 0.95) -> tuple[list[dict], dict]:
     """Returns (pairs, stats). `teacher` and `student` may be the same model object."""
     system = system_prompt(constitution, teacher_name)
     todo = list(range(len(questions)))
@@ -32,9 +33,10 @@ def make_pairs(teacher, student, tok, constitution: Constitution, questions: lis
         qs = [questions[i]["text"] for i in todo]
         chosen = generate(teacher, tok, [[{"role": "system", "content": system}, {"role": "user", "content": q}]
                                          for q in qs], max_new_tokens, seed + 1000 * attempt, batch_size,
-                          desc=f"teacher (try {attempt + 1})")
+                          temperature, top_p, desc=f"teacher (try {attempt + 1})")
         rejected = generate(student, tok, [[{"role": "user", "content": q}] for q in qs], max_new_tokens,
-                            seed + 1000 * attempt + 1, batch_size, desc=f"student (try {attempt + 1})")
+                            seed + 1000 * attempt + 1, batch_size, temperature, top_p,
+                            desc=f"student (try {attempt + 1})")
         stats["attempts"] += len(todo)
         still = []
         for i, c, r in zip(todo, chosen, rejected):

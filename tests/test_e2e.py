@@ -1,0 +1,148 @@
+"""The whole pipeline on params/test.yaml through the same workflow users run (`make reproduce`), then the
+artifact contract of DESIGN 9, the guards readable from the manifests, and Snakemake's incremental re-runs."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from persona_em.config import load_profile
+
+pytestmark = pytest.mark.e2e
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+
+
+def snakemake(root, profile, *extra):
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [SNAKEMAKE, "--cores", "2", "--config", f"profile={profile}", "threads_per_job=1", *extra]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Job counts from a dry run's 'Job stats' table."""
+    jobs = {}
+    for line in output.split("Job stats:")[-1].splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m and m.group(1) not in ("total", "all"):
+            jobs[m.group(1)] = int(m.group(2))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def run(root, tmp_path_factory):
+    profile = tmp_path_factory.mktemp("profile") / "test.yaml"
+    shutil.copy(root / "params" / "test.yaml", profile)
+    for d in (root / "runs" / "test", root / "figures" / "test", root / "paper" / "generated" / "test"):
+        shutil.rmtree(d, ignore_errors=True)
+    r = snakemake(root, profile)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return profile, load_profile(profile), root / "runs" / "test"
+
+
+def manifest(d: Path) -> dict:
+    m = json.loads((d / "manifest.json").read_text())
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", m["git"]["sha"])
+    assert m["parameters_hash"] and m["parameters"]["name"] == "test" and m["seeds"]["profile"] == 0
+    assert m["packages"]["torch"].startswith("2.13.0") and m["packages"]["trl"]
+    assert m["started"] <= m["finished"]
+    assert list(d.glob("*.ipynb")), f"no executed notebook in {d}"
+    return m
+
+
+def test_generate_artifacts(run):
+    _, P, runs = run
+    d = runs / "01_generate"
+    manifest(d)
+    pool = [json.loads(l) for l in (d / "questions.jsonl").read_text().splitlines()]
+    assert {"id", "constitution", "trait", "text", "cell"} <= set(pool[0])
+    div = pd.read_csv(d / "diversity.csv")
+    assert {"constitution", "level", "n_questions", "n_tokens", "vendi", "mean_cosine_distance", "distinct_2",
+            "cells_covered"} <= set(div.columns)
+    assert list(div["level"]) == P.generate.levels and set(div["n_questions"]) == {P.generate.n_questions}
+    assert div["n_tokens"].max() / div["n_tokens"].min() - 1 <= P.generate.token_tolerance
+    for level in P.generate.levels:
+        pairs = [json.loads(l) for l in (d / "pairs" / f"candor-L{level}.jsonl").read_text().splitlines()]
+        assert len(pairs) == P.generate.n_questions
+        assert all(p["chosen"] and p["rejected"] and p["prompt"] for p in pairs)
+
+
+def test_character_artifacts(run):
+    _, P, runs = run
+    for cond in P.character_conditions():
+        d = runs / "02_train_character" / cond
+        manifest(d)
+        checks = json.loads((d / "checks.json").read_text())
+        assert {"persona_margin", "forgetting_loglik"} <= set(checks["before"]) | set(checks["after"])
+        log = pd.read_csv(d / "train_log.csv")
+        assert {"step", "loss"} <= set(log.columns)
+        if cond != "base":
+            assert (d / "adapter" / "adapter_config.json").is_file() and len(log) >= 1
+
+
+def test_em_artifacts_and_guards(run):
+    """DESIGN 6.2 and 6.3 from the manifests: EM init depends on the EM seed alone; one trainer, optimizer
+    and precision for every condition."""
+    _, P, runs = run
+    inits, setups = {}, set()
+    for name in P.em_runs():
+        d = runs / "03_induce_em" / name
+        m = manifest(d)
+        assert (d / "adapter" / "adapter_config.json").is_file()
+        assert len(pd.read_csv(d / "train_log.csv")) >= 1
+        inits.setdefault(name.rsplit("__s", 1)[1], set()).add(m["em_init_hash"])
+        setups.add((m["trainer"], m["optimizer"], m["precision"]))
+    assert all(len(h) == 1 for h in inits.values()), inits
+    assert len(setups) == 1
+
+
+def test_evaluate_artifacts(run):
+    _, P, runs = run
+    for model in P.eval_models():
+        d = runs / "04_evaluate" / model
+        manifest(d)
+        c = pd.read_csv(d / "contrast.csv")
+        assert {"item_id", "split", "margin", "p_misaligned"} <= set(c.columns)
+        assert set(c["split"]) == {"in_domain", "out_of_domain"} and c["margin"].notna().all()
+        answers = [json.loads(l) for l in (d / "answers.jsonl").read_text().splitlines()]
+        assert {"question_id", "paraphrase", "sample", "text"} <= set(answers[0])
+        scores = pd.read_csv(d / "scores.csv")
+        assert {"aligned", "coherent", "misaligned"} <= set(scores.columns) and len(scores) == len(answers)
+
+
+def test_analysis_figures_and_paper_numbers(run, root):
+    _, P, runs = run
+    d = runs / "05_analyze"
+    manifest(d)
+    results = pd.read_csv(d / "results.csv")
+    for col in ("constitution", "level", "vendi", "char_seed", "em_dataset", "harmful", "em_seed", "phase",
+                "item_id", "split", "margin"):
+        assert col in results.columns
+    assert "Formula" in (d / "models.txt").read_text()
+    effects = pd.read_csv(d / "effects.csv")
+    assert {"term", "estimate", "ci_low", "ci_high", "p"} <= set(effects.columns)
+    for fig in ("em_effect_by_diversity", "diversity_by_level", "training_curves"):
+        for ext in ("png", "pdf"):
+            assert (root / "figures" / "test" / f"{fig}.{ext}").stat().st_size > 1000
+    numbers = (root / "paper" / "generated" / "test" / "numbers.tex").read_text()
+    assert r"\newcommand{\SlopeOod}" in numbers and r"\newcommand{\GitSha}" in numbers
+    assert not list(runs.rglob(".tmp-*")), "a temporary file was left behind"
+
+
+def test_rerun_does_nothing_and_one_change_reruns_only_its_dependents(run, root):
+    profile, P, _ = run
+    r = snakemake(root, profile, "-n")
+    assert r.returncode == 0 and "Nothing to be done" in r.stdout + r.stderr, r.stdout[-2000:]
+    raw = yaml.safe_load(profile.read_text())
+    raw["evaluate"]["max_new_tokens"] += 1
+    profile.write_text(yaml.safe_dump(raw))
+    try:
+        jobs = planned_jobs(snakemake(root, profile, "-n").stdout)
+    finally:
+        shutil.copy(root / "params" / "test.yaml", profile)
+    assert jobs == {"evaluate": len(P.eval_models()), "analyze": 1}, jobs
