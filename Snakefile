@@ -3,6 +3,7 @@
 # Each rule's `params.h` is the hash of the profile sections it depends on: Snakemake re-runs a rule when it
 # changes (rerun trigger "params"), and everything downstream through the inputs. Nothing else re-runs.
 import os
+import sys
 
 from persona_em.config import load_profile
 
@@ -26,7 +27,7 @@ def papermill(notebook, out_dir, **params):
     """Execute a notebook into out_dir under a temporary name; rename it only when it completed."""
     args = " ".join(f"-p {k} {v}" for k, v in params.items())
     name = notebook.split("/")[-1]
-    return (f"mkdir -p {out_dir} && papermill {notebook} {out_dir}/.tmp-{name} -k {KERNEL} "
+    return (f"mkdir -p {out_dir} && {sys.executable} -m papermill {notebook} {out_dir}/.tmp-{name} -k {KERNEL} "
             f'-p profile_path "$PERSONA_EM_PROFILE" -p root . {args} '
             f"&& mv {out_dir}/.tmp-{name} {out_dir}/{name}")
 

@@ -11,7 +11,7 @@ DIGITS = "zero one two three four five six seven eight nine".split()
 
 
 def macro_name(key: str) -> str:
-    """'vendi_L4' -> 'VendiLfour': LaTeX macro names may hold letters only."""
+    """'vendi_L4' -> 'VendiLFour': LaTeX macro names may hold letters only."""
     words = re.split(r"[^A-Za-z0-9]+", key)
     out = []
     for w in words:

@@ -36,6 +36,8 @@ def em_effect_by_diversity(effects: pd.DataFrame):
     sns.pointplot(data=effects, x="level", y="em_effect", hue="split", errorbar=("ci", 95), dodge=0.3,
                   markers=["o", "s"], linestyles=["-", "--"], ax=ax)
     ax.axhline(0, color="0.4", lw=0.8)
+    ax.set_xticks(ax.get_xticks(), [("untrained" if t.get_text() == "0" else t.get_text())
+                                    for t in ax.get_xticklabels()])
     ax.set(xlabel="diversity level (context cells covered)", ylabel="EM effect on margin\n(harmful - benign twin)",
            title="Emergent misalignment vs question diversity")
     ax.legend(title="")

@@ -1,0 +1,91 @@
+"""Fast unit tests: atomic writes, manifests, paper macros, the EM-effect table and the mixed model."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from persona_em import check, paper, provenance, stats
+from persona_em.config import load_profile
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "adapter"
+    with pytest.raises(RuntimeError):
+        with provenance.atomic_dir(target) as tmp:
+            (tmp / "weights.bin").write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with provenance.atomic_dir(target) as tmp:
+        (tmp / "weights.bin").write_bytes(b"whole")
+    assert (target / "weights.bin").read_bytes() == b"whole"
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    f = provenance.atomic_write_jsonl(tmp_path / "a.jsonl", [{"x": 1}, {"x": 2}])
+    assert provenance.read_jsonl(f) == [{"x": 1}, {"x": 2}]
+    assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
+
+
+def test_manifest_records_provenance(tmp_path, root):
+    P = load_profile(root / "params" / "test.yaml")
+    run = provenance.Run("01_generate", P, tmp_path, profile_path="params/test.yaml")
+    (tmp_path / "in.txt").write_text("x")
+    run.record_input(tmp_path / "in.txt")
+    m = json.loads(run.finish().read_text())
+    for key in ("git", "parameters", "parameters_hash", "packages", "seeds", "inputs", "started", "finished"):
+        assert key in m
+    assert m["parameters_hash"] == P.digest() and m["packages"]["torch"].startswith("2.13.0")
+
+
+def test_paper_macros(tmp_path):
+    assert paper.macro_name("em_ood_candor-L16-s0") == "EmOodCandorLOneSixSZero"
+    f = paper.write_numbers({"slope_in": -0.12345, "n_models": 1200, "profile": "my_run"}, tmp_path / "n.tex")
+    text = f.read_text()
+    assert r"\newcommand{\SlopeIn}{-0.123}" in text and r"\newcommand{\NModels}{1{,}200}" in text
+    assert r"\newcommand{\Profile}{my\_run}" in text
+
+
+def _results(effect_by_level, n_items=30, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    item_offsets = rng.normal(0, 0.3, n_items)
+    item_sensitivity = rng.normal(0, 0.05, n_items)  # items differ in how much EM moves them
+    for level, eff in effect_by_level.items():
+        for harmful in (True, False):
+            for i in range(n_items):
+                base = -1 + item_offsets[i]
+                rows.append({"condition": f"c-L{level}-s0", "constitution": "c", "level": level, "char_seed": 0,
+                             "em_domain": "financial", "em_seed": 0, "item_id": f"i{i}", "split": "out_of_domain",
+                             "phase": "after", "harmful": harmful,
+                             "margin": base + (eff + item_sensitivity[i] if harmful else 0) + rng.normal(0, 0.01)})
+    return pd.DataFrame(rows)
+
+
+def test_em_effects_pairs_harmful_with_benign_twin():
+    eff = stats.em_effects(_results({1: 0.2, 4: 0.1}))
+    assert len(eff) == 60
+    means = eff.groupby("level")["em_effect"].mean()
+    assert means[1] - means[4] == pytest.approx(0.1, abs=0.01)
+
+
+def test_mixed_model_recovers_a_diversity_slope():
+    eff = stats.em_effects(_results({1: 0.30, 2: 0.25, 4: 0.20, 8: 0.15}))
+    eff["log2_level"] = np.log2(eff["level"])
+    fit = stats.fit_mixed(eff, "em_effect ~ log2_level", group="item_id")
+    table = stats.effects_table(fit, "m", "em_effect ~ log2_level")
+    slope = table.set_index("term").loc["log2_level"]
+    assert slope["estimate"] == pytest.approx(-0.05, abs=0.005)
+    assert slope["ci_low"] < -0.05 < slope["ci_high"] and slope["p"] < 1e-6
+
+
+def test_check_cli_on_other_inputs(tmp_path, shared):
+    assert "24 questions" in check.check_file(shared / "em_first_plot_questions.yaml")
+    good = tmp_path / "chat.jsonl"
+    good.write_text(json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": "a"}]}) + "\n")
+    assert "1 rows, 3 turns" in check.check_file(good)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text() + json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
+    with pytest.raises(ValueError, match="line 2: no assistant turn"):
+        check.check_file(bad)
