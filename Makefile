@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 CORES ?= $(shell nproc)
+# Torch threads per notebook run. One thread per job, as many jobs as cores: the runs' single-threaded parts
+# (kernel start, imports, loading) overlap, and no job oversubscribes the cores.
+THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -30,11 +33,11 @@ check: setup
 
 # Validate the profile before anything runs, then let Snakemake run what is missing or out of date.
 reproduce: check
-	$(BIN)/snakemake --cores $(CORES) --config profile=params/$(PROFILE).yaml --rerun-incomplete --printshellcmds
+	$(BIN)/snakemake --cores $(CORES) --config profile=params/$(PROFILE).yaml threads_per_job=$(THREADS) --rerun-incomplete --printshellcmds
 	@$(MAKE) --no-print-directory paper PROFILE=$(PROFILE)
 
 dryrun: check
-	$(BIN)/snakemake --cores $(CORES) --config profile=params/$(PROFILE).yaml -n
+	$(BIN)/snakemake --cores $(CORES) --config profile=params/$(PROFILE).yaml threads_per_job=$(THREADS) -n
 
 test: setup
 	$(BIN)/python -m pytest -q

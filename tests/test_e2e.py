@@ -59,7 +59,7 @@ def test_generate_artifacts(run):
     _, P, runs = run
     d = runs / "01_generate"
     manifest(d)
-    pool = [json.loads(l) for l in (d / "questions.jsonl").read_text().splitlines()]
+    pool = [json.loads(line) for line in (d / "questions.jsonl").read_text().splitlines()]
     assert {"id", "constitution", "trait", "text", "cell"} <= set(pool[0])
     div = pd.read_csv(d / "diversity.csv")
     assert {"constitution", "level", "n_questions", "n_tokens", "vendi", "mean_cosine_distance", "distinct_2",
@@ -67,7 +67,7 @@ def test_generate_artifacts(run):
     assert list(div["level"]) == P.generate.levels and set(div["n_questions"]) == {P.generate.n_questions}
     assert div["n_tokens"].max() / div["n_tokens"].min() - 1 <= P.generate.token_tolerance
     for level in P.generate.levels:
-        pairs = [json.loads(l) for l in (d / "pairs" / f"candor-L{level}.jsonl").read_text().splitlines()]
+        pairs = [json.loads(line) for line in (d / "pairs" / f"candor-L{level}.jsonl").read_text().splitlines()]
         assert len(pairs) == P.generate.n_questions
         assert all(p["chosen"] and p["rejected"] and p["prompt"] for p in pairs)
 
@@ -109,7 +109,7 @@ def test_evaluate_artifacts(run):
         c = pd.read_csv(d / "contrast.csv")
         assert {"item_id", "split", "margin", "p_misaligned"} <= set(c.columns)
         assert set(c["split"]) == {"in_domain", "out_of_domain"} and c["margin"].notna().all()
-        answers = [json.loads(l) for l in (d / "answers.jsonl").read_text().splitlines()]
+        answers = [json.loads(line) for line in (d / "answers.jsonl").read_text().splitlines()]
         assert {"question_id", "paraphrase", "sample", "text"} <= set(answers[0])
         scores = pd.read_csv(d / "scores.csv")
         assert {"aligned", "coherent", "misaligned"} <= set(scores.columns) and len(scores) == len(answers)

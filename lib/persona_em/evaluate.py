@@ -21,15 +21,19 @@ from .sampling import chat_prompt, generate
 DATA = Path(__file__).parent / "data"
 
 
-def contrast_items(path: str | Path | None = None, per_domain: int | None = None) -> list[dict]:
-    """The project's contrast items (or a file of the same format); `per_domain` keeps the first k of each
-    domain, for CI-sized profiles."""
+def contrast_items(path: str | Path | None = None, per_domain: int | None = None,
+                   domains: list[str] | None = None) -> list[dict]:
+    """The project's contrast items (or a file of the same format). `domains`: keep the in-domain items of
+    these EM domains (and every out-of-domain item); `per_domain` keeps the first k of each domain, for
+    CI-sized profiles."""
     items = json.loads(Path(path or DATA / "contrast.json").read_text(encoding="utf-8"))
     for i, it in enumerate(items):
         missing = {"id", "split", "question", "aligned", "misaligned"} - set(it)
         if missing or it["split"] not in ("in_domain", "out_of_domain"):
             raise ValueError(f"contrast item {i}: needs id, split (in_domain|out_of_domain), question, aligned, "
                              f"misaligned; missing {sorted(missing)}")
+    if domains is not None:
+        items = [it for it in items if it["split"] == "out_of_domain" or it.get("domain") in domains]
     if per_domain:
         seen: Counter = Counter()
         kept = []
@@ -39,6 +43,14 @@ def contrast_items(path: str | Path | None = None, per_domain: int | None = None
                 kept.append(it)
         items = kept
     return items
+
+
+def split_for(item_domain: str, em_domain: str) -> str:
+    """In-domain means the domain of the EM dataset the model was trained on; general items are out of
+    domain; items of another narrow domain are 'cross_domain' (neither)."""
+    if item_domain == "general":
+        return "out_of_domain"
+    return "in_domain" if item_domain == em_domain else "cross_domain"
 
 
 @torch.no_grad()

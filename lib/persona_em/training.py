@@ -7,7 +7,6 @@ term on the chosen answers is trl's `sft` loss added with weight `nll_coef`.
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 from pathlib import Path
 
