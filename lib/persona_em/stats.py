@@ -23,10 +23,14 @@ def em_effects(results: pd.DataFrame, outcome: str = "margin") -> pd.DataFrame:
     return wide
 
 
-def fit_mixed(df: pd.DataFrame, formula: str, group: str, vc: dict[str, str] | None = None):
-    """Linear mixed model by REML: random intercept per `group`, optional variance components."""
-    model = smf.mixedlm(formula, df, groups=df[group], vc_formula=vc)
-    return model.fit(reml=True, method=["lbfgs", "powell"])
+def fit_mixed(df: pd.DataFrame, formula: str, group: str, vc: dict[str, str] | None = None,
+              re_formula: str | None = None):
+    """Linear mixed model by REML: random intercept per `group` (random slopes with `re_formula`, e.g. "~x"),
+    optional variance components `vc` ({name: "0 + C(col)"}) for crossed effects."""
+    model = smf.mixedlm(formula, df, groups=df[group], vc_formula=vc, re_formula=re_formula)
+    # statsmodels' default optimizers (bfgs, lbfgs, cg) reach lme4's optimum on sleepstudy; powell is a
+    # derivative-free fallback for fits where they all fail to converge.
+    return model.fit(reml=True, method=["bfgs", "lbfgs", "cg", "powell"])
 
 
 def effects_table(fit, model_name: str, formula: str) -> pd.DataFrame:
