@@ -1,0 +1,38 @@
+"""Model specs: the embedded default, a local folder, hub ids (validated, never fetched here)."""
+import pytest
+import torch
+
+from persona_em import models
+
+
+def test_embedded_model_is_cached_plain_float32(smollm):
+    model, tok = smollm
+    assert model.config.model_type == "llama" and getattr(model.config, "quantization_config", None) is None
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert next(model.parameters()).dtype == torch.float32
+    assert (models.embedded_path() / "model.safetensors").is_file()
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>")
+
+
+def test_local_folder_loads_through_transformers(smollm):
+    model, _ = smollm
+    local, _ = models.load_model(str(models.embedded_path()))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(local(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("spec, ok", [("smollm2-135m", True), ("Qwen/Qwen2.5-7B-Instruct", True),
+                                      ("meta-llama/Llama-3.1-8B-Instruct", True), ("gpt-5", False),
+                                      ("/no/such/folder", False)])
+def test_model_specs(spec, ok):
+    if ok:
+        models.check_model_spec(spec)
+    else:
+        with pytest.raises(ValueError, match="unknown model"):
+            models.check_model_spec(spec)
+
+
+def test_embedder_is_packaged_minilm():
+    emb = models.load_embedder("minilm").encode(["a question", "another question"])
+    assert emb.shape == (2, 384)
