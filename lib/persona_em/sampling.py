@@ -14,14 +14,13 @@ def chat_prompt(tok, messages: list[dict]) -> str:
 
 
 @torch.no_grad()
-def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int, seed: int, batch_size: int = 16,
-             temperature: float = 1.0, top_p: float = 1.0, desc: str = "sampling") -> list[dict]:
-    """One sampled reply per conversation: {'text', 'finished'} in input order.
+def sample_text(model, tok, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 16,
+                temperature: float = 1.0, top_p: float = 1.0, desc: str = "sampling") -> list[dict]:
+    """One sampled continuation per raw text prompt: {'text', 'finished'} in input order.
 
     Prompts are sorted by length so that batches carry little padding; the seed is set once, so the same
     inputs, order and seed give the same samples on a CPU.
     """
-    prompts = [chat_prompt(tok, c) for c in conversations]
     lengths = [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     out: list[dict | None] = [None] * len(prompts)
@@ -41,6 +40,13 @@ def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int, s
     finally:
         tok.padding_side = old_side
     return out
+
+
+def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int, seed: int, batch_size: int = 16,
+             temperature: float = 1.0, top_p: float = 1.0, desc: str = "sampling") -> list[dict]:
+    """One sampled assistant reply per conversation (chat template applied)."""
+    return sample_text(model, tok, [chat_prompt(tok, c) for c in conversations], max_new_tokens, seed,
+                       batch_size, temperature, top_p, desc)
 
 
 def trim_to_sentence(text: str) -> str:

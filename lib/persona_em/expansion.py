@@ -1,0 +1,167 @@
+"""Teacher expansion of a constitution's questions, as Open Character Training does it.
+
+For each trait, a few-shot prompt shows the trait and a numbered list of questions and lets the teacher
+continue the list. Kept: numbered lines that end in `?` or `.`; rejected: a line sharing more than half of
+its words with an earlier question. The loop runs until the target count or a cap on attempts.
+
+Backends: the local transformers model (works offline on the embedded model) and any OpenAI-compatible
+endpoint (vLLM, a hosted API). An endpoint's key is read from an environment variable named in the profile,
+never stored in parameters, manifests or logs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import numpy as np
+
+NUMBERED = re.compile(r"^\s*(\d+)\s*[.)]\s+(.*\S)\s*$")
+WORD = re.compile(r"[a-z0-9']+")
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+def expansion_prompt(trait: str, questions: list[str]) -> str:
+    shots = "\n".join(f"{i}. {q}" for i, q in enumerate(questions, 1))
+    return (f"Below is a numbered list of questions that a user might put to an AI assistant. Each one tests, "
+            f"in a different real-life situation, whether the assistant has this character trait:\n"
+            f"\"{trait}\"\n\n{shots}\n{len(questions) + 1}.")
+
+
+def parse_numbered(continuation: str, first_number: int) -> list[str]:
+    """Numbered lines of a continuation that ends in '?' or '.'; the first line continues item
+    `first_number`, whose number the prompt already wrote."""
+    lines = f"{first_number}. {continuation.lstrip()}".splitlines()
+    out = []
+    for line in lines:
+        m = NUMBERED.match(line)
+        if m and m.group(2).endswith(("?", ".")):
+            out.append(m.group(2))
+    return out
+
+
+def words(text: str) -> set[str]:
+    return set(WORD.findall(text.lower()))
+
+
+def too_similar(candidate: str, earlier: list[set[str]], threshold: float = 0.5) -> bool:
+    """True when the candidate shares more than `threshold` of its words with one earlier question."""
+    w = words(candidate)
+    return not w or any(len(w & e) / len(w) > threshold for e in earlier)
+
+
+def expand_trait(trait: str, seeds: list[str], target: int, complete, seed: int, n_shots: int = 8,
+                 batch: int = 4, max_attempts: int = 20, threshold: float = 0.5) -> tuple[list[str], dict]:
+    """Additional questions for one trait (seed questions excluded), up to `target`, and loop statistics.
+
+    `complete(prompts, seed) -> list[str]` is the backend. Few-shot examples are the seed questions plus a
+    seeded sample of those accepted so far, so later prompts show the teacher more varied lists.
+    """
+    rng = np.random.default_rng(seed)
+    accepted: list[str] = []
+    seen = [words(q) for q in seeds]
+    stats = {"attempts": 0, "lines": 0, "rejected_similar": 0}
+    while len(accepted) < target and stats["attempts"] < max_attempts:
+        prompts = []
+        for _ in range(batch):
+            extra = list(rng.choice(accepted, size=min(len(accepted), max(0, n_shots - len(seeds))),
+                                    replace=False)) if accepted else []
+            shots = list(seeds) + extra
+            prompts.append((expansion_prompt(trait, shots), len(shots) + 1))
+        outputs = complete([p for p, _ in prompts], seed + stats["attempts"])
+        stats["attempts"] += 1
+        for (_, first), text in zip(prompts, outputs):
+            for q in parse_numbered(text, first):
+                stats["lines"] += 1
+                if too_similar(q, seen, threshold):
+                    stats["rejected_similar"] += 1
+                    continue
+                accepted.append(q)
+                seen.append(words(q))
+    return accepted[:target], stats
+
+
+# -- backends ---------------------------------------------------------------------------------------------
+class LocalBackend:
+    """Raw-text continuation with a local transformers model (no chat template: the list continues)."""
+
+    def __init__(self, model, tok, max_new_tokens: int = 160, temperature: float = 0.9, top_p: float = 0.95):
+        self.model, self.tok = model, tok
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+
+    def __call__(self, prompts: list[str], seed: int) -> list[str]:
+        from .sampling import sample_text
+
+        out = sample_text(self.model, self.tok, prompts, self.max_new_tokens, seed, len(prompts),
+                          self.temperature, self.top_p, desc="expansion")
+        return [o["text"] for o in out]
+
+
+class EndpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class EndpointBackend:
+    """An OpenAI-compatible /v1/completions endpoint, with retries and exponential backoff on timeouts,
+    429, 5xx and malformed answers; after `max_retries` it fails with a message naming the endpoint."""
+
+    base_url: str
+    model: str
+    api_key_env: str | None = None
+    max_new_tokens: int = 160
+    temperature: float = 0.9
+    top_p: float = 0.95
+    timeout: float = 60.0
+    max_retries: int = 4
+    backoff: float = 1.0
+
+    def _headers(self) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise EndpointError(f"environment variable {self.api_key_env} (the endpoint's API key) is not set")
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _post(self, path: str, body: dict) -> dict:
+        url = self.base_url.rstrip("/") + path
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=self._headers())
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    data = json.loads(resp.read().decode())
+                if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+                    last = "malformed answer (no 'choices')"
+                    continue
+                return data
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}"
+                if e.code not in RETRY_STATUS:
+                    raise EndpointError(f"{url}: {last}, not retried") from None
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+                last = f"no answer ({getattr(e, 'reason', e)})"
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                last = "malformed answer (not JSON)"
+        raise EndpointError(f"{url}: gave up after {self.max_retries + 1} tries; last: {last}")
+
+    def __call__(self, prompts: list[str], seed: int) -> list[str]:
+        out = []
+        for i, prompt in enumerate(prompts):
+            data = self._post("/v1/completions", {
+                "model": self.model, "prompt": prompt, "max_tokens": self.max_new_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "seed": seed * 1000 + i})
+            text = data["choices"][0].get("text")
+            if not isinstance(text, str):
+                raise EndpointError(f"{self.base_url}: malformed completion (no text)")
+            out.append(text)
+        return out
