@@ -65,3 +65,16 @@ def test_condition_names_round_trip():
     m = parse_model("candor-L1-s0__financial-benign__s3")
     assert m["phase"] == "after" and m["harmful"] is False and m["em_seed"] == 3 and m["em_domain"] == "financial"
     assert parse_model("base")["phase"] == "before"
+
+
+def test_expansion_sections_are_checked(tmp_path, root):
+    f = _write(tmp_path, root, **{"generate.pool": "expansion"})
+    with pytest.raises(ProfileError, match="pool 'expansion' needs an 'expansion' section"):
+        load_profile(f)
+    f = _write(tmp_path, root, **{"generate.pool": "expansion",
+                                  "generate.expansion": {"backend": "endpoint", "target_per_trait": 50}})
+    with pytest.raises(ProfileError, match="needs endpoint_url and endpoint_model"):
+        load_profile(f)
+    f = _write(tmp_path, root, **{"generate.pool": "expansion",
+                                  "generate.expansion": {"backend": "local", "target_per_trait": 50}})
+    assert load_profile(f).generate.expansion.clusters == 8

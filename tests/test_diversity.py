@@ -67,3 +67,20 @@ def test_measured_vendi_rises_with_level(level_subsets):
     emb = models.load_embedder("minilm")
     v = [diversity.vendi(emb.encode([q["text"] for q in level_subsets[lvl]])) for lvl in (1, 2, 4, 16)]
     assert all(b > a for a, b in zip(v, v[1:])), v
+
+
+def test_same_machinery_on_a_clustered_pool(smollm):
+    """A teacher-expanded pool has no template cells: k-means clusters take their place."""
+    from persona_em import models
+
+    _, tok = smollm
+    texts = [q["text"] for q in questions.build_pool("x", 0, "t", 600, seed=5)]
+    emb = models.load_embedder("minilm").encode(texts)
+    labels = diversity.clusters(emb, k=8, seed=0)
+    pool = questions.labelled_pool("x", 0, "t", texts, [f"cluster{label:02d}" for label in labels])
+    count = lambda t: len(tok(t, add_special_tokens=False).input_ids)  # noqa: E731
+    subsets = diversity.diversity_subsets(pool, count, [1, 2, 8], 16, 0.05, seed=0)
+    index = {t: i for i, t in enumerate(texts)}
+    v = [diversity.vendi(emb[[index[q["text"]] for q in subsets[lvl]]]) for lvl in (1, 2, 8)]
+    assert [len({q["cell"] for q in subsets[lvl]}) for lvl in (1, 2, 8)] == [1, 2, 8]
+    assert v[0] < v[1] < v[2], v

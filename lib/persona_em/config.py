@@ -25,8 +25,33 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ExpansionConfig(Strict):
+    """Teacher expansion of each trait's questions (OCT); the expanded pool's cells are k-means clusters."""
+    backend: Literal["local", "endpoint"] = "local"
+    target_per_trait: int = Field(ge=1, description="additional questions per trait")
+    max_attempts: int = Field(20, ge=1)
+    batch: int = Field(4, ge=1, description="prompts per attempt")
+    n_shots: int = Field(8, ge=1)
+    max_new_tokens: int = Field(160, ge=8)
+    temperature: float = Field(0.9, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    clusters: int = Field(8, ge=2, description="k-means clusters used as context cells")
+    endpoint_url: str | None = None
+    endpoint_model: str | None = None
+    api_key_env: str | None = Field(None, description="name of the environment variable holding the key")
+
+    @model_validator(mode="after")
+    def _endpoint_complete(self) -> "ExpansionConfig":
+        if self.backend == "endpoint" and not (self.endpoint_url and self.endpoint_model):
+            raise ValueError("backend 'endpoint' needs endpoint_url and endpoint_model")
+        return self
+
+
 class GenerateConfig(Strict):
     constitutions: list[str] = Field(min_length=1, description="packaged constitution names or paths")
+    pool: Literal["templates", "expansion"] = Field("templates", description="offline templates, or the "
+                                                    "constitution's questions expanded by a teacher")
+    expansion: ExpansionConfig | None = None
     pool_per_trait: int = Field(1200, ge=10, description="questions in the offline pool per trait")
     levels: list[int] = Field(min_length=1, description="number of context cells covered at each diversity level")
     n_questions: int = Field(ge=2, description="questions per trait at every level (same N for all levels)")
@@ -37,6 +62,12 @@ class GenerateConfig(Strict):
     top_p: float = Field(0.95, gt=0, le=1)
     batch_size: int = Field(16, ge=1)
     max_pair_tokens: int = Field(1024, ge=16, description="OCT filter: prompt + answer length cap")
+
+    @model_validator(mode="after")
+    def _expansion_given(self) -> "GenerateConfig":
+        if self.pool == "expansion" and self.expansion is None:
+            raise ValueError("pool 'expansion' needs an 'expansion' section")
+        return self
 
     @field_validator("levels")
     @classmethod

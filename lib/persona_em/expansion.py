@@ -165,3 +165,11 @@ class EndpointBackend:
                 raise EndpointError(f"{self.base_url}: malformed completion (no text)")
             out.append(text)
         return out
+
+
+def make_backend(cfg, model=None, tok=None):
+    """The backend a profile's `generate.expansion` section names."""
+    if cfg.backend == "local":
+        return LocalBackend(model, tok, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+    return EndpointBackend(cfg.endpoint_url, cfg.endpoint_model, cfg.api_key_env, cfg.max_new_tokens,
+                           cfg.temperature, cfg.top_p)

@@ -64,3 +64,11 @@ def build_pool(constitution: str, trait_index: int, trait: str, n: int, seed: in
                 "cell": domain, "asker": asker["id"], "stakes": stakes["id"], "format": fmt["id"],
             })
     return rows
+
+
+def labelled_pool(constitution: str, trait_index: int, trait: str, texts: list[str], cells: list[str]) -> list[dict]:
+    """Pool rows for questions that carry no template cell (a teacher-expanded pool): `cells` are cluster
+    labels, so the diversity machinery works on them unchanged."""
+    return [{"id": f"{constitution}-t{trait_index}-x{j:04d}", "constitution": constitution,
+             "trait_index": trait_index, "trait": trait, "text": t, "cell": cell}
+            for j, (t, cell) in enumerate(zip(texts, cells))]
