@@ -66,6 +66,10 @@ def test_generate_artifacts(run):
             "cells_covered"} <= set(div.columns)
     assert list(div["level"]) == P.generate.levels and set(div["n_questions"]) == {P.generate.n_questions}
     assert div["n_tokens"].max() / div["n_tokens"].min() - 1 <= P.generate.token_tolerance
+    spread = pd.read_csv(d / "diversity_seeds.csv")
+    assert len(spread) == P.generate.spread_seeds * len(P.generate.levels)
+    points = pd.read_csv(d / "pool_map.csv")
+    assert {"pc1", "pc2", "subset"} <= set(points.columns) and (points["subset"] != "pool").any()
     for level in P.generate.levels:
         pairs = [json.loads(line) for line in (d / "pairs" / f"candor-L{level}.jsonl").read_text().splitlines()]
         assert len(pairs) == P.generate.n_questions
@@ -126,7 +130,7 @@ def test_analysis_figures_and_paper_numbers(run, root):
     assert "Formula" in (d / "models.txt").read_text()
     effects = pd.read_csv(d / "effects.csv")
     assert {"term", "estimate", "ci_low", "ci_high", "p"} <= set(effects.columns)
-    for fig in ("em_effect_by_diversity", "diversity_by_level", "training_curves"):
+    for fig in ("em_effect_by_diversity", "diversity_by_level", "training_curves", "vendi_spread", "pool_map"):
         for ext in ("png", "pdf"):
             assert (root / "figures" / "test" / f"{fig}.{ext}").stat().st_size > 1000
     numbers = (root / "paper" / "generated" / "test" / "numbers.tex").read_text()

@@ -56,6 +56,8 @@ class GenerateConfig(Strict):
     levels: list[int] = Field(min_length=1, description="number of context cells covered at each diversity level")
     n_questions: int = Field(ge=2, description="questions per trait at every level (same N for all levels)")
     token_tolerance: float = Field(0.05, gt=0, le=0.2, description="allowed relative gap in token budget")
+    spread_seeds: int = Field(5, ge=1, description="subset seeds drawn to show the spread of measured diversity")
+    map_sample: int = Field(600, ge=10, description="pool questions drawn on the 2-D map")
     teacher_name: str = "Sage"
     max_new_tokens: int = Field(64, ge=4)
     temperature: float = Field(0.7, gt=0, description="sampling temperature for teacher and student answers")

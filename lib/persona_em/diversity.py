@@ -126,3 +126,29 @@ def diversity_subsets(pool: list[dict], count_tokens: Callable[[str], int], leve
         idx = select_subset(cells, tokens, level, n, target, tolerance, seed + level, order)
         out[level] = [pool[i] | {"n_tokens": tokens[i]} for i in idx]
     return out
+
+
+def level_spread(pool: list[dict], count_tokens: Callable[[str], int], levels: Sequence[int], n: int,
+                 tolerance: float, seeds: Sequence[int], embed: Callable[[list[str]], np.ndarray]) -> list[dict]:
+    """Measured diversity of the subsets each level would get under several subset seeds: does the Vendi
+    score rise with the level whichever questions are drawn? Each distinct question is embedded once."""
+    cache: dict[str, np.ndarray] = {}
+    rows = []
+    for seed in seeds:
+        for level, qs in diversity_subsets(pool, count_tokens, levels, n, tolerance, seed).items():
+            texts = [q["text"] for q in qs]
+            todo = [t for t in dict.fromkeys(texts) if t not in cache]
+            if todo:
+                cache.update(zip(todo, embed(todo)))
+            emb = np.stack([cache[t] for t in texts])
+            rows.append({"subset_seed": seed, "level": level, "n_tokens": sum(q["n_tokens"] for q in qs),
+                         **measure(texts, emb, [q["cell"] for q in qs])})
+    return rows
+
+
+def pca_2d(emb: np.ndarray) -> np.ndarray:
+    """First two principal components of unit embeddings (for the pool map)."""
+    x = unit(emb)
+    x = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return x @ vt[:2].T

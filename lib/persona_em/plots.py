@@ -67,3 +67,28 @@ def training_curves(logs: pd.DataFrame):
         ax.set(title=stage, xlabel="optimizer step", ylabel="training loss")
     fig.tight_layout()
     return fig
+
+
+def vendi_spread(spread: pd.DataFrame):
+    """Vendi score per level across subset seeds (mean and one standard deviation, points per seed)."""
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    several = spread["constitution"].nunique() > 1  # seaborn cannot dodge a single hue level
+    hue = dict(hue="constitution", dodge=0.4) if several else {}
+    sns.stripplot(data=spread, x="level", y="vendi", alpha=0.5, ax=ax, legend=False, color="0.5",
+                  **({"hue": "constitution", "dodge": True} if several else {}))
+    sns.pointplot(data=spread, x="level", y="vendi", errorbar="sd", linestyles="none", markers="D", ax=ax, **hue)
+    ax.set(xlabel="diversity level (context cells covered)", ylabel="Vendi score",
+           title="Measured diversity across subset seeds")
+    return fig
+
+
+def pool_map(points: pd.DataFrame):
+    """The question pool in the first two principal components, each level's training subset on top."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    background = points[points["subset"] == "pool"]
+    ax.scatter(background["pc1"], background["pc2"], s=4, c="0.82", label="pool", rasterized=True)
+    chosen = points[points["subset"] != "pool"]
+    sns.scatterplot(data=chosen, x="pc1", y="pc2", hue="subset", style="subset", s=28, ax=ax)
+    ax.set(xlabel="PC 1", ylabel="PC 2", title="Question pool (MiniLM embeddings) and training subsets")
+    ax.legend(title="", fontsize=8, loc="best")
+    return fig
