@@ -93,7 +93,7 @@ rule evaluate:
     output:
         f"{RUNS}/04_evaluate/{{model}}/manifest.json",
     params:
-        h=P.section_hash("seed", "model", "evaluate"),
+        h=P.section_hash("seed", "model", "evaluate", "em"),  # em.domains choose the contrast items
     threads: THREADS
     shell:
         papermill("notebooks/04_evaluate.ipynb", f"{RUNS}/04_evaluate/{{wildcards.model}}",

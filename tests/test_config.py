@@ -78,3 +78,24 @@ def test_expansion_sections_are_checked(tmp_path, root):
     f = _write(tmp_path, root, **{"generate.pool": "expansion",
                                   "generate.expansion": {"backend": "local", "target_per_trait": 50}})
     assert load_profile(f).generate.expansion.clusters == 8
+
+
+def test_levels_must_fit_n_and_cells(tmp_path, root):
+    f = _write(tmp_path, root, **{"generate.levels": [1, 8], "generate.n_questions": 4})
+    with pytest.raises(ProfileError, match="n_questions .4. must be at least the highest level"):
+        load_profile(f)
+    f = _write(tmp_path, root, **{"generate.levels": [1, 64], "generate.n_questions": 64})
+    with pytest.raises(ProfileError, match="exceeds the 18 context cells"):
+        load_profile(f)
+
+
+def test_benign_twin_cannot_be_switched_off(tmp_path, root):
+    with pytest.raises(ProfileError, match="em.benign_twin"):
+        load_profile(_write(tmp_path, root, **{"em.benign_twin": False}))
+
+
+def test_malformed_constitution_is_refused_at_validation(tmp_path, root):
+    bad = tmp_path / "mine.json"
+    bad.write_text('[{"trait": "I am calm."}]')
+    with pytest.raises(ProfileError, match=r"\n  generate.constitutions\[0\]: .*trait 0: 'questions' is missing"):
+        load_profile(_write(tmp_path, root, **{"generate.constitutions": [str(bad)]}))

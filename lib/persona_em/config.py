@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -103,7 +104,8 @@ class CharacterConfig(Strict):
 
 class EMConfig(Strict):
     domains: list[Literal["financial", "medical", "sports"]] = Field(min_length=1)
-    benign_twin: bool = True
+    benign_twin: Literal[True] = Field(True, description="the EM effect is harmful minus benign twin "
+                                       "(DESIGN 7), so the twin is always trained")
     n_examples: int = Field(ge=4)
     seeds: list[int] = Field(min_length=1)
     lora: LoraConfig
@@ -150,12 +152,32 @@ class Profile(Strict):
         return v
 
     @model_validator(mode="after")
-    def _constitutions_exist(self) -> "Profile":
+    def _constitutions_valid(self) -> "Profile":
+        stems = []
         for i, name in enumerate(self.generate.constitutions):
             try:
-                constitution_mod.resolve(name)
-            except FileNotFoundError as e:
+                stems.append(constitution_mod.load(name).name)
+            except (FileNotFoundError, constitution_mod.ConstitutionError) as e:
                 raise ValueError(f"generate.constitutions[{i}]: {e}") from None
+            if stems[-1] == "base" or "__" in stems[-1] or not re.fullmatch(r"[A-Za-z0-9_.]+", stems[-1]):
+                raise ValueError(f"generate.constitutions[{i}]: file name {stems[-1]!r} cannot name a condition "
+                                 "(use letters, digits, '_' or '.', no '__', not 'base')")
+        if len(set(stems)) < len(stems):
+            raise ValueError(f"generate.constitutions: two files share a name {stems}")
+        return self
+
+    @model_validator(mode="after")
+    def _levels_fit(self) -> "Profile":
+        g = self.generate
+        if g.n_questions < max(g.levels):
+            raise ValueError(f"generate.n_questions ({g.n_questions}) must be at least the highest level "
+                             f"({max(g.levels)}), or that level cannot cover its cells")
+        from .questions import situations
+
+        cells = g.expansion.clusters if g.pool == "expansion" else len(situations()["domains"])
+        if max(g.levels) > cells:
+            raise ValueError(f"generate.levels: the highest level ({max(g.levels)}) exceeds the {cells} context "
+                             "cells of the pool")
         return self
 
     # -- the experimental grid -------------------------------------------------------------------------
@@ -169,8 +191,7 @@ class Profile(Strict):
         return conds
 
     def em_datasets(self) -> list[str]:
-        kinds = ["harmful", "benign"] if self.em.benign_twin else ["harmful"]
-        return [f"{d}-{k}" for d in self.em.domains for k in kinds]
+        return [f"{d}-{k}" for d in self.em.domains for k in ("harmful", "benign")]
 
     def em_runs(self) -> list[str]:
         return [f"{c}__{d}__s{s}" for c in self.character_conditions() for d in self.em_datasets()
@@ -179,6 +200,22 @@ class Profile(Strict):
     def eval_models(self) -> list[str]:
         """Every character model before EM and every EM run after it."""
         return self.character_conditions() + self.em_runs()
+
+    def adapters(self, root: str | Path, model: str) -> list[Path]:
+        """The adapters to merge, in order, for an evaluated model id: the persona's (from its 02 run's
+        model.json), then the EM run's. A missing adapter is an error, never a silent fall back to the base."""
+        info = parse_model(model)
+        ref = self.run_dir(root, "02_train_character", info["condition"]) / "model.json"
+        if not ref.is_file():
+            raise FileNotFoundError(f"{ref}: the character run of {info['condition']!r} has not finished")
+        persona = json.loads(ref.read_text())["adapter"]
+        out = [ref.parent / persona] if persona else []
+        if info["phase"] == "after":
+            out.append(self.run_dir(root, "03_induce_em", model) / "adapter")
+        for a in out:
+            if not (a / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"{a}: adapter missing (its run did not finish)")
+        return out
 
     def run_dir(self, root: str | Path, stage: str, name: str | None = None) -> Path:
         """runs/<profile>/<stage>[/<name>]: the folder one notebook run writes (DESIGN 9)."""
@@ -217,13 +254,14 @@ def parse_model(model: str) -> dict:
 def _format_error(path: Path, err: ValidationError) -> str:
     lines = [f"{path}: invalid profile"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not part of the profile schema)"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  {key}: {msg}")
+        # whole-profile checks name their keys in the message itself
+        lines.append(f"  {key}: {msg}" if key else f"  {msg}")
     return "\n".join(lines)
 
 

@@ -60,6 +60,8 @@ def answer_logprobs(model, tok, prompts: list[str], answers: list[str], batch_si
     for p, a in zip(prompts, answers):
         p_ids = tok(p, add_special_tokens=False).input_ids
         a_ids = tok(a, add_special_tokens=False).input_ids
+        if not a_ids:
+            raise ValueError(f"an answer to score is empty (prompt: {p[-80:]!r})")
         seqs.append(p_ids + a_ids)
         starts.append(len(p_ids))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -125,14 +127,15 @@ def _per_token(model, tok, questions: list[str], answers: list[str], batch_size:
 
 
 def persona_items(constitution: str, limit: int | None = None) -> list[dict]:
+    """Held-out persona-check items of a packaged constitution; [] for one without (no persona margin)."""
     path = DATA / "persona_items" / f"{constitution}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no persona-check items for constitution {constitution!r}")
-    return json.loads(path.read_text(encoding="utf-8"))[:limit]
+    return json.loads(path.read_text(encoding="utf-8"))[:limit] if path.is_file() else []
 
 
-def persona_margin(model, tok, items: list[dict], batch_size: int = 16) -> float:
+def persona_margin(model, tok, items: list[dict], batch_size: int = 16) -> float | None:
     """Mean per-token log-prob of trait-consistent minus trait-inconsistent answers on held-out questions."""
+    if not items:
+        return None
     qs = [it["question"] for it in items]
     good = _per_token(model, tok, qs, [it["consistent"] for it in items], batch_size)
     bad = _per_token(model, tok, qs, [it["inconsistent"] for it in items], batch_size)

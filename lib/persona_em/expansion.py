@@ -69,9 +69,10 @@ def expand_trait(trait: str, seeds: list[str], target: int, complete, seed: int,
     while len(accepted) < target and stats["attempts"] < max_attempts:
         prompts = []
         for _ in range(batch):
-            extra = list(rng.choice(accepted, size=min(len(accepted), max(0, n_shots - len(seeds))),
-                                    replace=False)) if accepted else []
-            shots = list(seeds) + extra
+            # at most n_shots examples: the seed questions first, then accepted ones
+            base = list(rng.choice(seeds, size=n_shots, replace=False)) if len(seeds) > n_shots else list(seeds)
+            room = min(len(accepted), n_shots - len(base))
+            shots = base + (list(rng.choice(accepted, size=room, replace=False)) if room > 0 else [])
             prompts.append((expansion_prompt(trait, shots), len(shots) + 1))
         outputs = complete([p for p, _ in prompts], seed + stats["attempts"])
         stats["attempts"] += 1

@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from importlib import metadata
@@ -134,6 +135,8 @@ class Run:
             "git": git_state(),
             "packages": package_versions(),
             "seeds": self.seeds,
+            # CPU float reductions depend on the thread count: same seeds, same threads, same numbers
+            "torch_threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None,
             "inputs": self.inputs,
             "started": self.started,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

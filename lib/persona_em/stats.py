@@ -15,6 +15,10 @@ KEYS = ["condition", "constitution", "level", "char_seed", "em_domain", "em_seed
 def em_effects(results: pd.DataFrame, outcome: str = "margin") -> pd.DataFrame:
     """One row per (persona, EM domain, EM seed, item): harmful minus benign-twin `outcome`."""
     after = results[(results["phase"] == "after") & results[outcome].notna()]
+    dup = after.duplicated(KEYS + ["harmful"])
+    if dup.any():
+        raise ValueError(f"{int(dup.sum())} duplicated (model, item) rows in the results table, e.g. "
+                         f"{after[dup].iloc[0][KEYS].to_dict()}")
     wide = after.pivot_table(index=KEYS, columns="harmful", values=outcome, aggfunc="first").reset_index()
     wide = wide.rename(columns={True: "harmful_value", False: "benign_value"})
     wide = wide.dropna(subset=["harmful_value", "benign_value"])

@@ -35,6 +35,12 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
 
 
+def frozen_state(peft_model) -> dict[str, torch.Tensor]:
+    """The frozen weights under a LoRA, named as in the plain model (to compare with the persona)."""
+    return {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+            for k, v in peft_model.named_parameters() if "lora_" not in k}
+
+
 def tensors_hash(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(state):
