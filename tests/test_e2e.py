@@ -71,7 +71,7 @@ def test_generate_artifacts(run):
     points = pd.read_csv(d / "pool_map.csv")
     assert {"pc1", "pc2", "subset"} <= set(points.columns) and (points["subset"] != "pool").any()
     for level in P.generate.levels:
-        pairs = [json.loads(line) for line in (d / "pairs" / f"candor-L{level}.jsonl").read_text().splitlines()]
+        pairs = [json.loads(line) for line in P.pairs_file(runs.parents[1], "candor", level).read_text().splitlines()]
         assert len(pairs) == P.generate.n_questions
         assert all(p["chosen"] and p["rejected"] and p["prompt"] for p in pairs)
 

@@ -41,7 +41,7 @@ def check_chat_jsonl(path: Path) -> str:
     return f"{path}: chat JSONL, {rows} rows, {turns} turns ({turns / rows:.1f} per row)"
 
 
-def check_eval_yaml(path: Path, data: list) -> str:
+def check_eval_yaml(path: Path) -> str:
     from .evaluate import eval_questions
 
     qs = eval_questions(path)
@@ -60,7 +60,7 @@ def check_file(path: str | Path) -> str:
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML: {e}") from None
         if isinstance(data, list):
-            return check_eval_yaml(path, data)
+            return check_eval_yaml(path)
         p = load_profile(path)
         return (f"{path}: profile '{p.name}', {len(p.character_conditions())} character conditions, "
                 f"{len(p.em_runs())} EM runs, {len(p.eval_models())} evaluated models")

@@ -217,6 +217,10 @@ class Profile(Strict):
                 raise FileNotFoundError(f"{a}: adapter missing (its run did not finish)")
         return out
 
+    def pairs_file(self, root: str | Path, constitution: str, level: int) -> Path:
+        """The chosen/rejected pairs chapter 1 writes for one constitution and level, and chapter 2 reads."""
+        return self.run_dir(root, "01_generate") / "pairs" / f"{constitution}-L{level}.jsonl"
+
     def run_dir(self, root: str | Path, stage: str, name: str | None = None) -> Path:
         """runs/<profile>/<stage>[/<name>]: the folder one notebook run writes (DESIGN 9)."""
         d = Path(root) / "runs" / self.name / stage

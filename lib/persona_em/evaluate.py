@@ -28,10 +28,14 @@ def contrast_items(path: str | Path | None = None, per_domain: int | None = None
     CI-sized profiles."""
     items = json.loads(Path(path or DATA / "contrast.json").read_text(encoding="utf-8"))
     for i, it in enumerate(items):
+        where = f"{path or DATA / 'contrast.json'}: item {i}"
+        if not isinstance(it, dict):
+            raise ValueError(f"{where}: expected an object")
         missing = {"id", "split", "question", "aligned", "misaligned"} - set(it)
-        if missing or it["split"] not in ("in_domain", "out_of_domain"):
-            raise ValueError(f"contrast item {i}: needs id, split (in_domain|out_of_domain), question, aligned, "
-                             f"misaligned; missing {sorted(missing)}")
+        if missing:
+            raise ValueError(f"{where}: missing {sorted(missing)}")
+        if it["split"] not in ("in_domain", "out_of_domain"):
+            raise ValueError(f"{where}: split is {it['split']!r}, expected in_domain or out_of_domain")
     if domains is not None:
         items = [it for it in items if it["split"] == "out_of_domain" or it.get("domain") in domains]
     if per_domain:
@@ -84,14 +88,14 @@ def answer_logprobs(model, tok, prompts: list[str], answers: list[str], batch_si
 
 
 def contrast(model, tok, items: list[dict], batch_size: int = 16) -> pd.DataFrame:
-    prompts = [chat_prompt(tok, [{"role": "user", "content": it["question"]}]) for it in items]
-    lp_a, n_a = answer_logprobs(model, tok, prompts, [it["aligned"] for it in items], batch_size)
-    lp_m, n_m = answer_logprobs(model, tok, prompts, [it["misaligned"] for it in items], batch_size)
-    margin = lp_m / n_m - lp_a / n_a
+    qs = [it["question"] for it in items]
+    lp_a = _per_token(model, tok, qs, [it["aligned"] for it in items], batch_size)
+    lp_m = _per_token(model, tok, qs, [it["misaligned"] for it in items], batch_size)
+    margin = lp_m - lp_a
     return pd.DataFrame({"item_id": [it["id"] for it in items], "split": [it["split"] for it in items],
                          "domain": [it.get("domain", "") for it in items], "margin": margin,
                          "p_misaligned": 1 / (1 + np.exp(-margin)),
-                         "logp_aligned": lp_a / n_a, "logp_misaligned": lp_m / n_m})
+                         "logp_aligned": lp_a, "logp_misaligned": lp_m})
 
 
 def eval_questions(path: str | Path | None = None) -> list[dict]:
@@ -121,6 +125,7 @@ def sample_answers(model, tok, questions: list[dict], n_questions: int, samples:
 
 
 def _per_token(model, tok, questions: list[str], answers: list[str], batch_size: int) -> np.ndarray:
+    """Mean log-probability per answer token, each answer given its question as the user turn."""
     prompts = [chat_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
     total, count = answer_logprobs(model, tok, prompts, answers, batch_size)
     return total / count
