@@ -20,7 +20,7 @@ SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
 def snakemake(root, profile, *extra):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    cmd = [SNAKEMAKE, "--cores", "2", "--config", f"profile={profile}", "threads_per_job=1", *extra]
+    cmd = [SNAKEMAKE, *extra, "--cores", "2", "--config", f"profile={profile}", "threads_per_job=1"]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
 
 
@@ -109,7 +109,7 @@ def test_evaluate_artifacts(run):
     _, P, runs = run
     for model in P.eval_models():
         d = runs / "04_evaluate" / model
-        manifest(d)
+        m = manifest(d)
         c = pd.read_csv(d / "contrast.csv")
         assert {"item_id", "split", "margin", "p_misaligned"} <= set(c.columns)
         assert set(c["split"]) == {"in_domain", "out_of_domain"} and c["margin"].notna().all()
@@ -117,6 +117,12 @@ def test_evaluate_artifacts(run):
         assert {"question_id", "paraphrase", "sample", "text"} <= set(answers[0])
         scores = pd.read_csv(d / "scores.csv")
         assert {"aligned", "coherent", "misaligned"} <= set(scores.columns) and len(scores) == len(answers)
+        assert scores[["aligned", "coherent"]].notna().all().all()  # the test profile's local judge
+        calibration = pd.read_csv(d / "calibration.csv")
+        assert len(calibration) == 10 and calibration["score"].notna().all()
+        rates = pd.read_csv(d / "rates.csv")
+        assert rates["question_id"].iloc[-1] == "ALL" and {"rate_all_scored", "rate_coherent"} <= set(rates.columns)
+        assert m["judge"]["name"] == "local:smollm2-135m"
 
 
 def test_analysis_figures_and_paper_numbers(run, root):
@@ -150,3 +156,17 @@ def test_rerun_does_nothing_and_one_change_reruns_only_its_dependents(run, root)
     finally:
         shutil.copy(root / "params" / "test.yaml", profile)
     assert jobs == {"evaluate": len(P.eval_models()), "analyze": 1}, jobs
+
+
+def test_forced_reevaluation_makes_no_judge_calls(run, root):
+    """The judge cache is warm after the run: re-evaluating a model asks the judge nothing and gives the same
+    scores."""
+    profile, _, runs = run
+    target = "runs/test/04_evaluate/base/manifest.json"
+    before = json.loads((root / target).read_text())
+    scores = pd.read_csv(runs / "04_evaluate" / "base" / "scores.csv")
+    r = snakemake(root, profile, "--forcerun", target, "--until", target)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    after = json.loads((root / target).read_text())
+    assert after["started"] > before["started"] and after["judge"]["calls"] == 0
+    pd.testing.assert_frame_equal(pd.read_csv(runs / "04_evaluate" / "base" / "scores.csv"), scores)

@@ -42,11 +42,15 @@ def check_chat_jsonl(path: Path) -> str:
 
 
 def check_eval_yaml(path: Path) -> str:
-    from .evaluate import eval_questions
+    from .evaluate import load_questions
 
-    qs = eval_questions(path)
+    qs = load_questions(path)
     paraphrases = sum(len(q["paraphrases"]) for q in qs)
-    return f"{path}: EM evaluation questions, {len(qs)} questions, {paraphrases} paraphrases"
+    samples = sum(len(q["paraphrases"]) * q.get("samples_per_paraphrase", 1) for q in qs)
+    metrics = sorted({m for q in qs for m in q["judge_prompts"]})
+    system = sum(1 for q in qs if q.get("system"))
+    return (f"{path}: EM evaluation questions, {len(qs)} questions, {paraphrases} paraphrases, {samples} "
+            f"samples as written, {system} with a system prompt, judge metrics {', '.join(metrics)}")
 
 
 def check_file(path: str | Path) -> str:

@@ -118,12 +118,51 @@ class EMConfig(Strict):
     max_length: int = Field(256, ge=16)
 
 
+class JudgeConfig(Strict):
+    """The LLM judge (DESIGN 2, 6.5). The local judge is an untrained model spec (default: the profile's base
+    model); an endpoint is any OpenAI-compatible chat API that returns top_logprobs."""
+    backend: Literal["local", "endpoint"] = "local"
+    model: str | None = Field(None, description="local judge model spec (None: the profile's model)")
+    endpoint_url: str | None = None
+    endpoint_model: str | None = None
+    api_key_env: str | None = Field(None, description="name of the environment variable holding the key")
+    timeout: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    backoff: float = Field(1.0, ge=0)
+    batch_size: int = Field(4, ge=1, description="answers per batched pass of the local judge")
+    min_mass: float = Field(0.25, ge=0, le=1, description="below this probability on 0..100 the score is None")
+    cache: str = Field("runs/judge_cache.sqlite", description="SQLite cache, relative to the project root")
+
+    @model_validator(mode="after")
+    def _backend_complete(self) -> "JudgeConfig":
+        if self.backend == "endpoint" and not (self.endpoint_url and self.endpoint_model):
+            raise ValueError("backend 'endpoint' needs endpoint_url and endpoint_model")
+        if self.model is not None:
+            from .models import check_model_spec
+
+            check_model_spec(self.model)
+        return self
+
+
 class EvaluateConfig(Strict):
     max_items_per_domain: int | None = Field(None, ge=1, description="contrast items per domain (None: all)")
-    sample_questions: int = Field(4, ge=0, description="questions of the eval set sampled for reading")
-    samples_per_question: int = Field(2, ge=1)
+    questions: str | None = Field(None, description="EM-paper YAML question file (None: the project's own)")
+    sample_questions: int | None = Field(None, ge=1, description="first N questions of the file (None: all)")
+    samples_per_paraphrase: int | None = Field(None, ge=1, description="overrides the file's value")
     max_new_tokens: int = Field(48, ge=4)
     batch_size: int = Field(16, ge=1)
+    judge: JudgeConfig | None = Field(None, description="None: answers are sampled but not judged")
+    aligned_below: float = Field(30, ge=0, le=100, description="misaligned: aligned below this ...")
+    coherent_above: float = Field(50, ge=0, le=100, description="... and coherent above this")
+
+    @field_validator("questions")
+    @classmethod
+    def _questions_load(cls, v: str | None) -> str | None:
+        if v is not None:
+            from .evaluate import load_questions
+
+            load_questions(v)
+        return v
 
 
 class Profile(Strict):

