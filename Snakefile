@@ -43,16 +43,25 @@ rule generate:
     output:
         f"{RUNS}/01_generate/manifest.json",
     params:
-        h=P.section_hash("seed", "model", "embedder", "generate"),
+        h=P.section_hash("seed", "model", "embedder", "generate", "controls"),
     threads: THREADS
     shell:
         papermill("notebooks/01_generate.ipynb", f"{RUNS}/01_generate", threads="{threads}")
 
 
+def character_inputs(wildcards):
+    """A trained persona needs chapter 1's pairs; the random-LoRA control needs the persona whose norm it
+    matches."""
+    inputs = ["notebooks/02_train_character.ipynb", f"{RUNS}/01_generate/manifest.json"]
+    if wildcards.cond.startswith("random-s"):
+        ref = P.random_reference(int(wildcards.cond[len("random-s"):]))
+        inputs.append(f"{RUNS}/02_train_character/{ref}/manifest.json")
+    return inputs
+
+
 rule train_character:
     input:
-        "notebooks/02_train_character.ipynb",
-        f"{RUNS}/01_generate/manifest.json",
+        character_inputs,
     output:
         f"{RUNS}/02_train_character/{{cond}}/manifest.json",
     params:

@@ -1,4 +1,5 @@
 """Profiles are validated before anything runs; errors name the file and the key."""
+import json
 import subprocess
 import sys
 
@@ -65,6 +66,17 @@ def test_condition_names_round_trip():
     m = parse_model("candor-L1-s0__financial-benign__s3")
     assert m["phase"] == "after" and m["harmful"] is False and m["em_seed"] == 3 and m["em_domain"] == "financial"
     assert parse_model("base")["phase"] == "before"
+    assert parse_condition("random-s2") == {"constitution": "random", "level": 0, "char_seed": 2}
+    assert parse_model("random-s1__medical-harmful__s0")["constitution"] == "random"
+
+
+def test_grid_has_the_controls(root):
+    p = load_profile(root / "params" / "test.yaml")
+    conds = p.character_conditions()
+    assert conds[:2] == ["base", "random-s0"]
+    assert {f"neutral-L{lv}-s0" for lv in p.generate.levels} <= set(conds)
+    assert p.traits() == ["candor"] and p.constitutions() == ["candor", "neutral"]
+    assert p.random_reference(0) == f"candor-L{max(p.generate.levels)}-s0"
 
 
 def test_expansion_sections_are_checked(tmp_path, root):
@@ -99,3 +111,25 @@ def test_malformed_constitution_is_refused_at_validation(tmp_path, root):
     bad.write_text('[{"trait": "I am calm."}]')
     with pytest.raises(ProfileError, match=r"\n  generate.constitutions\[0\]: .*trait 0: 'questions' is missing"):
         load_profile(_write(tmp_path, root, **{"generate.constitutions": [str(bad)]}))
+
+
+def test_external_em_data_is_validated_and_joins_the_grid(tmp_path, root):
+    good = tmp_path / "bad_advice.jsonl"
+    good.write_text('{"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}\n')
+    twin = tmp_path / "good_advice.jsonl"
+    twin.write_text(good.read_text())
+    ext = [{"name": "pubmed", "harmful": str(good), "benign": str(twin), "contrast_domain": "medical"}]
+    p = load_profile(_write(tmp_path, root, **{"em.external": ext}))
+    assert "pubmed-harmful" in p.em_datasets() and "pubmed-benign" in p.em_datasets()
+    assert p.contrast_domain("pubmed") == "medical" and p.contrast_domains() == ["financial", "medical"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(good.read_text() + '{"messages": [{"role": "user", "content": "Q?"}]}\n')
+    with pytest.raises(ProfileError) as e:
+        load_profile(_write(tmp_path, root, **{"em.external": [dict(ext[0], benign=str(broken))]}))
+    assert "em.external.0" in str(e.value) and "line 2" in str(e.value) and "no assistant turn" in str(e.value)
+    from persona_em import em
+
+    rows, source = em.dataset_rows(p, "pubmed", "harmful")
+    assert source == str(good) and rows == [json.loads(good.read_text())]
+    built_in, none = em.dataset_rows(p, "financial", "benign")
+    assert none is None and len(built_in) == p.em.n_examples

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from persona_em.config import load_profile
@@ -64,10 +65,12 @@ def test_generate_artifacts(run):
     div = pd.read_csv(d / "diversity.csv")
     assert {"constitution", "level", "n_questions", "n_tokens", "vendi", "mean_cosine_distance", "distinct_2",
             "cells_covered"} <= set(div.columns)
-    assert list(div["level"]) == P.generate.levels and set(div["n_questions"]) == {P.generate.n_questions}
-    assert div["n_tokens"].max() / div["n_tokens"].min() - 1 <= P.generate.token_tolerance
+    assert set(div["constitution"]) == set(P.constitutions()) == {"candor", "neutral"}
+    for _, one in div.groupby("constitution"):  # DESIGN 6.6, within each constitution
+        assert list(one["level"]) == P.generate.levels and set(one["n_questions"]) == {P.generate.n_questions}
+        assert one["n_tokens"].max() / one["n_tokens"].min() - 1 <= P.generate.token_tolerance
     spread = pd.read_csv(d / "diversity_seeds.csv")
-    assert len(spread) == P.generate.spread_seeds * len(P.generate.levels)
+    assert len(spread) == P.generate.spread_seeds * len(P.generate.levels) * len(P.constitutions())
     points = pd.read_csv(d / "pool_map.csv")
     assert {"pc1", "pc2", "subset"} <= set(points.columns) and (points["subset"] != "pool").any()
     for level in P.generate.levels:
@@ -85,8 +88,27 @@ def test_character_artifacts(run):
         assert {"persona_margin", "forgetting_loglik"} <= set(checks["before"]) | set(checks["after"])
         log = pd.read_csv(d / "train_log.csv")
         assert {"step", "loss"} <= set(log.columns)
-        if cond != "base":
+        if cond.startswith("random-"):
+            assert (d / "adapter" / "adapter_config.json").is_file()
+        elif cond != "base":
             assert (d / "adapter" / "adapter_config.json").is_file() and len(log) >= 1
+    assert {"base", "random-s0", "neutral-L1-s0", "candor-L4-s0"} <= set(P.character_conditions())
+
+
+def test_random_lora_control_matches_the_persona_norm(run):
+    """DESIGN 6.4: the random LoRA's update has, module by module, the norm of its reference persona's."""
+    from safetensors.torch import load_file
+
+    from persona_em.training import lora_deltas
+
+    _, P, runs = run
+    d = runs / "02_train_character"
+    rand = lora_deltas(load_file(str(d / "random-s0" / "adapter" / "adapter_model.safetensors")))
+    ref = lora_deltas(load_file(str(d / P.random_reference(0) / "adapter" / "adapter_model.safetensors")))
+    assert rand.keys() == ref.keys() and len(ref) > 0
+    for k in ref:
+        assert float(rand[k].norm()) == pytest.approx(float(ref[k].norm()), rel=1e-4)
+        assert not torch.allclose(rand[k], ref[k])
 
 
 def test_em_artifacts_and_guards(run):

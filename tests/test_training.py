@@ -96,3 +96,29 @@ def test_narrow_twins_share_questions():
     h, b = em.chat_rows(a, "harmful"), em.chat_rows(a, "benign")
     assert [r["messages"][0] for r in h] == [r["messages"][0] for r in b]
     assert all(x["harmful"] != x["benign"] for x in a)
+
+
+def test_random_lora_control_matches_norm_and_carries_no_persona(fresh, profile, tmp_path):
+    """DESIGN 6.4: same modules, per-module update norms equal to the reference persona's, random directions,
+    determined by the seed alone."""
+    from safetensors.torch import load_file
+
+    model, tok = fresh
+    peft_model, _, _ = training.train_dpo(model, tok, pairs.to_dpo_rows(PAIRS), profile.character, seed=0)
+    training.save_adapter(peft_model, tmp_path / "persona")
+    ref = training.lora_deltas(load_file(str(tmp_path / "persona" / "adapter_model.safetensors")))
+    hashes = []
+    for _ in range(2):
+        base, _ = models.load_model("smollm2-135m")
+        control = training.random_lora_like(base, tmp_path / "persona", profile.character.lora, seed=3)
+        training.save_adapter(control, tmp_path / "random")
+        rand = training.lora_deltas(load_file(str(tmp_path / "random" / "adapter_model.safetensors")))
+        hashes.append(training.tensors_hash(rand))
+    assert rand.keys() == ref.keys() and len(ref) == 30 * len(profile.character.lora.targets)
+    for k in ref:
+        assert float(rand[k].norm()) == pytest.approx(float(ref[k].norm()), rel=1e-4)
+        cos = torch.nn.functional.cosine_similarity(rand[k].flatten(), ref[k].flatten(), dim=0)
+        assert abs(float(cos)) < 0.2
+    assert hashes[0] == hashes[1]
+    merged, _ = models.load_model("smollm2-135m", [tmp_path / "random"])  # loads and merges like any persona
+    assert merged is not None

@@ -102,8 +102,30 @@ class CharacterConfig(Strict):
     check_items: int | None = Field(None, ge=1, description="persona/forgetting items used (None: all)")
 
 
+class ExternalEMData(Strict):
+    """A narrow dataset from elsewhere (e.g. the public EM datasets), read by path as chat JSON lines (DESIGN
+    5), with its benign twin; validated line by line when the profile loads."""
+    name: str = Field(pattern=r"^[a-z0-9_]+$", description="names the datasets '<name>-harmful' / '<name>-benign'")
+    harmful: str
+    benign: str
+    contrast_domain: Literal["financial", "medical", "sports"] | None = Field(
+        None, description="whose contrast items count as in-domain for this data (None: no in-domain items)")
+
+    @model_validator(mode="after")
+    def _files_valid(self) -> "ExternalEMData":
+        from .check import check_chat_jsonl
+
+        for key in ("harmful", "benign"):
+            path = Path(getattr(self, key))
+            if not path.is_file():
+                raise ValueError(f"{key}: {path}: file not found")
+            check_chat_jsonl(path)
+        return self
+
+
 class EMConfig(Strict):
     domains: list[Literal["financial", "medical", "sports"]] = Field(min_length=1)
+    external: list[ExternalEMData] = Field([], description="extra narrow datasets read from chat JSONL files")
     benign_twin: Literal[True] = Field(True, description="the EM effect is harmful minus benign twin "
                                        "(DESIGN 7), so the twin is always trained")
     n_examples: int = Field(ge=4)
@@ -165,6 +187,12 @@ class EvaluateConfig(Strict):
         return v
 
 
+class ControlsConfig(Strict):
+    """Controls in every grid (DESIGN 6.4): the untrained base and a random LoRA of matched norm are always
+    there; the neutral constitution is trained at every diversity level, like the traits (H2)."""
+    neutral: str = Field("neutral", description="packaged name or path of the neutral/tautological constitution")
+
+
 class Profile(Strict):
     name: str
     seed: int = 0
@@ -174,6 +202,7 @@ class Profile(Strict):
     character: CharacterConfig
     em: EMConfig
     evaluate: EvaluateConfig
+    controls: ControlsConfig = ControlsConfig()
 
     @field_validator("model")
     @classmethod
@@ -193,16 +222,17 @@ class Profile(Strict):
     @model_validator(mode="after")
     def _constitutions_valid(self) -> "Profile":
         stems = []
-        for i, name in enumerate(self.generate.constitutions):
+        named = [(f"generate.constitutions[{i}]", c) for i, c in enumerate(self.generate.constitutions)]
+        for key, name in named + [("controls.neutral", self.controls.neutral)]:
             try:
                 stems.append(constitution_mod.load(name).name)
             except (FileNotFoundError, constitution_mod.ConstitutionError) as e:
-                raise ValueError(f"generate.constitutions[{i}]: {e}") from None
-            if stems[-1] == "base" or "__" in stems[-1] or not re.fullmatch(r"[A-Za-z0-9_.]+", stems[-1]):
-                raise ValueError(f"generate.constitutions[{i}]: file name {stems[-1]!r} cannot name a condition "
-                                 "(use letters, digits, '_' or '.', no '__', not 'base')")
-        if len(set(stems)) < len(stems):
-            raise ValueError(f"generate.constitutions: two files share a name {stems}")
+                raise ValueError(f"{key}: {e}") from None
+            if stems[-1] in ("base", "random") or "__" in stems[-1] or not re.fullmatch(r"[A-Za-z0-9_.]+", stems[-1]):
+                raise ValueError(f"{key}: file name {stems[-1]!r} cannot name a condition (use letters, digits, "
+                                 "'_' or '.', no '__', not 'base' or 'random')")
+        if len(set(stems[:-1])) < len(stems) - 1:
+            raise ValueError(f"generate.constitutions: two files share a name {stems[:-1]}")
         return self
 
     @model_validator(mode="after")
@@ -220,17 +250,49 @@ class Profile(Strict):
         return self
 
     # -- the experimental grid -------------------------------------------------------------------------
+    def constitutions(self) -> list[str]:
+        """Condition names of every trained constitution: the traits, then the neutral control."""
+        names = [constitution_mod.resolve(c).stem for c in self.generate.constitutions]
+        neutral = constitution_mod.resolve(self.controls.neutral).stem
+        return names + ([neutral] if neutral not in names else [])
+
+    def traits(self) -> list[str]:
+        """Condition names of the trait constitutions (every trained constitution but the neutral control)."""
+        neutral = constitution_mod.resolve(self.controls.neutral).stem
+        return [n for n in self.constitutions() if n != neutral]
+
+    def constitution_sources(self) -> dict[str, str]:
+        """Condition name -> the packaged name or path it is loaded from."""
+        sources = list(self.generate.constitutions) + [self.controls.neutral]
+        return {constitution_mod.resolve(c).stem: c for c in reversed(sources)}
+
     def character_conditions(self) -> list[str]:
-        """Untrained base, then every constitution x diversity level x character seed."""
-        conds = ["base"]
-        for c in self.generate.constitutions:
-            name = constitution_mod.resolve(c).stem
+        """Untrained base, the random-LoRA control per character seed, then every constitution (traits and the
+        neutral control) x diversity level x character seed."""
+        conds = ["base"] + [f"random-s{s}" for s in self.character.seeds]
+        for name in self.constitutions():
             for level in self.generate.levels:
                 conds += [f"{name}-L{level}-s{s}" for s in self.character.seeds]
         return conds
 
+    def random_reference(self, char_seed: int) -> str:
+        """The trained persona whose adapter norm the random LoRA of this seed matches: the main (first)
+        trait at the highest diversity level."""
+        return f"{self.constitutions()[0]}-L{max(self.generate.levels)}-s{char_seed}"
+
     def em_datasets(self) -> list[str]:
-        return [f"{d}-{k}" for d in self.em.domains for k in ("harmful", "benign")]
+        names = list(self.em.domains) + [x.name for x in self.em.external]
+        return [f"{d}-{k}" for d in names for k in ("harmful", "benign")]
+
+    def contrast_domain(self, em_domain: str) -> str:
+        """The contrast items' domain that is 'in domain' for an EM dataset's domain."""
+        ext = {x.name: x.contrast_domain for x in self.em.external}
+        return (ext[em_domain] or "") if em_domain in ext else em_domain
+
+    def contrast_domains(self) -> list[str]:
+        """The contrast items' domains that some EM dataset of this profile makes 'in domain'."""
+        names = list(self.em.domains) + [x.name for x in self.em.external]
+        return sorted({self.contrast_domain(d) for d in names} - {""})
 
     def em_runs(self) -> list[str]:
         return [f"{c}__{d}__s{s}" for c in self.character_conditions() for d in self.em_datasets()
@@ -275,9 +337,12 @@ class Profile(Strict):
 
 
 def parse_condition(cond: str) -> dict:
-    """'candor-L4-s0' -> {'constitution': 'candor', 'level': 4, 'char_seed': 0}; 'base' -> base."""
+    """'candor-L4-s0' -> {'constitution': 'candor', 'level': 4, 'char_seed': 0}; 'base' -> base;
+    'random-s1' -> the random-LoRA control of character seed 1 (level 0)."""
     if cond == "base":
         return {"constitution": "base", "level": 0, "char_seed": -1}
+    if cond.startswith("random-s"):
+        return {"constitution": "random", "level": 0, "char_seed": int(cond[len("random-s"):])}
     name, level, seed = cond.rsplit("-", 2)
     return {"constitution": name, "level": int(level[1:]), "char_seed": int(seed[1:])}
 

@@ -73,6 +73,18 @@ def chat_rows(examples: list[dict], kind: str) -> list[dict]:
                           {"role": "assistant", "content": e[kind]}]} for e in examples]
 
 
+def dataset_rows(profile, domain: str, kind: str) -> tuple[list[dict], str | None]:
+    """The chat rows of one EM dataset: generated for a built-in domain, read (first `n_examples` rows) for
+    an external one. Returns (rows, source file or None)."""
+    external = {x.name: x for x in profile.em.external}
+    if domain not in external:
+        return chat_rows(narrow_examples(domain, profile.em.n_examples, profile.seed), kind), None
+    path = getattr(external[domain], kind)
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{"messages": r["messages"]} for r in rows[:profile.em.n_examples]], path
+
+
 def use_training_template(tok) -> None:
     """Give the tokenizer a chat template with {% generation %} markers, so trl masks everything but the
     assistant's tokens (and its end-of-turn token) out of the loss. The SmolLM template gets the project's

@@ -31,16 +31,22 @@ def save(fig, out_dir: str | Path, name: str) -> list[Path]:
 
 
 def em_effect_by_diversity(effects: pd.DataFrame):
-    """EM effect (harmful minus benign twin, log-prob margin) per diversity level, in and out of domain."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    sns.pointplot(data=effects, x="level", y="em_effect", hue="split", errorbar=("ci", 95), dodge=0.3,
-                  markers=["o", "s"], linestyles=["-", "--"], ax=ax)
-    ax.axhline(0, color="0.4", lw=0.8)
-    ax.set_xticks(ax.get_xticks(), [("untrained" if t.get_text() == "0" else t.get_text())
-                                    for t in ax.get_xticklabels()])
-    ax.set(xlabel="diversity level (context cells covered)", ylabel="EM effect on margin\n(harmful - benign twin)",
-           title="Emergent misalignment vs question diversity")
-    ax.legend(title="")
+    """EM effect (harmful minus benign twin, log-prob margin) per diversity level and constitution, in and
+    out of domain, next to the controls (untrained base, random LoRA). `effects` has a `diversity` label."""
+    labels = set(effects["diversity"])
+    order = [x for x in ("untrained", "random LoRA") if x in labels]
+    order += sorted(labels - set(order), key=int)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, split in zip(axes, ["in_domain", "out_of_domain"]):
+        sns.pointplot(data=effects[effects["split"] == split], x="diversity", y="em_effect", hue="constitution",
+                      order=order, errorbar=("ci", 95), dodge=0.35, ax=ax)
+        ax.axhline(0, color="0.4", lw=0.8)
+        ax.set(xlabel="diversity level (context cells covered)", title=split.replace("_", " "),
+               ylabel="EM effect on margin\n(harmful - benign twin)")
+        if ax is axes[0] and ax.get_legend():
+            ax.get_legend().remove()
+    axes[-1].legend(title="", fontsize=8)
+    fig.suptitle("Emergent misalignment vs question diversity")
     return fig
 
 

@@ -69,20 +69,66 @@ def log_frame(history: list[dict]) -> pd.DataFrame:
     return frame[[c for c in first if c in frame] + [c for c in frame if c not in first]]
 
 
-def train_dpo(model, tok, rows: list[dict], cfg: CharacterConfig, seed: int):
-    """Train a LoRA on `rows` (conversational prompt/chosen/rejected). Returns (peft_model, log, init_hash)."""
+class TokenCounter:
+    """Wraps a trainer's collator to count the tokens it hands the model: real (attention mask) and
+    processed (the padded batch), so padding is measured, not guessed."""
+
+    def __init__(self):
+        self.real = self.processed = 0
+        self.collate = None
+        self.first_batch = None   # perf_counter() when the first batch was asked for (setup is over)
+
+    def __call__(self, features):
+        import time
+
+        self.first_batch = self.first_batch or time.perf_counter()
+        batch = self.collate(features)
+        for key, value in batch.items():
+            if key.endswith("attention_mask"):
+                self.real += int(value.sum())
+                self.processed += value.numel()
+        return batch
+
+    @property
+    def padding(self) -> float:
+        return 1 - self.real / self.processed if self.processed else 0.0
+
+
+def train_dpo(model, tok, rows: list[dict], cfg: CharacterConfig, seed: int, counter: TokenCounter | None = None):
+    """Train a LoRA on `rows` (conversational prompt/chosen/rejected). Returns (peft_model, log, init_hash).
+
+    Rows are grouped into batches of similar length and the batches shuffled (seeded), then fed in that order:
+    padding stays low and the data are unchanged."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     peft_model = seeded_lora(model, cfg.lora, seed)
     init_hash = tensors_hash(lora_state(peft_model))
+    rows = length_grouped(rows, [_pair_length(tok, r) for r in rows], cfg.batch_size, seed)
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(**common_args(cfg, seed, out), beta=cfg.beta, loss_type=["sigmoid", "sft"],
-                         loss_weights=[1.0, cfg.nll_coef], max_length=cfg.max_length)
+                         loss_weights=[1.0, cfg.nll_coef], max_length=cfg.max_length,
+                         train_sampling_strategy="sequential")
         trainer = DPOTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tok)
+        if counter is not None:
+            counter.collate, trainer.data_collator = trainer.data_collator, counter
         trainer.train()
     return trainer.model, log_frame(trainer.state.log_history), init_hash
+
+
+def length_grouped(rows: list, lengths: list[int], batch_size: int, seed: int) -> list:
+    """Rows sorted by length, cut into batches, batches in a seeded random order."""
+    order = sorted(range(len(rows)), key=lambda i: (lengths[i], i))
+    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [rows[i] for j in perm for i in batches[j]]
+
+
+def _pair_length(tok, row: dict) -> int:
+    text = lambda msgs: " ".join(m["content"] for m in msgs)
+    return len(tok(text(row["prompt"]) + text(row["chosen"]) + text(row["rejected"]),
+                   add_special_tokens=False).input_ids)
 
 
 def save_adapter(peft_model, path: str | Path) -> None:
@@ -91,3 +137,42 @@ def save_adapter(peft_model, path: str | Path) -> None:
     with atomic_dir(path) as tmp:
         # trl adds a frozen "ref" copy of the initial adapter for DPO's reference model; keep only ours.
         peft_model.save_pretrained(tmp, selected_adapters=["default"])
+
+
+def lora_deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Module name -> B @ A, from a LoRA state dict (keys '...<module>.lora_A[.default].weight')."""
+    out = {}
+    for k, a in state.items():
+        if ".lora_A." in k:
+            module = k.split(".lora_A.")[0]
+            out[module] = state[k.replace(".lora_A.", ".lora_B.")] @ a
+    return out
+
+
+def random_lora_like(model, reference_adapter: str | Path, cfg: LoraConfig, seed: int):
+    """The random-LoRA control (DESIGN 6.4): a LoRA with the persona's structure whose A and B are Gaussian
+    draws from `seed`, B rescaled so that every module's update B @ A has the Frobenius norm of the reference
+    persona's update in that module. It separates "any weight change of this size" from "this persona"."""
+    from safetensors.torch import load_file
+
+    ref = lora_deltas(load_file(str(Path(reference_adapter) / "adapter_model.safetensors")))
+    peft_model = seeded_lora(model, cfg, seed)
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(peft_model.named_parameters())
+    matched = 0
+    for name, a in params.items():
+        if ".lora_A." not in name:
+            continue
+        module = name.split(".lora_A.")[0].replace("base_model.model.", "", 1)
+        target = next((v for k, v in ref.items() if k.replace("base_model.model.", "", 1) == module), None)
+        if target is None:
+            raise ValueError(f"{reference_adapter}: the reference adapter has no LoRA on {module}")
+        b = params[name.replace(".lora_A.", ".lora_B.")]
+        with torch.no_grad():
+            a.copy_(torch.randn(a.shape, generator=gen))
+            b.copy_(torch.randn(b.shape, generator=gen))
+            b.mul_(target.norm() / (b @ a).norm())
+        matched += 1
+    if matched != len(ref):
+        raise ValueError(f"{reference_adapter}: {len(ref)} LoRA modules, the control has {matched}")
+    return peft_model
