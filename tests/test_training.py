@@ -89,6 +89,13 @@ def test_em_guards_persona_in_weights_and_seeded_init(smollm, profile):
     assert results[0][1] != results[1][1], "EM adapters over two different personas must differ"
 
 
+@pytest.mark.parametrize("domain", ["financial", "medical", "sports"])
+def test_each_narrow_domain_gives_1000_distinct_examples(domain):
+    a = em.narrow_examples(domain, 1000, seed=2)
+    assert len({(x["question"], x["harmful"]) for x in a}) == 1000
+    assert a == em.narrow_examples(domain, 1000, seed=2)  # deterministic given the seed
+
+
 def test_narrow_twins_share_questions():
     a = em.narrow_examples("financial", 200, seed=1)
     assert a == em.narrow_examples("financial", 200, seed=1)
