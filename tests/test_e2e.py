@@ -163,6 +163,8 @@ def test_analysis_figures_and_paper_numbers(run, root):
             assert (root / "figures" / "test" / f"{fig}.{ext}").stat().st_size > 1000
     numbers = (root / "paper" / "generated" / "test" / "numbers.tex").read_text()
     assert r"\newcommand{\SlopeOod}" in numbers and r"\newcommand{\GitSha}" in numbers
+    assert r"\newcommand{\HTwoTraitMinusNeutral}" in numbers and r"\newcommand{\EmOodRandom}" in numbers
+    assert set(effects["model"]) == {"margin_em_effect", "margin_em_effect_by_constitution_ood"}
     assert not list(runs.rglob(".tmp-*")), "a temporary file was left behind"
 
 
@@ -192,3 +194,19 @@ def test_forced_reevaluation_makes_no_judge_calls(run, root):
     after = json.loads((root / target).read_text())
     assert after["started"] > before["started"] and after["judge"]["calls"] == 0
     pd.testing.assert_frame_equal(pd.read_csv(runs / "04_evaluate" / "base" / "scores.csv"), scores)
+
+
+def test_paper_pdf_builds_from_the_run(run, root):
+    """`make paper` turns the run's numbers and figures into the PDF (TeX is installed by .ci/run)."""
+    if not shutil.which("latexmk"):
+        pytest.skip("latexmk is not installed (.ci/run installs it)")
+    pdf = root / "paper" / "paper-test.pdf"
+    pdf.unlink(missing_ok=True)
+    r = subprocess.run(["make", "paper", "PROFILE=test"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0 and pdf.is_file(), r.stdout[-3000:] + r.stderr[-2000:]
+    info = subprocess.run(["pdfinfo", str(pdf)], capture_output=True, text=True).stdout
+    assert int(re.search(r"Pages:\s+(\d+)", info).group(1)) >= 3
+    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True).stdout
+    sha = re.search(r"\\newcommand\{\\GitSha\}\{([^}]*)\}",
+                    (root / "paper" / "generated" / "test" / "numbers.tex").read_text()).group(1)
+    assert sha in text and "??" not in text  # the run's SHA is printed; no unresolved reference

@@ -51,3 +51,17 @@ def mean_ci(values, z: float = 1.96) -> tuple[float, float, float]:
     m = float(v.mean())
     half = z * float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
     return m, m - half, m + half
+
+
+def constitution_model(effects: pd.DataFrame, constitutions: list[str], reference: str,
+                       split: str = "out_of_domain"):
+    """EM effect ~ log2(level) x constitution on one split, the neutral constitution as the reference level
+    (H2: a trait against "any constitution" at matched diversity). Random intercept per item; character seeds
+    as a variance component when there are several. Returns (fit, formula as written in models.txt)."""
+    d = effects[effects["constitution"].isin(constitutions) & (effects["split"] == split)].copy()
+    d["log2_level"] = np.log2(d["level"])
+    formula = f"em_effect ~ log2_level * C(constitution, Treatment('{reference}'))"
+    vc = {"char_seed": "0 + C(char_seed)"} if d["char_seed"].nunique() > 1 else None
+    fit = fit_mixed(d, formula, group="item_id", vc=vc)
+    written = formula + " + (1|item_id)" + (" + (1|char_seed)" if vc else "")
+    return fit, written
