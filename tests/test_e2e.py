@@ -153,8 +153,11 @@ def test_analysis_figures_and_paper_numbers(run, root):
     manifest(d)
     results = pd.read_csv(d / "results.csv")
     for col in ("constitution", "level", "vendi", "char_seed", "em_dataset", "harmful", "em_seed", "phase",
-                "item_id", "split", "margin"):
+                "item_id", "split", "margin", "measure", "aligned", "coherent", "misaligned"):
         assert col in results.columns
+    judged = results[results["measure"] == "judge"]
+    n_answers = sum(len(pd.read_csv(runs / "04_evaluate" / m / "scores.csv")) for m in P.eval_models())
+    assert len(judged) == n_answers and judged["aligned"].notna().all()
     assert "Formula" in (d / "models.txt").read_text()
     effects = pd.read_csv(d / "effects.csv")
     assert {"term", "estimate", "ci_low", "ci_high", "p"} <= set(effects.columns)
