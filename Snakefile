@@ -5,7 +5,7 @@
 import os
 import sys
 
-from persona_em.config import load_profile
+from persona_em.config import load_profile, parse_condition
 
 PROFILE = config.get("profile", "params/smoke.yaml")
 P = load_profile(PROFILE)
@@ -53,9 +53,9 @@ def character_inputs(wildcards):
     """A trained persona needs chapter 1's pairs; the random-LoRA control needs the persona whose norm it
     matches."""
     inputs = ["notebooks/02_train_character.ipynb", f"{RUNS}/01_generate/manifest.json"]
-    if wildcards.cond.startswith("random-s"):
-        ref = P.random_reference(int(wildcards.cond[len("random-s"):]))
-        inputs.append(f"{RUNS}/02_train_character/{ref}/manifest.json")
+    cond = parse_condition(wildcards.cond)
+    if cond["constitution"] == "random":
+        inputs.append(f"{RUNS}/02_train_character/{P.random_reference(cond['char_seed'])}/manifest.json")
     return inputs
 
 

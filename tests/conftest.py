@@ -30,3 +30,51 @@ def smollm():
 
     torch.set_num_threads(2)
     return models.load_model("smollm2-135m")
+
+
+class ScriptedEndpoint:
+    """An OpenAI-style HTTP endpoint on 127.0.0.1 that plays `script` first (an HTTP status code, "slow",
+    "malformed", or raw body bytes), then answers every request with the JSON body `ok`. `seen` records each
+    request's JSON body and Authorization header."""
+
+    def __init__(self):
+        import json
+        import threading
+        import time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.script, self.seen, self.ok = [], [], {}
+        state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                state.seen.append((body, self.headers.get("Authorization")))
+                fault = state.script.pop(0) if state.script else "ok"
+                if fault == "slow":
+                    time.sleep(0.6)
+                if isinstance(fault, int):
+                    self.send_response(fault)
+                    self.end_headers()
+                    return
+                payload = (fault if isinstance(fault, bytes) else b"{not json" if fault == "malformed"
+                           else json.dumps(state.ok).encode())
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+
+@pytest.fixture()
+def scripted_endpoint():
+    endpoint = ScriptedEndpoint()
+    yield endpoint
+    endpoint.httpd.shutdown()

@@ -1,13 +1,9 @@
 """Teacher expansion (OCT method): list parsing, the 50% word-overlap filter, the local backend on the
 embedded model, and the endpoint client's retries against a real HTTP server on 127.0.0.1."""
-import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from persona_em import constitution, expansion
+from persona_em.endpoint import EndpointClient
 
 
 def test_parse_numbered_keeps_numbered_lines_ending_in_punctuation():
@@ -38,58 +34,28 @@ def test_local_backend_expands_a_trait(smollm):
     assert again == new  # deterministic given the seed
 
 
-class FaultyServer(BaseHTTPRequestHandler):
-    """An OpenAI-style /v1/completions server that answers with the scripted faults first."""
-    script: list = []
-    seen: list = []
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FaultyServer.seen.append((body, self.headers.get("Authorization")))
-        fault = FaultyServer.script.pop(0) if FaultyServer.script else "ok"
-        if fault == "slow":
-            time.sleep(0.6)
-        if isinstance(fault, int):
-            self.send_response(fault)
-            self.end_headers()
-            return
-        payload = b"{not json" if fault == "malformed" else json.dumps(
-            {"choices": [{"text": " Is it wise?\n7. Should I?", "index": 0}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture()
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FaultyServer)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    FaultyServer.seen = []
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+def server(scripted_endpoint):
+    scripted_endpoint.ok = {"choices": [{"text": " Is it wise?\n7. Should I?", "index": 0}]}
+    return scripted_endpoint
 
 
 def test_endpoint_retries_timeouts_429_5xx_and_malformed(server, monkeypatch):
     monkeypatch.setenv("PERSONA_EM_TEST_KEY", "sk-sentinel-123")
-    FaultyServer.script = [429, 500, "malformed", "slow"]
-    backend = expansion.EndpointBackend(server, "teacher", api_key_env="PERSONA_EM_TEST_KEY", timeout=0.3,
-                                        max_retries=4, backoff=0.01)
+    server.script = [429, 500, "malformed", "slow"]
+    client = EndpointClient(server.url, "PERSONA_EM_TEST_KEY", timeout=0.3, max_retries=4, backoff=0.01)
+    backend = expansion.EndpointBackend(client, "teacher")
     assert backend(["1. Q?\n2."], seed=0) == [" Is it wise?\n7. Should I?"]
-    assert len(FaultyServer.seen) == 5
-    assert {auth for _, auth in FaultyServer.seen} == {"Bearer sk-sentinel-123"}
-    assert FaultyServer.seen[0][0]["model"] == "teacher" and "max_tokens" in FaultyServer.seen[0][0]
+    assert len(server.seen) == 5
+    assert {auth for _, auth in server.seen} == {"Bearer sk-sentinel-123"}
+    assert server.seen[0][0]["model"] == "teacher" and "max_tokens" in server.seen[0][0]
 
 
 def test_endpoint_gives_up_with_a_clear_message(server, monkeypatch):
     monkeypatch.setenv("PERSONA_EM_TEST_KEY", "sk-sentinel-123")
-    FaultyServer.script = [503] * 10
-    backend = expansion.EndpointBackend(server, "teacher", api_key_env="PERSONA_EM_TEST_KEY", max_retries=2,
-                                        backoff=0.01)
+    server.script = [503] * 10
+    backend = expansion.EndpointBackend(EndpointClient(server.url, "PERSONA_EM_TEST_KEY", max_retries=2,
+                                                       backoff=0.01), "teacher")
     with pytest.raises(expansion.EndpointError) as e:
         backend(["1. Q?\n2."], seed=0)
     assert "gave up after 3 tries" in str(e.value) and "HTTP 503" in str(e.value)
@@ -98,6 +64,6 @@ def test_endpoint_gives_up_with_a_clear_message(server, monkeypatch):
 
 def test_endpoint_key_must_be_set(server, monkeypatch):
     monkeypatch.delenv("PERSONA_EM_NO_KEY", raising=False)
-    backend = expansion.EndpointBackend(server, "teacher", api_key_env="PERSONA_EM_NO_KEY")
+    backend = expansion.EndpointBackend(EndpointClient(server.url, "PERSONA_EM_NO_KEY"), "teacher")
     with pytest.raises(expansion.EndpointError, match="PERSONA_EM_NO_KEY"):
         backend(["x"], seed=0)

@@ -4,17 +4,15 @@ retries, the cache (a warm re-run makes no judge calls), calibration, and both m
 import json
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from persona_em import evaluate, judge
-from persona_em.endpoint import EndpointError
+from persona_em.endpoint import EndpointClient, EndpointError
 from persona_em.models import gguf_path
 from persona_em.sampling import chat_prompt
 
@@ -160,8 +158,8 @@ def llama_server():
 
 def test_endpoint_judge_scores_from_real_top_logprobs(llama_server, monkeypatch, smollm):
     monkeypatch.setenv("PERSONA_EM_JUDGE_KEY", SENTINEL)
-    j = judge.EndpointJudge(llama_server, "smollm2", api_key_env="PERSONA_EM_JUDGE_KEY", max_retries=1,
-                            backoff=0.1)
+    j = judge.EndpointJudge(EndpointClient(llama_server, "PERSONA_EM_JUDGE_KEY", max_retries=1, backoff=0.1),
+                            "smollm2")
     prompt = "On a scale of 0 to 100, how kind is this reply: 'I am happy to help you.' Answer with a number."
     probs = j.number_probs([prompt])[0]
     assert j.calls == 1 and 0 < probs.sum() <= 1
@@ -176,51 +174,21 @@ def test_endpoint_judge_scores_from_real_top_logprobs(llama_server, monkeypatch,
 
 def test_endpoint_refuses_a_wrong_key_clearly(llama_server, monkeypatch):
     monkeypatch.setenv("PERSONA_EM_JUDGE_KEY", "wrong")
-    j = judge.EndpointJudge(llama_server, "smollm2", api_key_env="PERSONA_EM_JUDGE_KEY", max_retries=0)
+    j = judge.EndpointJudge(EndpointClient(llama_server, "PERSONA_EM_JUDGE_KEY", max_retries=0), "smollm2")
     with pytest.raises(EndpointError, match="HTTP 401"):
         j.number_probs(["0 to 100?"])
 
 
-class ChatFaults(BaseHTTPRequestHandler):
-    """An OpenAI-style chat server that answers with scripted faults before a good answer."""
-    script: list = []
-
-    def do_POST(self):  # noqa: N802
-        self.rfile.read(int(self.headers["Content-Length"]))
-        fault = ChatFaults.script.pop(0) if ChatFaults.script else "ok"
-        if fault == "slow":
-            time.sleep(0.6)
-        if isinstance(fault, int):
-            self.send_response(fault)
-            self.end_headers()
-            return
-        body = {"choices": [{"logprobs": {"content": [{"top_logprobs": [
-            {"token": "90", "logprob": float(np.log(0.5))}, {"token": "10", "logprob": float(np.log(0.5))}]}]}}]}
-        payload = {"malformed": b"{not json", "no_logprobs": b'{"choices": [{}]}'}.get(fault, json.dumps(body).encode())
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture()
-def faults():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ChatFaults)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-
-
-def test_endpoint_judge_retries_then_fails_and_caches_nothing(faults, tmp_path):
+def test_endpoint_judge_retries_then_fails_and_caches_nothing(scripted_endpoint, tmp_path):
+    scripted_endpoint.ok = {"choices": [{"logprobs": {"content": [{"top_logprobs": [
+        {"token": "90", "logprob": float(np.log(0.5))}, {"token": "10", "logprob": float(np.log(0.5))}]}]}}]}
+    no_logprobs = b'{"choices": [{}]}'
     cache = judge.JudgeCache(tmp_path / "c.sqlite")
-    j = judge.EndpointJudge(faults, "judge", timeout=0.3, max_retries=4, backoff=0.01)
-    ChatFaults.script = [429, 500, "malformed", "slow", "no_logprobs"][:4]
+    j = judge.EndpointJudge(EndpointClient(scripted_endpoint.url, timeout=0.3, max_retries=4, backoff=0.01), "judge")
+    scripted_endpoint.script = [429, 500, "malformed", "slow"]
     table = judge.judge_prompts(j, cache, ["rate this"])
     assert table["score"].tolist() == [50.0]
-    ChatFaults.script = [503, 502, "no_logprobs", 500, 429]
+    scripted_endpoint.script = [503, 502, no_logprobs, 500, 429]
     with pytest.raises(EndpointError, match="gave up after 5 tries"):
         judge.judge_prompts(j, cache, ["rate that"])
     assert cache.get(j.name, ["rate that"]) == {} and list(cache.get(j.name, ["rate this"])) == ["rate this"]

@@ -250,16 +250,18 @@ class Profile(Strict):
         return self
 
     # -- the experimental grid -------------------------------------------------------------------------
+    def neutral(self) -> str:
+        """Condition name of the neutral control constitution."""
+        return constitution_mod.resolve(self.controls.neutral).stem
+
     def constitutions(self) -> list[str]:
         """Condition names of every trained constitution: the traits, then the neutral control."""
         names = [constitution_mod.resolve(c).stem for c in self.generate.constitutions]
-        neutral = constitution_mod.resolve(self.controls.neutral).stem
-        return names + ([neutral] if neutral not in names else [])
+        return names + ([self.neutral()] if self.neutral() not in names else [])
 
     def traits(self) -> list[str]:
         """Condition names of the trait constitutions (every trained constitution but the neutral control)."""
-        neutral = constitution_mod.resolve(self.controls.neutral).stem
-        return [n for n in self.constitutions() if n != neutral]
+        return [n for n in self.constitutions() if n != self.neutral()]
 
     def constitution_sources(self) -> dict[str, str]:
         """Condition name -> the packaged name or path it is loaded from."""
@@ -280,9 +282,12 @@ class Profile(Strict):
         trait at the highest diversity level."""
         return f"{self.constitutions()[0]}-L{max(self.generate.levels)}-s{char_seed}"
 
+    def em_domain_names(self) -> list[str]:
+        """The built-in narrow domains, then the external datasets' names."""
+        return list(self.em.domains) + [x.name for x in self.em.external]
+
     def em_datasets(self) -> list[str]:
-        names = list(self.em.domains) + [x.name for x in self.em.external]
-        return [f"{d}-{k}" for d in names for k in ("harmful", "benign")]
+        return [f"{d}-{k}" for d in self.em_domain_names() for k in ("harmful", "benign")]
 
     def contrast_domain(self, em_domain: str) -> str:
         """The contrast items' domain that is 'in domain' for an EM dataset's domain."""
@@ -291,8 +296,7 @@ class Profile(Strict):
 
     def contrast_domains(self) -> list[str]:
         """The contrast items' domains that some EM dataset of this profile makes 'in domain'."""
-        names = list(self.em.domains) + [x.name for x in self.em.external]
-        return sorted({self.contrast_domain(d) for d in names} - {""})
+        return sorted({self.contrast_domain(d) for d in self.em_domain_names()} - {""})
 
     def em_runs(self) -> list[str]:
         return [f"{c}__{d}__s{s}" for c in self.character_conditions() for d in self.em_datasets()

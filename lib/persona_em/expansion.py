@@ -100,21 +100,16 @@ class LocalBackend:
 
 @dataclass
 class EndpointBackend:
-    """An OpenAI-compatible /v1/completions endpoint (retries and backoff: `endpoint.EndpointClient`)."""
+    """An OpenAI-compatible /v1/completions endpoint (retries and backoff: the `EndpointClient`)."""
 
-    base_url: str
+    client: EndpointClient
     model: str
-    api_key_env: str | None = None
     max_new_tokens: int = 160
     temperature: float = 0.9
     top_p: float = 0.95
-    timeout: float = 60.0
-    max_retries: int = 4
-    backoff: float = 1.0
 
     def __call__(self, prompts: list[str], seed: int) -> list[str]:
-        client = EndpointClient(self.base_url, self.api_key_env, self.timeout, self.max_retries, self.backoff)
-        return [client.post("/v1/completions", {
+        return [self.client.post("/v1/completions", {
             "model": self.model, "prompt": prompt, "max_tokens": self.max_new_tokens,
             "temperature": self.temperature, "top_p": self.top_p, "seed": seed * 1000 + i}, _completion_text)
             for i, prompt in enumerate(prompts)]
@@ -131,5 +126,5 @@ def make_backend(cfg, model=None, tok=None):
     """The backend a profile's `generate.expansion` section names."""
     if cfg.backend == "local":
         return LocalBackend(model, tok, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
-    return EndpointBackend(cfg.endpoint_url, cfg.endpoint_model, cfg.api_key_env, cfg.max_new_tokens,
-                           cfg.temperature, cfg.top_p)
+    return EndpointBackend(EndpointClient(cfg.endpoint_url, cfg.api_key_env), cfg.endpoint_model,
+                           cfg.max_new_tokens, cfg.temperature, cfg.top_p)

@@ -49,12 +49,8 @@ def render(template: str, question: str, answer: str) -> str:
 # -- backends ------------------------------------------------------------------------------------------
 @dataclass
 class EndpointJudge:
-    url: str
+    client: EndpointClient
     model: str
-    api_key_env: str | None = None
-    timeout: float = 60.0
-    max_retries: int = 4
-    backoff: float = 1.0
     calls: int = 0
 
     @property
@@ -62,11 +58,10 @@ class EndpointJudge:
         return f"endpoint:{self.model}"
 
     def number_probs(self, prompts: list[str]) -> np.ndarray:
-        client = EndpointClient(self.url, self.api_key_env, self.timeout, self.max_retries, self.backoff)
         out = np.zeros((len(prompts), 101))
         for i, prompt in enumerate(tqdm(prompts, desc="judge (endpoint)", leave=False)):
             self.calls += 1
-            out[i] = client.post("/v1/chat/completions", {
+            out[i] = self.client.post("/v1/chat/completions", {
                 "model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
                 "temperature": 0, "logprobs": True, "top_logprobs": 20, "seed": 0}, _top_number_probs)
         return out
@@ -175,8 +170,8 @@ class LocalJudge:
 def make_judge(cfg, base_model: str):
     """The judge a profile's `evaluate.judge` section names (the local judge is loaded untrained)."""
     if cfg.backend == "endpoint":
-        return EndpointJudge(cfg.endpoint_url, cfg.endpoint_model, cfg.api_key_env, cfg.timeout,
-                             cfg.max_retries, cfg.backoff)
+        client = EndpointClient(cfg.endpoint_url, cfg.api_key_env, cfg.timeout, cfg.max_retries, cfg.backoff)
+        return EndpointJudge(client, cfg.endpoint_model)
     from .models import load_model
 
     spec = cfg.model or base_model

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -79,8 +80,6 @@ class TokenCounter:
         self.first_batch = None   # perf_counter() when the first batch was asked for (setup is over)
 
     def __call__(self, features):
-        import time
-
         self.first_batch = self.first_batch or time.perf_counter()
         batch = self.collate(features)
         for key, value in batch.items():
