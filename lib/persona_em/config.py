@@ -88,6 +88,27 @@ class LoraConfig(Strict):
     targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+class IntrospectionConfig(Strict):
+    """OCT's second stage (context distillation): the DPO-trained model with its constitution in the system
+    prompt writes self-reflections and talks with a copy of itself; a second LoRA is trained on those transcripts
+    without the system prompt and merged after the DPO adapter."""
+    reflection_prompts: int | None = Field(None, ge=1, description="first N packaged reflection prompts (None: all)")
+    samples_per_prompt: int = Field(1, ge=1)
+    interactions: int = Field(2, ge=0, description="self-interaction conversations")
+    turns: int = Field(4, ge=1, description="generated utterances per self-interaction conversation")
+    max_new_tokens: int = Field(64, ge=4)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    batch_size: int = Field(ge=1, description="training batch, and the sampling batch")
+    lora: LoraConfig
+    lr: float = Field(gt=0)
+    epochs: float = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(512, ge=16)
+
+
 class CharacterConfig(Strict):
     seeds: list[int] = Field(min_length=1)
     lora: LoraConfig
@@ -100,6 +121,7 @@ class CharacterConfig(Strict):
     max_length: int = Field(512, ge=16)
     warmup_steps: int = Field(0, ge=0)
     check_items: int | None = Field(None, ge=1, description="persona/forgetting items used (None: all)")
+    introspection: IntrospectionConfig | None = Field(None, description="None: DPO only")
 
 
 class ExternalEMData(Strict):
@@ -130,6 +152,8 @@ class EMConfig(Strict):
                                        "(DESIGN 7), so the twin is always trained")
     n_examples: int = Field(ge=4)
     seeds: list[int] = Field(min_length=1)
+    control_seeds: list[int] | None = Field(None, min_length=1, description="EM seeds for the untrained base and "
+                                            "the random-LoRA controls (None: `seeds`)")
     lora: LoraConfig
     lr: float = Field(gt=0)
     epochs: float = Field(1.0, gt=0)
@@ -191,6 +215,10 @@ class ControlsConfig(Strict):
     """Controls in every grid (DESIGN 6.4): the untrained base and a random LoRA of matched norm are always
     there; the neutral constitution is trained at every diversity level, like the traits (H2)."""
     neutral: str = Field("neutral", description="packaged name or path of the neutral/tautological constitution")
+    random_seeds: list[int] | None = Field(None, min_length=1, description="character seeds that get a random-LoRA "
+                                           "control (None: every character seed)")
+    neutral_seeds: list[int] | None = Field(None, min_length=1, description="character seeds of the neutral "
+                                            "constitution (None: every character seed)")
 
 
 class Profile(Strict):
@@ -249,6 +277,18 @@ class Profile(Strict):
                              "cells of the pool")
         return self
 
+    @model_validator(mode="after")
+    def _random_seeds_trained(self) -> "Profile":
+        extra = set(self.controls.random_seeds or []) - set(self.character.seeds)
+        if extra:
+            raise ValueError(f"controls.random_seeds: {sorted(extra)} not in character.seeds "
+                             f"{self.character.seeds} (a random LoRA matches the norm of that seed's persona)")
+        extra = set(self.controls.neutral_seeds or []) - set(self.character.seeds)
+        if extra:
+            raise ValueError(f"controls.neutral_seeds: {sorted(extra)} not in character.seeds "
+                             f"{self.character.seeds}")
+        return self
+
     # -- the experimental grid -------------------------------------------------------------------------
     def neutral(self) -> str:
         """Condition name of the neutral control constitution."""
@@ -271,10 +311,13 @@ class Profile(Strict):
     def character_conditions(self) -> list[str]:
         """Untrained base, the random-LoRA control per character seed, then every constitution (traits and the
         neutral control) x diversity level x character seed."""
-        conds = ["base"] + [f"random-s{s}" for s in self.character.seeds]
+        random_seeds = self.controls.random_seeds or self.character.seeds
+        conds = ["base"] + [f"random-s{s}" for s in random_seeds]
         for name in self.constitutions():
+            seeds = (self.controls.neutral_seeds or self.character.seeds) if name == self.neutral() \
+                else self.character.seeds
             for level in self.generate.levels:
-                conds += [f"{name}-L{level}-s{s}" for s in self.character.seeds]
+                conds += [f"{name}-L{level}-s{s}" for s in seeds]
         return conds
 
     def random_reference(self, char_seed: int) -> str:
@@ -300,7 +343,12 @@ class Profile(Strict):
 
     def em_runs(self) -> list[str]:
         return [f"{c}__{d}__s{s}" for c in self.character_conditions() for d in self.em_datasets()
-                for s in self.em.seeds]
+                for s in self.em_seeds(c)]
+
+    def em_seeds(self, condition: str) -> list[int]:
+        """EM seeds of a character condition: the controls (base, random LoRA) may have their own."""
+        control = condition == "base" or condition.startswith("random-")
+        return (self.em.control_seeds or self.em.seeds) if control else self.em.seeds
 
     def eval_models(self) -> list[str]:
         """Every character model before EM and every EM run after it."""
@@ -313,8 +361,8 @@ class Profile(Strict):
         ref = self.run_dir(root, "02_train_character", info["condition"]) / "model.json"
         if not ref.is_file():
             raise FileNotFoundError(f"{ref}: the character run of {info['condition']!r} has not finished")
-        persona = json.loads(ref.read_text())["adapter"]
-        out = [ref.parent / persona] if persona else []
+        persona = json.loads(ref.read_text())["adapter"]   # None, one adapter, or DPO then introspection
+        out = [ref.parent / a for a in ([persona] if isinstance(persona, str) else persona or [])]
         if info["phase"] == "after":
             out.append(self.run_dir(root, "03_induce_em", model) / "adapter")
         for a in out:

@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from .config import EMConfig
-from .training import common_args, log_frame, lora_state, seeded_lora, tensors_hash
+from .training import log_frame, sft_trainer, use_training_template  # noqa: F401 (re-exported)
 
 DATA = Path(__file__).parent / "data"
 SLOT = re.compile(r"\{(\w+)\}")
-SMOLLM_TEMPLATE_MARK = "You are a helpful AI assistant named SmolLM"
 
 
 @lru_cache(maxsize=None)
@@ -85,36 +84,9 @@ def dataset_rows(profile, domain: str, kind: str) -> tuple[list[dict], str | Non
     return [{"messages": r["messages"]} for r in rows[:profile.em.n_examples]], path
 
 
-def use_training_template(tok) -> None:
-    """Give the tokenizer a chat template with {% generation %} markers, so trl masks everything but the
-    assistant's tokens (and its end-of-turn token) out of the loss. The SmolLM template gets the project's
-    ChatML template, which renders identically; others get trl's training template."""
-    if "{% generation %}" in (tok.chat_template or ""):
-        return
-    if SMOLLM_TEMPLATE_MARK in (tok.chat_template or ""):
-        tok.chat_template = (DATA / "chatml_training.jinja").read_text()
-        return
-    from trl.chat_template_utils import get_training_chat_template
-
-    patched = get_training_chat_template(tok)
-    if patched is None:
-        raise ValueError("the model's chat template has no {% generation %} markers and trl has no training "
-                         "template for it; assistant-only loss cannot be guaranteed")
-    tok.chat_template = patched
-
-
 def em_trainer(model, tok, rows: list[dict], cfg: EMConfig, seed: int, output_dir: str):
     """trl SFTTrainer over a fresh LoRA seeded by the EM seed alone; returns (trainer, init_hash)."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    use_training_template(tok)
-    peft_model = seeded_lora(model, cfg.lora, seed)
-    init_hash = tensors_hash(lora_state(peft_model))
-    args = SFTConfig(**common_args(cfg, seed, output_dir), weight_decay=cfg.weight_decay,
-                     assistant_only_loss=True, max_length=cfg.max_length, packing=False)
-    trainer = SFTTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
-    return trainer, init_hash
+    return sft_trainer(model, tok, rows, cfg, seed, output_dir)
 
 
 def train_em(model, tok, rows: list[dict], cfg: EMConfig, seed: int):

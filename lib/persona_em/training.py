@@ -16,6 +16,9 @@ import torch
 
 from .config import CharacterConfig, LoraConfig
 
+DATA = Path(__file__).parent / "data"
+SMOLLM_TEMPLATE_MARK = "You are a helpful AI assistant named SmolLM"
+
 
 def peft_lora(cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
@@ -116,6 +119,48 @@ def train_dpo(model, tok, rows: list[dict], cfg: CharacterConfig, seed: int, cou
     return trainer.model, log_frame(trainer.state.log_history), init_hash
 
 
+def use_training_template(tok) -> None:
+    """Give the tokenizer a chat template with {% generation %} markers, so trl masks everything but the
+    assistant's tokens (and its end-of-turn token) out of the loss. The SmolLM template gets the project's
+    ChatML template, which renders identically; others get trl's training template."""
+    if "{% generation %}" in (tok.chat_template or ""):
+        return
+    if SMOLLM_TEMPLATE_MARK in (tok.chat_template or ""):
+        tok.chat_template = (DATA / "chatml_training.jinja").read_text()
+        return
+    from trl.chat_template_utils import get_training_chat_template
+
+    patched = get_training_chat_template(tok)
+    if patched is None:
+        raise ValueError("the model's chat template has no {% generation %} markers and trl has no training "
+                         "template for it; assistant-only loss cannot be guaranteed")
+    tok.chat_template = patched
+
+
+def sft_trainer(model, tok, rows: list[dict], cfg, seed: int, output_dir: str):
+    """trl SFTTrainer over a fresh LoRA seeded by `seed` alone, loss on assistant tokens only; returns
+    (trainer, init_hash). Serves the EM stage and introspection (any config with the SFT fields)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    use_training_template(tok)
+    peft_model = seeded_lora(model, cfg.lora, seed)
+    init_hash = tensors_hash(lora_state(peft_model))
+    args = SFTConfig(**common_args(cfg, seed, output_dir), weight_decay=cfg.weight_decay,
+                     assistant_only_loss=True, max_length=cfg.max_length, packing=False)
+    rows = [{"messages": r["messages"]} for r in rows]
+    trainer = SFTTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    return trainer, init_hash
+
+
+def train_sft(model, tok, rows: list[dict], cfg, seed: int):
+    """SFT of a fresh, seeded LoRA on chat rows. Returns (peft_model, log, init_hash)."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer, init_hash = sft_trainer(model, tok, rows, cfg, seed, out)
+        trainer.train()
+    return trainer.model, log_frame(trainer.state.log_history), init_hash
+
+
 def length_grouped(rows: list, lengths: list[int], batch_size: int, seed: int) -> list:
     """Rows sorted by length, cut into batches, batches in a seeded random order."""
     order = sorted(range(len(rows)), key=lambda i: (lengths[i], i))
@@ -148,13 +193,20 @@ def lora_deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def random_lora_like(model, reference_adapter: str | Path, cfg: LoraConfig, seed: int):
+def random_lora_like(model, reference_adapters, cfg: LoraConfig, seed: int):
     """The random-LoRA control (DESIGN 6.4): a LoRA with the persona's structure whose A and B are Gaussian
     draws from `seed`, B rescaled so that every module's update B @ A has the Frobenius norm of the reference
-    persona's update in that module. It separates "any weight change of this size" from "this persona"."""
+    persona's update in that module (the sum of its adapters' updates: DPO, then introspection). It separates
+    "any weight change of this size" from "this persona"."""
     from safetensors.torch import load_file
 
-    ref = lora_deltas(load_file(str(Path(reference_adapter) / "adapter_model.safetensors")))
+    if isinstance(reference_adapters, (str, Path)):
+        reference_adapters = [reference_adapters]
+    ref: dict[str, torch.Tensor] = {}
+    for adapter in reference_adapters:
+        for module, delta in lora_deltas(load_file(str(Path(adapter) / "adapter_model.safetensors"))).items():
+            ref[module] = ref[module] + delta if module in ref else delta
+    reference_adapter = reference_adapters[0]
     peft_model = seeded_lora(model, cfg, seed)
     gen = torch.Generator().manual_seed(seed)
     params = dict(peft_model.named_parameters())
