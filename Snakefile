@@ -44,7 +44,7 @@ rule generate:
         f"{RUNS}/01_generate/manifest.json",
     params:
         h=P.section_hash("seed", "model", "embedder", "generate", "controls"),
-    threads: THREADS
+    threads: workflow.cores   # the DAG's root: nothing else can run beside it
     shell:
         papermill("notebooks/01_generate.ipynb", f"{RUNS}/01_generate", threads="{threads}")
 
@@ -116,6 +116,6 @@ rule analyze:
         expand(f"{RUNS}/04_evaluate/{{model}}/manifest.json", model=P.eval_models()),
     output:
         f"{RUNS}/05_analyze/manifest.json",
-    threads: 1
+    threads: workflow.cores   # the last job: nothing else runs beside it
     shell:
-        papermill("notebooks/05_analyze.ipynb", f"{RUNS}/05_analyze")
+        papermill("notebooks/05_analyze.ipynb", f"{RUNS}/05_analyze", threads="{threads}")
