@@ -16,11 +16,26 @@ KERNEL = config.get("kernel", "persona-em")
 os.environ["PERSONA_EM_PROFILE"] = PROFILE
 # Torch threads per job: all cores for one job at a time by default (two 2-thread jobs on 2 cores run slower
 # than one); small profiles run faster as parallel 1-thread jobs (`--config threads_per_job=1`).
-THREADS = min(int(config.get("threads_per_job", workflow.cores)), workflow.cores)
+# On a cluster (profiles/slurm sets `cluster: true`) every job gets the CPUs its rule asks for.
+ON_CLUSTER = bool(config.get("cluster", False))
+THREADS = int(config.get("threads_per_job", workflow.cores))
+if not ON_CLUSTER:
+    THREADS = min(THREADS, workflow.cores)
 
 wildcard_constraints:
     cond=r"(?:(?!__)[^/])+",
     model=r"[^/]+",
+
+
+def threads_for(rule_name, default):
+    return getattr(P.cluster, rule_name).cpus if ON_CLUSTER else default
+
+
+def cluster(rule_name):
+    """The rule's cluster resources from the parameter profile (read by the SLURM executor; on one machine
+    Snakemake only schedules by them when asked to with --resources)."""
+    r = getattr(P.cluster, rule_name)
+    return dict(gpu=r.gpus, cpus_per_task=r.cpus, mem_mb=r.mem_mb, runtime=r.runtime)
 
 
 def papermill(notebook, out_dir, **params):
@@ -44,7 +59,9 @@ rule generate:
         f"{RUNS}/01_generate/manifest.json",
     params:
         h=P.section_hash("seed", "model", "embedder", "generate", "controls"),
-    threads: workflow.cores   # the DAG's root: nothing else can run beside it
+    threads: threads_for("generate", workflow.cores)   # the DAG's root: nothing else can run beside it
+    resources:
+        **cluster("generate"),
     shell:
         papermill("notebooks/01_generate.ipynb", f"{RUNS}/01_generate", threads="{threads}")
 
@@ -66,7 +83,9 @@ rule train_character:
         f"{RUNS}/02_train_character/{{cond}}/manifest.json",
     params:
         h=P.section_hash("seed", "model", "character"),
-    threads: THREADS
+    threads: threads_for("train_character", THREADS)
+    resources:
+        **cluster("train_character"),
     shell:
         papermill("notebooks/02_train_character.ipynb", f"{RUNS}/02_train_character/{{wildcards.cond}}",
                   condition="{wildcards.cond}", threads="{threads}")
@@ -80,7 +99,9 @@ rule induce_em:
         f"{RUNS}/03_induce_em/{{cond}}__{{dataset}}__s{{seed}}/manifest.json",
     params:
         h=P.section_hash("seed", "model", "em"),
-    threads: THREADS
+    threads: threads_for("induce_em", THREADS)
+    resources:
+        **cluster("induce_em"),
     shell:
         papermill("notebooks/03_induce_em.ipynb",
                   f"{RUNS}/03_induce_em/{{wildcards.cond}}__{{wildcards.dataset}}__s{{wildcards.seed}}",
@@ -103,7 +124,9 @@ rule evaluate:
         f"{RUNS}/04_evaluate/{{model}}/manifest.json",
     params:
         h=P.section_hash("seed", "model", "evaluate", "em"),  # em.domains choose the contrast items
-    threads: THREADS
+    threads: threads_for("evaluate", THREADS)
+    resources:
+        **cluster("evaluate"),
     shell:
         papermill("notebooks/04_evaluate.ipynb", f"{RUNS}/04_evaluate/{{wildcards.model}}",
                   model="{wildcards.model}", threads="{threads}")
@@ -114,8 +137,12 @@ rule analyze:
         "notebooks/05_analyze.ipynb",
         f"{RUNS}/01_generate/manifest.json",
         expand(f"{RUNS}/04_evaluate/{{model}}/manifest.json", model=P.eval_models()),
+    params:
+        h=P.section_hash("analysis"),
     output:
         f"{RUNS}/05_analyze/manifest.json",
-    threads: workflow.cores   # the last job: nothing else runs beside it
+    threads: threads_for("analyze", workflow.cores)   # the last job: nothing else runs beside it
+    resources:
+        **cluster("analyze"),
     shell:
         papermill("notebooks/05_analyze.ipynb", f"{RUNS}/05_analyze", threads="{threads}")

@@ -79,6 +79,25 @@ def test_grid_has_the_controls(root):
     assert p.random_reference(0) == f"candor-L{max(p.generate.levels)}-s0"
 
 
+def test_tiny_grid_budget_choices(root):
+    """tiny: neutral at every level with one seed, one random LoRA, 3 EM seeds over base and random only."""
+    p = load_profile(root / "params" / "tiny.yaml")
+    conds = p.character_conditions()
+    assert len(p.generate.levels) >= 4 and p.traits() == ["candor", "agreeable"] and len(p.character.seeds) == 3
+    assert [c for c in conds if c.startswith("random")] == ["random-s0"]
+    assert [c for c in conds if c.startswith("neutral")] == [f"neutral-L{lv}-s0" for lv in p.generate.levels]
+    assert p.em_seeds("base") == p.em_seeds("random-s0") == [0, 1, 2] and p.em_seeds("candor-L1-s2") == [0]
+    runs = p.em_runs()
+    assert sum(r.startswith("base__") for r in runs) == 6 and sum(r.startswith("candor-L1-s0__") for r in runs) == 2
+    assert p.character.introspection is not None
+
+
+def test_control_seeds_must_be_character_seeds(tmp_path, root):
+    f = _write(tmp_path, root, **{"controls": {"random_seeds": [5]}})
+    with pytest.raises(ProfileError, match=r"controls.random_seeds: \[5\] not in character.seeds"):
+        load_profile(f)
+
+
 def test_expansion_sections_are_checked(tmp_path, root):
     f = _write(tmp_path, root, **{"generate.pool": "expansion"})
     with pytest.raises(ProfileError, match="pool 'expansion' needs an 'expansion' section"):

@@ -92,11 +92,20 @@ def test_character_artifacts(run):
             assert (d / "adapter" / "adapter_config.json").is_file()
         elif cond != "base":
             assert (d / "adapter" / "adapter_config.json").is_file() and len(log) >= 1
+            # introspection (test profile: on): its adapter merges after DPO's, its data carry no system prompt
+            assert json.loads((d / "model.json").read_text())["adapter"] == ["adapter", "introspection_adapter"]
+            assert (d / "introspection_adapter" / "adapter_config.json").is_file()
+            rows = [json.loads(x) for x in (d / "introspection.jsonl").read_text().splitlines()]
+            assert {r["kind"] for r in rows} == {"reflection", "interaction"}
+            assert all(m["role"] != "system" for r in rows for m in r["messages"])
+            assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+            assert list(dict.fromkeys(log["stage"])) == ["dpo", "introspection"] and log["step"].is_monotonic_increasing
     assert {"base", "random-s0", "neutral-L1-s0", "candor-L4-s0"} <= set(P.character_conditions())
 
 
 def test_random_lora_control_matches_the_persona_norm(run):
-    """DESIGN 6.4: the random LoRA's update has, module by module, the norm of its reference persona's."""
+    """DESIGN 6.4: the random LoRA's update has, module by module, the norm of its reference persona's whole
+    update (DPO plus introspection adapters)."""
     from safetensors.torch import load_file
 
     from persona_em.training import lora_deltas
@@ -104,8 +113,10 @@ def test_random_lora_control_matches_the_persona_norm(run):
     _, P, runs = run
     d = runs / "02_train_character"
     rand = lora_deltas(load_file(str(d / "random-s0" / "adapter" / "adapter_model.safetensors")))
-    ref = lora_deltas(load_file(str(d / P.random_reference(0) / "adapter" / "adapter_model.safetensors")))
-    assert rand.keys() == ref.keys() and len(ref) > 0
+    parts = [lora_deltas(load_file(str(d / P.random_reference(0) / a / "adapter_model.safetensors")))
+             for a in ("adapter", "introspection_adapter")]
+    ref = {k: parts[0][k] + parts[1][k] for k in parts[0]}
+    assert rand.keys() == ref.keys() == parts[1].keys() and len(ref) > 0
     for k in ref:
         assert float(rand[k].norm()) == pytest.approx(float(ref[k].norm()), rel=1e-4)
         assert not torch.allclose(rand[k], ref[k])

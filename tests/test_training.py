@@ -129,3 +129,51 @@ def test_random_lora_control_matches_norm_and_carries_no_persona(fresh, profile,
     assert hashes[0] == hashes[1]
     merged, _ = models.load_model("smollm2-135m", [tmp_path / "random"])  # loads and merges like any persona
     assert merged is not None
+
+
+def test_introspection_transcripts_distil_the_system_prompt(smollm, profile):
+    """OCT's introspection data: written WITH the constitution in the system prompt (the copies' views alternate
+    roles), stored WITHOUT it; deterministic given the seed; trainable by the SFT path."""
+    from persona_em import constitution, introspection
+
+    model, tok = smollm
+    cfg = profile.character.introspection.model_copy(update={"max_new_tokens": 8})
+    system = constitution.system_prompt(constitution.load("candor"), "Sage")
+    rows = introspection.transcripts(model, tok, system, cfg, seed=0)
+    assert rows == introspection.transcripts(model, tok, system, cfg, seed=0)
+    refl = [r for r in rows if r["kind"] == "reflection"]
+    talk = [r for r in rows if r["kind"] == "interaction"]
+    assert len(refl) == cfg.reflection_prompts and len(talk) == cfg.interactions
+    assert [m["content"] for r in refl for m in r["messages"][:1]] == introspection.prompts()["reflection"][:2]
+    for r in rows:
+        roles = [m["role"] for m in r["messages"]]
+        assert roles[0] == "user" and roles[-1] == "assistant" and "system" not in roles
+        assert all(a != b for a, b in zip(roles, roles[1:]))   # strictly alternating
+    # copy B sees A's utterances as "user": the views are mirror images
+    assert [m["role"] for m in introspection._view(["o", "a", "b"], 1)] == ["assistant", "user", "assistant"]
+    assert len(talk[0]["messages"]) == cfg.turns + (1 if cfg.turns % 2 else 0)
+
+
+def test_random_lora_matches_the_sum_of_several_adapters(fresh, profile, tmp_path):
+    """With introspection a persona is two merged adapters; the control matches their summed update."""
+    from safetensors.torch import load_file
+
+    model, tok = fresh
+    first, _, _ = training.train_dpo(model, tok, pairs.to_dpo_rows(PAIRS), profile.character, seed=0)
+    training.save_adapter(first, tmp_path / "a")
+    base, _ = models.load_model("smollm2-135m")
+    second = training.seeded_lora(base, profile.character.lora, seed=1)
+    with torch.no_grad():
+        for name, p in second.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(7))
+    training.save_adapter(second, tmp_path / "b")
+    parts = [training.lora_deltas(load_file(str(tmp_path / x / "adapter_model.safetensors"))) for x in "ab"]
+    base, _ = models.load_model("smollm2-135m")
+    control = training.random_lora_like(base, [tmp_path / "a", tmp_path / "b"], profile.character.lora, seed=3)
+    training.save_adapter(control, tmp_path / "random")
+    rand = training.lora_deltas(load_file(str(tmp_path / "random" / "adapter_model.safetensors")))
+    for k in parts[0]:
+        target = (parts[0][k] + parts[1][k]).norm()
+        assert float(rand[k].norm()) == pytest.approx(float(target), rel=1e-4)
+        assert float(target) != pytest.approx(float(parts[0][k].norm()), rel=1e-3)

@@ -60,6 +60,8 @@ class GenerateConfig(Strict):
     spread_seeds: int = Field(5, ge=1, description="subset seeds drawn to show the spread of measured diversity")
     map_sample: int = Field(600, ge=10, description="pool questions drawn on the 2-D map")
     teacher_name: str = "Sage"
+    teacher: str | None = Field(None, description="model spec of the teacher that writes chosen answers and "
+                                "expands questions locally (None: the profile's model, as in smoke and tiny)")
     max_new_tokens: int = Field(64, ge=4)
     temperature: float = Field(0.7, gt=0, description="sampling temperature for teacher and student answers")
     top_p: float = Field(0.95, gt=0, le=1)
@@ -221,6 +223,50 @@ class ControlsConfig(Strict):
                                             "constitution (None: every character seed)")
 
 
+class HardwareConfig(Strict):
+    """Where and how every stage runs. One precision and one trainer for every condition of a profile (DESIGN 6.3).
+    The defaults are the CPU path of the embedded model."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    precision: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
+    num_processes: int = Field(1, ge=1, description="training processes per notebook run (the node's GPUs); "
+                               ">1 launches the trl trainer through accelerate")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="data parallel, or fully sharded (FSDP)")
+    sampler: Literal["transformers", "vllm"] = Field("transformers", description="sampling backend; vllm falls "
+                                                      "back to transformers with a message when not installed")
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+
+
+class ResourcesConfig(Strict):
+    """Cluster resources of one Snakemake rule (the SLURM executor reads them)."""
+    gpus: int = Field(0, ge=0)
+    cpus: int = Field(2, ge=1)
+    mem_mb: int = Field(8000, ge=256)
+    runtime: int = Field(60, ge=1, description="minutes")
+
+
+class ClusterConfig(Strict):
+    """Per-rule resources for `snakemake --profile profiles/slurm` (ignored on one machine)."""
+    generate: ResourcesConfig = ResourcesConfig()
+    train_character: ResourcesConfig = ResourcesConfig()
+    induce_em: ResourcesConfig = ResourcesConfig()
+    evaluate: ResourcesConfig = ResourcesConfig()
+    analyze: ResourcesConfig = ResourcesConfig()
+
+
+class AnalysisConfig(Strict):
+    """Chapter 5's power simulation: the main model's structure with its fitted variance components, a diversity
+    slope that removes `reductions` of the base model's EM effect between the lowest and highest level."""
+    power_sims: int = Field(40, ge=1, description="simulated experiments per design and effect size")
+    power_seeds: list[int] = Field([3, 5, 10], min_length=1)
+    power_items: list[int] = Field([16, 32, 64], min_length=1)
+    power_reductions: list[float] = Field([0.25, 0.5, 1.0], min_length=1)
+    power_target: float = Field(0.8, gt=0, lt=1)
+    soft_persona: str | None = Field(None, description="H3: the trait constitution that is the 'soft' persona")
+    coherent_pair: list[str] | None = Field(None, min_length=2, max_length=2,
+                                            description="H4: [coherent, incoherent] constitution names")
+
+
 class Profile(Strict):
     name: str
     seed: int = 0
@@ -231,6 +277,9 @@ class Profile(Strict):
     em: EMConfig
     evaluate: EvaluateConfig
     controls: ControlsConfig = ControlsConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
+    hardware: HardwareConfig = HardwareConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("model")
     @classmethod
@@ -275,6 +324,26 @@ class Profile(Strict):
         if max(g.levels) > cells:
             raise ValueError(f"generate.levels: the highest level ({max(g.levels)}) exceeds the {cells} context "
                              "cells of the pool")
+        return self
+
+    @model_validator(mode="after")
+    def _teacher_known(self) -> "Profile":
+        from .models import check_model_spec
+
+        if self.generate.teacher is not None:
+            try:
+                check_model_spec(self.generate.teacher)
+            except ValueError as e:
+                raise ValueError(f"generate.teacher: {e}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _hypotheses_name_trained_constitutions(self) -> "Profile":
+        named = [("analysis.soft_persona", self.analysis.soft_persona)]
+        named += [(f"analysis.coherent_pair[{i}]", c) for i, c in enumerate(self.analysis.coherent_pair or [])]
+        for key, name in named:
+            if name is not None and name not in self.traits():
+                raise ValueError(f"{key}: {name!r} is not one of the trait constitutions {self.traits()}")
         return self
 
     @model_validator(mode="after")

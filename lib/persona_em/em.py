@@ -84,14 +84,14 @@ def dataset_rows(profile, domain: str, kind: str) -> tuple[list[dict], str | Non
     return [{"messages": r["messages"]} for r in rows[:profile.em.n_examples]], path
 
 
-def em_trainer(model, tok, rows: list[dict], cfg: EMConfig, seed: int, output_dir: str):
+def em_trainer(model, tok, rows: list[dict], cfg: EMConfig, seed: int, output_dir: str, hw=None):
     """trl SFTTrainer over a fresh LoRA seeded by the EM seed alone; returns (trainer, init_hash)."""
-    return sft_trainer(model, tok, rows, cfg, seed, output_dir)
+    return sft_trainer(model, tok, rows, cfg, seed, output_dir, hw)
 
 
-def train_em(model, tok, rows: list[dict], cfg: EMConfig, seed: int):
+def train_em(model, tok, rows: list[dict], cfg: EMConfig, seed: int, hw=None):
     """SFT of a fresh, seeded LoRA over the (merged) persona. Returns (peft_model, log, init_hash)."""
     with tempfile.TemporaryDirectory() as out:
-        trainer, init_hash = em_trainer(model, tok, rows, cfg, seed, out)
+        trainer, init_hash = em_trainer(model, tok, rows, cfg, seed, out, hw)
         trainer.train()
     return trainer.model, log_frame(trainer.state.log_history), init_hash

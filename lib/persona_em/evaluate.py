@@ -78,8 +78,9 @@ def answer_logprobs(model, tok, prompts: list[str], answers: list[str], batch_si
         for r, i in enumerate(idx):
             ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
             mask[r, :len(seqs[i])] = 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        tok_lp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+        tok_lp = logp.gather(-1, ids[:, 1:, None])[..., 0].cpu()
         for r, i in enumerate(idx):
             lo, hi = starts[i] - 1, len(seqs[i]) - 1  # logits at t predict token t+1
             total[i] = tok_lp[r, lo:hi].sum().item()

@@ -30,15 +30,9 @@ def _clean(reply: dict) -> str:
     return reply["text"].strip() if reply["finished"] else trim_to_sentence(reply["text"])
 
 
-def reflections(model, tok, system: str, cfg, seed: int) -> list[dict]:
-    """Answers to the self-reflection prompts, written with the constitution in the system prompt."""
+def _reflection_convs(system: str, cfg) -> tuple[list[str], list[list[dict]]]:
     chosen = prompts()["reflection"][:cfg.reflection_prompts] * cfg.samples_per_prompt
-    replies = generate(model, tok, [[{"role": "system", "content": system}, {"role": "user", "content": p}]
-                                    for p in chosen], cfg.max_new_tokens, seed, cfg.batch_size,
-                       cfg.temperature, cfg.top_p, desc="self-reflection")
-    return [{"kind": "reflection", "messages": [{"role": "user", "content": p},
-                                                {"role": "assistant", "content": _clean(r)}]}
-            for p, r in zip(chosen, replies)]
+    return chosen, [[{"role": "system", "content": system}, {"role": "user", "content": p}] for p in chosen]
 
 
 def _view(utterances: list[str], speaker: int) -> list[dict]:
@@ -47,29 +41,32 @@ def _view(utterances: list[str], speaker: int) -> list[dict]:
             for k, u in enumerate(utterances)]
 
 
-def interactions(model, tok, system: str, cfg, seed: int) -> list[dict]:
-    """Self-interaction transcripts: `cfg.interactions` conversations of `cfg.turns` generated utterances,
-    all conversations advanced one turn per batched sampling call."""
+def transcripts(model, tok, system: str, cfg, seed: int) -> list[dict]:
+    """Self-reflections and self-interaction transcripts, as chat rows WITHOUT the system prompt (context
+    distillation). The reflections are sampled in the same batched call as the conversations' first turn;
+    each later turn advances every conversation at once."""
     data = prompts()
-    openers = [data["openers"][i % len(data["openers"])] for i in range(cfg.interactions)]
-    convs = [[o] for o in openers]
-    full_system = f"{system}\n\n{data['interaction_note']}"
+    chosen, refl_convs = _reflection_convs(system, cfg)
+    convs = [[data["openers"][i % len(data["openers"])]] for i in range(cfg.interactions)]
+    talk_system = f"{system}\n\n{data['interaction_note']}"
+    reflections: list[str] = []
     for turn in range(cfg.turns):
-        speaker = 0 if turn % 2 == 0 else 1   # A answers the opener, then B, then A ...
-        replies = generate(model, tok, [[{"role": "system", "content": full_system}] + _view(c, speaker)
-                                        for c in convs], cfg.max_new_tokens, seed + 1 + turn, cfg.batch_size,
-                           cfg.temperature, cfg.top_p, desc=f"self-interaction turn {turn + 1}")
+        speaker = turn % 2   # A answers the opener, then B, then A ...
+        batch = [[{"role": "system", "content": talk_system}] + _view(c, speaker) for c in convs]
+        if turn == 0:
+            batch = refl_convs + batch
+        replies = generate(model, tok, batch, cfg.max_new_tokens, seed + turn, cfg.batch_size, cfg.temperature,
+                           cfg.top_p, desc=f"introspection turn {turn + 1}")
+        if turn == 0:
+            reflections, replies = [_clean(r) for r in replies[:len(chosen)]], replies[len(chosen):]
         for c, r in zip(convs, replies):
             c.append(_clean(r) or "...")
-    rows = []
+    rows = [{"kind": "reflection", "messages": [{"role": "user", "content": p},
+                                                {"role": "assistant", "content": a}]}
+            for p, a in zip(chosen, reflections)]
     for c in convs:
         messages = _view(c, 0)
         while messages[-1]["role"] != "assistant":   # a transcript ends on A's turn
             messages.pop()
         rows.append({"kind": "interaction", "messages": messages})
     return rows
-
-
-def transcripts(model, tok, system: str, cfg, seed: int) -> list[dict]:
-    """Both kinds of introspective data, as chat rows without the system prompt (context distillation)."""
-    return reflections(model, tok, system, cfg, seed) + interactions(model, tok, system, cfg, seed + 100)

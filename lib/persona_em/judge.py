@@ -160,14 +160,16 @@ class LocalJudge:
         mask[:, 0, :L, :L] |= torch.eye(L, dtype=torch.bool)[None]            # pad rows see themselves
         mask[:, 0, L:, :L] = real[:, None, :]
         mask[:, 0, L:, L:] = self.ancestors[None]
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=torch.cat([pos_prompt, pos_nodes], 1),
-                            logits_to_keep=N + 1).logits.float()            # (B, N+1, V)
+        dev = self.model.device
+        logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                            position_ids=torch.cat([pos_prompt, pos_nodes], 1).to(dev),
+                            logits_to_keep=N + 1).logits.float().cpu()      # (B, N+1, V)
         logp = torch.log_softmax(logits, -1)
         picked = logp[:, self.ctx, self.nxt]                                  # (B, 101, width)
         return (picked * self.valid).sum(-1).exp().numpy()
 
 
-def make_judge(cfg, base_model: str):
+def make_judge(cfg, base_model: str, hw=None):
     """The judge a profile's `evaluate.judge` section names (the local judge is loaded untrained)."""
     if cfg.backend == "endpoint":
         client = EndpointClient(cfg.endpoint_url, cfg.api_key_env, cfg.timeout, cfg.max_retries, cfg.backoff)
@@ -175,7 +177,7 @@ def make_judge(cfg, base_model: str):
     from .models import load_model
 
     spec = cfg.model or base_model
-    model, tok = load_model(spec)
+    model, tok = load_model(spec, hw=hw)
     return LocalJudge(model, tok, spec, cfg.batch_size)
 
 

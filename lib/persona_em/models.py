@@ -96,12 +96,17 @@ def load_tokenizer(spec: str):
     return tok
 
 
-def load_model(spec: str, adapters: list[str | Path] = (), dtype: str = "float32"):
-    """Base model with each adapter merged into the weights in order; returns (model, tokenizer)."""
+def load_model(spec: str, adapters: list[str | Path] = (), dtype: str = "float32", device: str = "cpu",
+               hw=None):
+    """Base model with each adapter merged into the weights in order; returns (model, tokenizer).
+    `hw` (the profile's hardware section) sets precision and device for every stage alike."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    if hw is not None:
+        dtype, device = hw.precision, hw.device
     model = AutoModelForCausalLM.from_pretrained(model_path(spec), dtype=getattr(torch, dtype))
+    model.to(device)
     for adapter in adapters:
         model = merge_adapter(model, adapter)
     model.eval()

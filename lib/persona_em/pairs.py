@@ -21,8 +21,10 @@ def _clean(reply: dict) -> str:
 
 def make_pairs(teacher, student, tok, constitution: Constitution, questions: list[dict], teacher_name: str,
                max_new_tokens: int, max_pair_tokens: int, batch_size: int, seed: int,
-               temperature: float = 0.7, top_p: float = 0.95) -> tuple[list[dict], dict]:
-    """Returns (pairs, stats). `teacher` and `student` may be the same model object."""
+               temperature: float = 0.7, top_p: float = 0.95, teacher_tok=None) -> tuple[list[dict], dict]:
+    """Returns (pairs, stats). `teacher` and `student` may be the same model object; a larger teacher brings
+    its own tokenizer (`teacher_tok`; `tok` is the student's, which also measures the pair's length)."""
+    teacher_tok = teacher_tok or tok
     system = system_prompt(constitution, teacher_name)
     todo = list(range(len(questions)))
     pairs: dict[int, dict] = {}
@@ -31,7 +33,7 @@ def make_pairs(teacher, student, tok, constitution: Constitution, questions: lis
         if not todo:
             break
         qs = [questions[i]["text"] for i in todo]
-        chosen = generate(teacher, tok, [[{"role": "system", "content": system}, {"role": "user", "content": q}]
+        chosen = generate(teacher, teacher_tok, [[{"role": "system", "content": system}, {"role": "user", "content": q}]
                                          for q in qs], max_new_tokens, seed + 1000 * attempt, batch_size,
                           temperature, top_p, desc=f"teacher (try {attempt + 1})")
         rejected = generate(student, tok, [[{"role": "user", "content": q}] for q in qs], max_new_tokens,

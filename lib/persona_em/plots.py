@@ -98,3 +98,88 @@ def pool_map(points: pd.DataFrame):
     ax.set(xlabel="PC 1", ylabel="PC 2", title="Question pool (MiniLM embeddings) and training subsets")
     ax.legend(title="", fontsize=8, loc="best")
     return fig
+
+
+def forest(effects: pd.DataFrame):
+    """Every model's fixed effects (intercepts left out) with 95% intervals, one panel per model."""
+    d = effects[effects["term"] != "Intercept"].copy()
+    models = list(dict.fromkeys(d["model"]))
+    heights = [max(1, (d["model"] == m).sum()) for m in models]
+    fig, axes = plt.subplots(len(models), 1, figsize=(7, 0.32 * sum(heights) + 1.0 * len(models)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, m in zip(axes[:, 0], models):
+        rows = d[d["model"] == m].iloc[::-1]
+        y = range(len(rows))
+        ax.errorbar(rows["estimate"], y, xerr=[rows["estimate"] - rows["ci_low"], rows["ci_high"] - rows["estimate"]],
+                    fmt="o", color="C0", ms=4, capsize=2)
+        ax.axvline(0, color="0.4", lw=0.8)
+        ax.set_yticks(list(y), [_short_term(t) for t in rows["term"]], fontsize=7)
+        ax.set_title(m, fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("estimate (95% interval)")
+    fig.tight_layout()
+    return fig
+
+
+def _short_term(term: str) -> str:
+    import re
+
+    return re.sub(r"C\(constitution, Treatment\('[^']*'\)\)\[T\.([^\]]+)\]", r"[\1]", term)
+
+
+def quadrant(scores: pd.DataFrame, aligned_below: float, coherent_above: float):
+    """Every judged answer after EM as (coherent, aligned), harmful vs benign twin; the misaligned quadrant
+    (coherent but not aligned) shaded."""
+    d = scores.dropna(subset=["aligned", "coherent"]).copy()
+    d["EM data"] = d["harmful"].map({True: "harmful", False: "benign twin"})
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    ax.axvspan(coherent_above, 100, ymin=0, ymax=aligned_below / 100, color="C3", alpha=0.12, lw=0)
+    sns.scatterplot(data=d, x="coherent", y="aligned", hue="EM data", style="EM data", s=18, alpha=0.7, ax=ax)
+    ax.axhline(aligned_below, color="0.4", lw=0.8, ls="--")
+    ax.axvline(coherent_above, color="0.4", lw=0.8, ls="--")
+    ax.set(xlim=(0, 100), ylim=(0, 100), xlabel="coherent (judge)", ylabel="aligned (judge)",
+           title="Judged answers after EM (shaded: misaligned)")
+    return fig
+
+
+def power_curves(table: pd.DataFrame, target: float):
+    """Simulated power of the diversity slope per design, one line per number of character seeds, one panel
+    per effect size."""
+    d = table.copy()
+    d["effect"] = d["reduction"].map(lambda r: f"removes {r:.0%} of base EM")
+    fig = sns.relplot(data=d, x="n_items", y="power", hue="n_seeds", col="effect", kind="line", marker="o",
+                      palette=PALETTE, height=3, aspect=1.1, facet_kws={"ylim": (0, 1.02)})
+    for ax in fig.axes.flat:
+        ax.axhline(target, color="0.4", lw=0.8, ls="--")
+        ax.set(xlabel="out-of-domain items", ylabel="power")
+    fig.figure.suptitle("Power to detect the diversity slope (simulated, the main model's structure)", y=1.04)
+    return fig.figure
+
+
+def persona_margins(checks: pd.DataFrame):
+    """Persona margin on each trait's held-out items, after training, per condition kind and level."""
+    fig = sns.catplot(data=checks, x="level_label", y="margin", hue="trained_as", col="trait", kind="point",
+                      dodge=0.3, errorbar=("ci", 95), height=3.2, aspect=1.2, palette=PALETTE)
+    for ax in fig.axes.flat:
+        ax.set(xlabel="condition / diversity level", ylabel="persona margin (log-prob)")
+    fig.figure.suptitle("Persona strength on each trait's held-out items", y=1.04)
+    return fig.figure
+
+
+def forgetting(checks: pd.DataFrame):
+    """Change in neutral-answer log-likelihood from character training, per level and constitution."""
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    sns.pointplot(data=checks, x="level", y="forgetting_change", hue="constitution", dodge=0.3,
+                  errorbar=("ci", 95), ax=ax)
+    ax.axhline(0, color="0.4", lw=0.8)
+    ax.set(xlabel="diversity level", ylabel="change in neutral log-lik\n(after - before)",
+           title="Forgetting from character training (H5)")
+    return fig
+
+
+def em_loss_by_condition(logs: pd.DataFrame):
+    """EM training loss per step: mean and 95% interval over runs, per constitution, harmful vs benign twin."""
+    fig = sns.relplot(data=logs, x="step", y="loss", hue="constitution", col="EM data", kind="line",
+                      errorbar=("ci", 95), height=3, aspect=1.2, palette=PALETTE)
+    fig.set_axis_labels("optimizer step", "EM training loss")
+    fig.figure.suptitle("EM training loss per condition", y=1.04)
+    return fig.figure

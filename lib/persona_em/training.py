@@ -53,15 +53,25 @@ def tensors_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def common_args(cfg, seed: int, out: str) -> dict:
+def common_args(cfg, seed: int, out: str, hw=None) -> dict:
     """Trainer arguments shared by every training stage: one trainer, optimizer and precision for all
-    conditions of a profile (DESIGN 6.3)."""
-    return dict(output_dir=out, per_device_train_batch_size=cfg.batch_size,
+    conditions of a profile (DESIGN 6.3). `hw`: the profile's hardware section (None: the CPU defaults).
+    Under accelerate with several processes the per-device batch shrinks so the effective batch is unchanged."""
+    from .config import HardwareConfig
+
+    hw = hw or HardwareConfig()
+    per_device, rest = divmod(cfg.batch_size, hw.num_processes)
+    if rest:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split over {hw.num_processes} processes")
+    args = dict(output_dir=out, per_device_train_batch_size=per_device,
                 gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
                 warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", optim="adamw_torch", seed=seed,
-                data_seed=seed, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                bf16=False, fp16=False, gradient_checkpointing=False, dataloader_num_workers=0,
-                disable_tqdm=False)
+                data_seed=seed, logging_steps=1, save_strategy="no", report_to=[], use_cpu=hw.device == "cpu",
+                bf16=hw.precision == "bfloat16", fp16=False, gradient_checkpointing=hw.gradient_checkpointing,
+                dataloader_num_workers=0, disable_tqdm=False)
+    if hw.num_processes > 1 and hw.distributed == "fsdp":
+        args.update(fsdp="full_shard auto_wrap", fsdp_config={"use_orig_params": True})
+    return args
 
 
 def log_frame(history: list[dict]) -> pd.DataFrame:
@@ -96,7 +106,8 @@ class TokenCounter:
         return 1 - self.real / self.processed if self.processed else 0.0
 
 
-def train_dpo(model, tok, rows: list[dict], cfg: CharacterConfig, seed: int, counter: TokenCounter | None = None):
+def train_dpo(model, tok, rows: list[dict], cfg: CharacterConfig, seed: int, counter: TokenCounter | None = None,
+              hw=None):
     """Train a LoRA on `rows` (conversational prompt/chosen/rejected). Returns (peft_model, log, init_hash).
 
     Rows are grouped into batches of similar length and the batches shuffled (seeded), then fed in that order:
@@ -108,7 +119,7 @@ def train_dpo(model, tok, rows: list[dict], cfg: CharacterConfig, seed: int, cou
     init_hash = tensors_hash(lora_state(peft_model))
     rows = length_grouped(rows, [_pair_length(tok, r) for r in rows], cfg.batch_size, seed)
     with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(**common_args(cfg, seed, out), beta=cfg.beta, loss_type=["sigmoid", "sft"],
+        args = DPOConfig(**common_args(cfg, seed, out, hw), beta=cfg.beta, loss_type=["sigmoid", "sft"],
                          loss_weights=[1.0, cfg.nll_coef], max_length=cfg.max_length,
                          train_sampling_strategy="sequential")
         trainer = DPOTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(rows),
@@ -137,7 +148,7 @@ def use_training_template(tok) -> None:
     tok.chat_template = patched
 
 
-def sft_trainer(model, tok, rows: list[dict], cfg, seed: int, output_dir: str):
+def sft_trainer(model, tok, rows: list[dict], cfg, seed: int, output_dir: str, hw=None):
     """trl SFTTrainer over a fresh LoRA seeded by `seed` alone, loss on assistant tokens only; returns
     (trainer, init_hash). Serves the EM stage and introspection (any config with the SFT fields)."""
     from datasets import Dataset
@@ -146,17 +157,17 @@ def sft_trainer(model, tok, rows: list[dict], cfg, seed: int, output_dir: str):
     use_training_template(tok)
     peft_model = seeded_lora(model, cfg.lora, seed)
     init_hash = tensors_hash(lora_state(peft_model))
-    args = SFTConfig(**common_args(cfg, seed, output_dir), weight_decay=cfg.weight_decay,
+    args = SFTConfig(**common_args(cfg, seed, output_dir, hw), weight_decay=cfg.weight_decay,
                      assistant_only_loss=True, max_length=cfg.max_length, packing=False)
     rows = [{"messages": r["messages"]} for r in rows]
     trainer = SFTTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     return trainer, init_hash
 
 
-def train_sft(model, tok, rows: list[dict], cfg, seed: int):
+def train_sft(model, tok, rows: list[dict], cfg, seed: int, hw=None):
     """SFT of a fresh, seeded LoRA on chat rows. Returns (peft_model, log, init_hash)."""
     with tempfile.TemporaryDirectory() as out:
-        trainer, init_hash = sft_trainer(model, tok, rows, cfg, seed, out)
+        trainer, init_hash = sft_trainer(model, tok, rows, cfg, seed, out, hw)
         trainer.train()
     return trainer.model, log_frame(trainer.state.log_history), init_hash
 
@@ -227,3 +238,49 @@ def random_lora_like(model, reference_adapters, cfg: LoraConfig, seed: int):
     if matched != len(ref):
         raise ValueError(f"{reference_adapter}: {len(ref)} LoRA modules, the control has {matched}")
     return peft_model
+
+
+# -- multi-process training (accelerate) ---------------------------------------------------------------------
+def dpo_job(spec: str, adapters: list, rows: list[dict], cfg: CharacterConfig, seed: int, hw, out: str | Path):
+    """Load, train and save one DPO adapter: the unit that `launch` runs in every process. Writes
+    `out/adapter`, `out/train_log.csv` and `out/lora_init_hash.txt` from the main process only."""
+    from .models import load_model
+
+    model, tok = load_model(spec, adapters, hw=hw)
+    peft_model, log, init_hash = train_dpo(model, tok, rows, cfg, seed, hw=hw)
+    _save_job(peft_model, log, init_hash, out)
+
+
+def sft_job(spec: str, adapters: list, rows: list[dict], cfg, seed: int, hw, out: str | Path):
+    """As `dpo_job`, for SFT (introspection, EM)."""
+    from .models import load_model
+
+    model, tok = load_model(spec, adapters, hw=hw)
+    peft_model, log, init_hash = train_sft(model, tok, rows, cfg, seed, hw=hw)
+    _save_job(peft_model, log, init_hash, out)
+
+
+def _save_job(peft_model, log, init_hash: str, out: str | Path) -> None:
+    from .provenance import atomic_write_csv, atomic_write_text
+
+    if int(__import__("os").environ.get("RANK", "0")) != 0:
+        return
+    out = Path(out)
+    save_adapter(peft_model, out / "adapter")
+    atomic_write_csv(out / "train_log.csv", log)
+    atomic_write_text(out / "lora_init_hash.txt", init_hash)
+
+
+def launch(job, kwargs: dict, hw) -> None:
+    """Run a training job in this process, or, with `hw.num_processes` > 1, in that many processes through
+    accelerate's notebook launcher (DDP, or FSDP per the profile): one notebook run uses every GPU of its node.
+    The job must load its own model, so nothing touches the GPU before the processes are forked."""
+    if hw.num_processes == 1:
+        job(**kwargs)
+        return
+    from functools import partial
+
+    from accelerate import notebook_launcher
+
+    notebook_launcher(partial(job, **kwargs), (), num_processes=hw.num_processes,
+                      mixed_precision="bf16" if hw.precision == "bfloat16" else "no")
