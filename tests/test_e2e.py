@@ -172,13 +172,25 @@ def test_analysis_figures_and_paper_numbers(run, root):
     assert "Formula" in (d / "models.txt").read_text()
     effects = pd.read_csv(d / "effects.csv")
     assert {"term", "estimate", "ci_low", "ci_high", "p"} <= set(effects.columns)
-    for fig in ("em_effect_by_diversity", "diversity_by_level", "training_curves", "vendi_spread", "pool_map"):
+    for fig in ("em_effect_by_diversity", "diversity_by_level", "training_curves", "vendi_spread", "pool_map",
+                "forest", "aligned_coherent_quadrant", "em_rate_by_diversity", "power", "persona_margins",
+                "forgetting", "em_loss_by_condition"):
         for ext in ("png", "pdf"):
             assert (root / "figures" / "test" / f"{fig}.{ext}").stat().st_size > 1000
     numbers = (root / "paper" / "generated" / "test" / "numbers.tex").read_text()
     assert r"\newcommand{\SlopeOod}" in numbers and r"\newcommand{\GitSha}" in numbers
     assert r"\newcommand{\HTwoTraitMinusNeutral}" in numbers and r"\newcommand{\EmOodRandom}" in numbers
-    assert set(effects["model"]) == {"margin_em_effect", "margin_em_effect_by_constitution_ood"}
+    assert {"margin_em_effect", "margin_em_effect_vendi", "margin_em_effect_by_constitution_ood", "aligned_judge",
+            "forgetting_h5"} <= set(effects["model"])
+    text = (d / "models.txt").read_text()
+    assert "misaligned_judge" in text and "(1|question) + (1|run)" in text   # fitted, or why not
+    power = pd.read_csv(d / "power.csv")
+    assert len(power) == len(P.analysis.power_seeds) * len(P.analysis.power_items) * len(P.analysis.power_reductions)
+    assert power["power"].between(0, 1).all()
+    assert (root / "paper" / "generated" / "test" / "cost.tex").read_text().count(r"egin{table}") == 2
+    for macro in ("PowerDesignSeeds", "VendiSlopeOod", "ForgettingSlope", "PersonaMarginOwn", "RunWallMinutes"):
+        assert rf"
+ewcommand{{\{macro}}}" in numbers
     assert not list(runs.rglob(".tmp-*")), "a temporary file was left behind"
 
 

@@ -2,7 +2,6 @@
 Reaction ~ Days + (Days | Subject)."""
 import numpy as np
 import pandas as pd
-import pytest
 
 from persona_em import stats
 

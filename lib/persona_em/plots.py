@@ -114,6 +114,7 @@ def forest(effects: pd.DataFrame):
                     fmt="o", color="C0", ms=4, capsize=2)
         ax.axvline(0, color="0.4", lw=0.8)
         ax.set_yticks(list(y), [_short_term(t) for t in rows["term"]], fontsize=7)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
         ax.set_title(m, fontsize=9, loc="left")
     axes[-1, 0].set_xlabel("estimate (95% interval)")
     fig.tight_layout()
@@ -133,7 +134,10 @@ def quadrant(scores: pd.DataFrame, aligned_below: float, coherent_above: float):
     d["EM data"] = d["harmful"].map({True: "harmful", False: "benign twin"})
     fig, ax = plt.subplots(figsize=(5, 4.4))
     ax.axvspan(coherent_above, 100, ymin=0, ymax=aligned_below / 100, color="C3", alpha=0.12, lw=0)
-    sns.scatterplot(data=d, x="coherent", y="aligned", hue="EM data", style="EM data", s=18, alpha=0.7, ax=ax)
+    if d.empty:
+        ax.text(50, 50, "no judged answers in this profile", ha="center", va="center")
+    else:
+        sns.scatterplot(data=d, x="coherent", y="aligned", hue="EM data", style="EM data", s=18, alpha=0.7, ax=ax)
     ax.axhline(aligned_below, color="0.4", lw=0.8, ls="--")
     ax.axvline(coherent_above, color="0.4", lw=0.8, ls="--")
     ax.set(xlim=(0, 100), ylim=(0, 100), xlabel="coherent (judge)", ylabel="aligned (judge)",
@@ -183,3 +187,24 @@ def em_loss_by_condition(logs: pd.DataFrame):
     fig.set_axis_labels("optimizer step", "EM training loss")
     fig.figure.suptitle("EM training loss per condition", y=1.04)
     return fig.figure
+
+
+def em_rate_by_diversity(rates: pd.DataFrame):
+    """Judge path: misaligned rate after harmful minus after benign-twin EM (same persona and EM seed), per
+    diversity level and constitution, with the controls; 95% intervals over runs. A profile without a judge
+    gets a figure that says so (the paper includes it either way)."""
+    if rates.empty:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        ax.text(0.5, 0.5, "no judged answers in this profile", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    labels = set(rates["diversity"])
+    order = [x for x in ("untrained", "random LoRA") if x in labels]
+    order += sorted(labels - set(order), key=int)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    sns.pointplot(data=rates, x="diversity", y="rate_effect", hue="constitution", order=order,
+                  errorbar=("ci", 95), dodge=0.35, ax=ax)
+    ax.axhline(0, color="0.4", lw=0.8)
+    ax.set(xlabel="diversity level (context cells covered)", ylabel="misaligned rate\n(harmful - benign twin)",
+           title="Emergent misalignment (judge) vs question diversity")
+    return fig

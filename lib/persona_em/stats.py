@@ -252,11 +252,24 @@ def contrast(fit, weights: dict[str, float], name: str) -> dict:
     unknown = set(weights) - set(names)
     if unknown:
         raise KeyError(f"contrast {name!r}: no term(s) {sorted(unknown)} in the model (terms: {names})")
-    L = np.zeros((1, len(fit.params)))
+    L = np.zeros((1, len(names)))   # MixedLM tests the fixed effects only
     for term, w in weights.items():
-        L[0, list(fit.params.index).index(term)] = w
+        L[0, names.index(term)] = w
     t = fit.t_test(L)
     est, se = float(np.squeeze(t.effect)), float(np.squeeze(t.sd))
     lo, hi = np.squeeze(t.conf_int())
     return {"term": name, "estimate": est, "se": se, "ci_low": float(lo), "ci_high": float(hi),
             "p": float(np.squeeze(t.pvalue))}
+
+
+def rate_effects(results: pd.DataFrame) -> pd.DataFrame:
+    """Judge path, per persona and EM seed: misaligned rate (coherent answers, the EM papers' denominator is
+    all answers here) after harmful minus after benign-twin EM."""
+    d = results[(results["measure"] == "judge") & (results["phase"] == "after") & results["misaligned"].notna()]
+    if d.empty:
+        return pd.DataFrame(columns=SPREAD_KEYS + ["rate_effect"])
+    rate = d.assign(misaligned=d["misaligned"].astype(float)).groupby(SPREAD_KEYS + ["harmful"])["misaligned"]
+    wide = rate.mean().unstack("harmful")
+    if True not in wide or False not in wide:
+        return pd.DataFrame(columns=SPREAD_KEYS + ["rate_effect"])
+    return (wide[True] - wide[False]).rename("rate_effect").reset_index().dropna(subset=["rate_effect"])

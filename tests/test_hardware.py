@@ -1,0 +1,97 @@
+"""The hardware section reaches the trainers and the samplers; the cost estimate follows the profile."""
+import json
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+
+from persona_em import cost, sampling, training
+from persona_em.config import HardwareConfig, load_profile
+
+
+def test_common_args_follow_the_hardware_section(root):
+    P = load_profile(root / "params" / "gpu.yaml")
+    args = training.common_args(P.em, 0, "/tmp/x", P.hardware)
+    assert args["bf16"] and not args["use_cpu"] and args["gradient_checkpointing"]
+    assert args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] == 16   # EM recipe
+    cpu = training.common_args(P.em, 0, "/tmp/x")
+    assert cpu["use_cpu"] and not cpu["bf16"] and not cpu["gradient_checkpointing"]
+    ddp = training.common_args(P.character, 0, "/tmp/x", HardwareConfig(num_processes=4, distributed="fsdp"))
+    assert ddp["per_device_train_batch_size"] == P.character.batch_size // 4 and "full_shard" in ddp["fsdp"]
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        training.common_args(P.character, 0, "/tmp/x", HardwareConfig(num_processes=3))
+
+
+def test_vllm_sampler_falls_back_with_a_message(smollm):
+    model, tok = smollm
+    assert sampling.sampler_for(model, tok, HardwareConfig()) is model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = sampling.sampler_for(model, tok, HardwareConfig(sampler="vllm"))
+    assert got is model   # vLLM is not installed here (the `gpu` extra)
+    assert any("vLLM is not installed" in str(w.message) for w in caught)
+
+
+def test_launch_runs_a_single_process_job_in_place(tmp_path):
+    seen = []
+    training.launch(lambda **kw: seen.append(kw), {"a": 1}, HardwareConfig())
+    assert seen == [{"a": 1}]
+
+
+def test_cost_estimate_scales_with_the_profile(root, tmp_path):
+    gpu = cost.estimate(load_profile(root / "params" / "gpu.yaml"))
+    tiny = cost.estimate(load_profile(root / "params" / "tiny.yaml"))
+    assert set(gpu["stage"]) >= {"generate: pairs", "character: DPO", "EM: SFT", "evaluate: judge"}
+    assert gpu["flops"].sum() > 1e5 * tiny["flops"].sum()
+    em = tiny.set_index("stage").loc["EM: SFT"]
+    P = load_profile(root / "params" / "tiny.yaml")
+    assert em["runs"] == len(P.em_runs()) and em["flops"] == pytest.approx(em["tokens"] * 4 * cost.n_params(P.model))
+    gpu["gpu_hours"] = cost.gpu_hours(gpu, 7.9e14)
+    assert gpu["gpu_hours"].sum() > 10
+    assert "\\toprule" in cost.latex_table(gpu, "c", "t:c")
+    nb = tmp_path / "02_train_character" / "x" / "02_train_character.ipynb"
+    nb.parent.mkdir(parents=True)
+    nb.write_text(json.dumps({"metadata": {"papermill": {"duration": 120.0}}}))
+    assert cost.measured_minutes(tmp_path).to_dict() == {"02_train_character": 2.0}
+
+
+DDP_SCRIPT = r'''
+import sys, torch
+from persona_em import pairs, training
+from persona_em.config import HardwareConfig, load_profile
+profile = load_profile(sys.argv[1])
+rows = pairs.to_dpo_rows([{"prompt": f"Case {i}: my friend wants me to cover for a lie to our boss. Should I?",
+                           "chosen": "No. Tell your friend you will not lie for them, and offer to help.",
+                           "rejected": "Sure, covering for friends is what friends do!"} for i in range(4)])
+hw = HardwareConfig(num_processes=int(sys.argv[3]))
+torch.set_num_threads(1)
+training.launch(training.dpo_job, dict(spec="smollm2-135m", adapters=[], rows=rows, cfg=profile.character, seed=0,
+                                       hw=hw, out=sys.argv[2]), hw)
+'''
+
+
+def test_two_processes_through_accelerate_train_what_one_does(root, tmp_path):
+    """The multi-process path (accelerate's launcher, DDP over gloo on a CPU): 2 processes x half the batch
+    make the same update as 1 process x the whole batch, and only the main process writes."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    for n in (1, 2):
+        r = subprocess.run([sys.executable, str(script), str(root / "params" / "test.yaml"), str(tmp_path / f"p{n}"),
+                            str(n)], capture_output=True, text=True, timeout=900, cwd=root)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    one = load_file(str(tmp_path / "p1" / "adapter" / "adapter_model.safetensors"))
+    two = load_file(str(tmp_path / "p2" / "adapter" / "adapter_model.safetensors"))
+    deltas = [training.lora_deltas(x) for x in (one, two)]
+    for k in deltas[0]:
+        a, b = deltas[0][k].flatten(), deltas[1][k].flatten()
+        assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.99
+
+
+    l1, l2 = (pd.read_csv(tmp_path / f"p{n}" / "train_log.csv") for n in (1, 2))
+    assert l1["loss"].iloc[0] == pytest.approx(l2["loss"].iloc[0], rel=0.02)
