@@ -152,3 +152,14 @@ def test_external_em_data_is_validated_and_joins_the_grid(tmp_path, root):
     assert source == str(good) and rows == [json.loads(good.read_text())]
     built_in, none = em.dataset_rows(p, "financial", "benign")
     assert none is None and len(built_in) == p.em.n_examples
+
+
+def test_a_profile_can_extend_another(tmp_path, root):
+    p = load_profile(root / "params" / "tiny-long.yaml")
+    tiny = load_profile(root / "params" / "tiny.yaml")
+    assert p.name == "tiny-long" and p.character.epochs == 4 and p.character.lr == tiny.character.lr
+    assert p.traits() == ["candor"] and p.em == tiny.em
+    loop = tmp_path / "a.yaml"
+    loop.write_text("extends: a.yaml\nname: a\n")
+    with pytest.raises(ProfileError, match="loops back"):
+        load_profile(loop)

@@ -494,16 +494,37 @@ def _format_error(path: Path, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_profile(path: str | Path) -> Profile:
-    path = Path(path)
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _raw_profile(path: Path, seen: tuple = ()) -> dict:
+    """The profile's mapping, with `extends: <file>` (relative to this file) resolved: the named profile's
+    mapping, overridden key by key by this one's (a variant states only what differs)."""
     if not path.is_file():
         raise ProfileError(f"{path}: profile file not found")
+    if path.resolve() in seen:
+        raise ProfileError(f"{path}: 'extends' loops back to a profile it came from")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ProfileError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ProfileError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ProfileError(f"{path}: extends: expected the file name of another profile")
+    return _merge(_raw_profile(path.parent / parent, seen + (path.resolve(),)), raw)
+
+
+def load_profile(path: str | Path) -> Profile:
+    path = Path(path)
+    raw = _raw_profile(path)
     try:
         return Profile.model_validate(raw)
     except ValidationError as e:
