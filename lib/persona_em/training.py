@@ -7,6 +7,7 @@ term on the chosen answers is trl's `sft` loss added with weight `nll_coef`.
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -263,7 +264,7 @@ def sft_job(spec: str, adapters: list, rows: list[dict], cfg, seed: int, hw, out
 def _save_job(peft_model, log, init_hash: str, out: str | Path) -> None:
     from .provenance import atomic_write_csv, atomic_write_text
 
-    if int(__import__("os").environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", "0")) != 0:   # accelerate/torchrun set RANK; only the main process writes
         return
     out = Path(out)
     save_adapter(peft_model, out / "adapter")
