@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh clone: `make reproduce` and `make test`. Both set up .venv first.
 PROFILE ?= smoke
+EXAMPLE ?= candor-L16-s0
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup reproduce test check paper clean-runs dryrun
+.PHONY: setup reproduce test check paper clean-runs dryrun reference
 
 setup: $(STAMP)
 
@@ -52,6 +53,10 @@ paper:
 	  echo "paper: numbers in paper/generated/$(PROFILE)/numbers.tex, figures in figures/$(PROFILE)/."; \
 	  echo "paper: latexmk not found, so no PDF. Install TeX (Debian: apt-get install latexmk texlive-latex-recommended texlive-latex-extra) and run 'make paper PROFILE=$(PROFILE)'."; \
 	fi
+
+# The committed reference run: after `make reproduce PROFILE=tiny`, copy its small artifacts to reference/tiny/.
+reference: setup
+	$(BIN)/python -m persona_em reference params/$(PROFILE).yaml reference/$(PROFILE) $(EXAMPLE)
 
 clean-runs:
 	rm -rf runs/$(PROFILE) .snakemake

@@ -236,3 +236,15 @@ def test_paper_pdf_builds_from_the_run(run, root):
     sha = re.search(r"\\newcommand\{\\GitSha\}\{([^}]*)\}",
                     (root / "paper" / "generated" / "test" / "numbers.tex").read_text()).group(1)
     assert sha in text and "??" not in text  # the run's SHA is printed; no unresolved reference
+
+
+def test_reference_collects_the_small_artifacts(run, root, tmp_path):
+    from persona_em.reference import collect
+
+    _, P, _ = run
+    example = f"candor-L{max(P.generate.levels)}-s0"
+    dest = collect(P, root, tmp_path / "ref", example)
+    assert {"results.csv", "effects.csv", "models.txt", "power.csv"} <= {p.name for p in dest.iterdir()}
+    notebooks = sorted(p.name for p in (dest / "notebooks").iterdir())
+    assert len(notebooks) == 5 and notebooks[0] == "01_generate.ipynb" and any(example in n for n in notebooks)
+    assert "| no |" in (dest / "SHAS.md").read_text() or "| yes |" in (dest / "SHAS.md").read_text()

@@ -2,10 +2,17 @@ import sys
 
 from .check import main
 
-USAGE = "usage: python -m persona_em check FILE..."
+USAGE = ("usage: python -m persona_em check FILE...\n"
+         "       python -m persona_em reference PROFILE.yaml DEST EXAMPLE_CONDITION")
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] != "check":
-        print(USAGE, file=sys.stderr)
-        sys.exit(2)
-    sys.exit(main(sys.argv[2:]))
+    if len(sys.argv) >= 2 and sys.argv[1] == "check":
+        sys.exit(main(sys.argv[2:]))
+    if len(sys.argv) == 5 and sys.argv[1] == "reference":
+        from .config import load_profile
+        from .reference import collect
+
+        print(collect(load_profile(sys.argv[2]), ".", sys.argv[3], sys.argv[4]))
+        sys.exit(0)
+    print(USAGE, file=sys.stderr)
+    sys.exit(2)

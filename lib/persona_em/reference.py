@@ -1,0 +1,48 @@
+"""Collect a finished run's small artifacts for committing as the reference run (`make reference`):
+the tables of chapter 5, the executed notebooks of chapters 1 and 5 and of one condition's path through
+chapters 2-4 (the others are the same notebook with other parameters), and the git SHAs they were made at.
+Figures, numbers and the PDF already live in figures/<profile>/ and paper/."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from .provenance import atomic_write_text
+
+TABLES = ["results.csv", "effects.csv", "models.txt", "power.csv", "persona_checks.csv", "persona_summary.csv",
+          "spread_effects.csv"]
+
+
+def collect(profile, root: str | Path, dest: str | Path, example: str) -> Path:
+    """Copy the reference artifacts of `profile`'s run into `dest`; `example` is the character condition whose
+    notebooks of chapters 2-4 (harmful EM, first domain and EM seed) are kept."""
+    root, dest = Path(root), Path(dest)
+    run = root / "runs" / profile.name
+    if not (run / "05_analyze" / "manifest.json").is_file():
+        raise FileNotFoundError(f"{run}: the run has not finished (no 05_analyze/manifest.json)")
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "notebooks").mkdir(parents=True)
+    for name in TABLES:
+        if (run / "05_analyze" / name).is_file():
+            shutil.copy(run / "05_analyze" / name, dest / name)
+    em_run = f"{example}__{profile.em_datasets()[0]}__s{profile.em_seeds(example)[0]}"
+    picks = {"01_generate": run / "01_generate" / "01_generate.ipynb",
+             f"02_train_character-{example}": run / "02_train_character" / example / "02_train_character.ipynb",
+             f"03_induce_em-{em_run}": run / "03_induce_em" / em_run / "03_induce_em.ipynb",
+             f"04_evaluate-{em_run}": run / "04_evaluate" / em_run / "04_evaluate.ipynb",
+             "05_analyze": run / "05_analyze" / "05_analyze.ipynb"}
+    for name, src in picks.items():
+        shutil.copy(src, dest / "notebooks" / f"{name}.ipynb")
+    shas = Counter()
+    for m in run.glob("0*/**/manifest.json"):
+        git = json.loads(m.read_text()).get("git", {})
+        shas[(git.get("sha", "?")[:10], bool(git.get("dirty")))] += 1
+    lines = [f"# Reference run of profile `{profile.name}`", "",
+             "Collected by `make reference` from `runs/" + profile.name + "/`. Git SHAs the notebook runs were made at:",
+             "", "| sha | dirty | notebook runs |", "| --- | --- | --- |"]
+    lines += [f"| {sha} | {'yes' if dirty else 'no'} | {n} |" for (sha, dirty), n in sorted(shas.items())]
+    atomic_write_text(dest / "SHAS.md", "\n".join(lines) + "\n")
+    return dest
