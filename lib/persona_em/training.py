@@ -279,9 +279,11 @@ def launch(job, kwargs: dict, hw) -> None:
     if hw.num_processes == 1:
         job(**kwargs)
         return
-    from functools import partial
-
     from accelerate import notebook_launcher
 
-    notebook_launcher(partial(job, **kwargs), (), num_processes=hw.num_processes,
+    def entry():   # a named function: torch's elastic launcher reads the entry point's __name__
+        job(**kwargs)
+
+    entry.__name__ = job.__name__
+    notebook_launcher(entry, (), num_processes=hw.num_processes,
                       mixed_precision="bf16" if hw.precision == "bfloat16" else "no")
