@@ -76,7 +76,7 @@ def test_spread_effect_is_harmful_minus_benign_sd():
 
 
 def test_power_rises_with_effect_and_design_choice_is_cheapest():
-    vcs = {"item": 0.01, "char_seed": 0.0001, "residual": 0.0025}
+    vcs = {"item_id": 0.01, "char_seed": 0.0001, "residual": 0.0025}
     assert stats.power([1, 2, 4, 16], 3, 16, -0.05, vcs, n_sims=4, seed=0) == 1.0
     assert stats.power([1, 2, 4, 16], 3, 16, 0.0, vcs, n_sims=4, seed=0) <= 0.5
     table = pd.DataFrame({"n_seeds": [3, 3, 5], "n_items": [16, 32, 16], "slope": [-0.1] * 3,
@@ -92,3 +92,18 @@ def test_forgetting_model_recovers_a_slope():
                        + rng.normal(0, 0.002)} for c in ("candor", "neutral") for lv in (1, 2, 4, 16) for _ in range(3)])
     fit, formula = stats.forgetting_model(d)
     assert fit.params["log2_level"] == pytest.approx(0.02, abs=0.003) and "C(constitution)" in formula
+
+
+def test_crossed_fit_separates_item_and_seed_variance():
+    """Items and character seeds are crossed (every seed answers every item): both variances come back, and
+    the seed variance is not confused with an item x seed interaction (what a nested fit would estimate)."""
+    rng = np.random.default_rng(3)
+    items, seeds = rng.normal(0, 0.3, 30), rng.normal(0, 0.2, 8)
+    d = pd.DataFrame([{"item_id": i, "char_seed": s, "level": lv,
+                       "em_effect": 0.05 * np.log2(lv) + items[i] + seeds[s] + rng.normal(0, 0.05)}
+                      for i in range(30) for s in range(8) for lv in (1, 4)])
+    d["log2_level"] = np.log2(d["level"])
+    vcs = stats.variance_components(stats.fit_crossed(d, "em_effect ~ log2_level", ["item_id", "char_seed"]))
+    assert vcs["item_id"] == pytest.approx(items.var(ddof=1), rel=0.35)
+    assert vcs["char_seed"] == pytest.approx(seeds.var(ddof=1), rel=0.5)
+    assert vcs["residual"] == pytest.approx(0.0025, rel=0.3)

@@ -37,6 +37,16 @@ def fit_mixed(df: pd.DataFrame, formula: str, group: str, vc: dict[str, str] | N
     return model.fit(reml=True, method=["bfgs", "lbfgs", "cg", "powell"])
 
 
+def fit_crossed(df: pd.DataFrame, formula: str, factors: list[str]):
+    """Linear mixed model by REML with a crossed random intercept for each of `factors` (e.g. item and
+    character seed). statsmodels nests variance components within groups, so crossed effects are variance
+    components over one group holding all rows (a `vc` in `fit_mixed` would be nested in its group instead)."""
+    d = df.assign(_all=1)
+    model = smf.mixedlm(formula, d, groups=d["_all"], vc_formula={f: f"0 + C({f})" for f in factors},
+                        re_formula="0")
+    return model.fit(reml=True, method=["bfgs", "lbfgs", "cg", "powell"])
+
+
 def effects_table(fit, model_name: str, formula: str) -> pd.DataFrame:
     ci = fit.conf_int()
     fe = fit.fe_params.index
@@ -61,9 +71,9 @@ def constitution_model(effects: pd.DataFrame, constitutions: list[str], referenc
     d = effects[effects["constitution"].isin(constitutions) & (effects["split"] == split)].copy()
     d["log2_level"] = np.log2(d["level"])
     formula = f"em_effect ~ log2_level * C(constitution, Treatment('{reference}'))"
-    vc = {"char_seed": "0 + C(char_seed)"} if d["char_seed"].nunique() > 1 else None
-    fit = fit_mixed(d, formula, group="item_id", vc=vc)
-    written = formula + " + (1|item_id)" + (" + (1|char_seed)" if vc else "")
+    seeds = d["char_seed"].nunique() > 1
+    fit = fit_crossed(d, formula, ["item_id"] + (["char_seed"] if seeds else []))
+    written = formula + " + (1|item_id)" + (" + (1|char_seed)" if seeds else "")
     return fit, written
 
 
@@ -77,9 +87,9 @@ def margin_model(effects: pd.DataFrame, traits: list[str], diversity: str = "log
     d["log2_level"] = np.log2(d["level"])
     d["ood"] = (d["split"] == "out_of_domain").astype(int)
     formula = f"em_effect ~ {diversity} * ood" + (" + C(constitution)" if d["constitution"].nunique() > 1 else "")
-    vc = {"char_seed": "0 + C(char_seed)"} if d["char_seed"].nunique() > 1 else None
-    fit = fit_mixed(d, formula, group="item_id", vc=vc)
-    return fit, formula + " + (1|item_id)" + (" + (1|char_seed)" if vc else "")
+    seeds = d["char_seed"].nunique() > 1
+    fit = fit_crossed(d, formula, ["item_id"] + (["char_seed"] if seeds else []))
+    return fit, formula + " + (1|item_id)" + (" + (1|char_seed)" if seeds else "")
 
 
 # -- the judge path: aligned score (MixedLM) and misaligned indicator (Bayesian mixed GLM) --------------------
@@ -186,8 +196,8 @@ def spread_effects(results: pd.DataFrame) -> pd.DataFrame:
 
 # -- power ----------------------------------------------------------------------------------------------------
 def variance_components(fit) -> dict[str, float]:
-    """Item (group) variance, variance components by name, residual variance of a fitted MixedLM."""
-    out = {"item": float(fit.cov_re.iloc[0, 0]), "residual": float(fit.scale)}
+    """Variance components by name (a `fit_crossed` fit: item_id, char_seed) and the residual variance."""
+    out = {"residual": float(fit.scale)}
     for name, v in zip(fit.model.exog_vc.names, np.atleast_1d(fit.vcomp)):
         out[name] = float(v)
     return out
@@ -198,7 +208,7 @@ def simulate_effects(levels: list[int], n_seeds: int, n_items: int, slope: float
     """One simulated experiment with the main model's structure: EM effect per (level, seed, item) =
     slope x log2(level) + item intercept + seed intercept + residual."""
     lv = np.log2(np.asarray(levels, dtype=float))
-    item = rng.normal(0, np.sqrt(vcs["item"]), n_items)
+    item = rng.normal(0, np.sqrt(vcs["item_id"]), n_items)
     seed = rng.normal(0, np.sqrt(vcs.get("char_seed", 0.0)), n_seeds)
     L, S, I = np.meshgrid(np.arange(len(levels)), np.arange(n_seeds), np.arange(n_items), indexing="ij")
     L, S, I = L.ravel(), S.ravel(), I.ravel()
@@ -209,7 +219,7 @@ def simulate_effects(levels: list[int], n_seeds: int, n_items: int, slope: float
 def power(levels: list[int], n_seeds: int, n_items: int, slope: float, vcs: dict[str, float], n_sims: int,
           seed: int, alpha: float = 0.05) -> float:
     """Share of simulated experiments in which the fitted diversity slope is significant at `alpha` (two-sided)
-    and has the simulated sign: MixedLM with item intercepts and a seed variance component, as analysed."""
+    and has the simulated sign: MixedLM with crossed item and seed intercepts, as analysed."""
     import warnings
 
     rng = np.random.default_rng(seed)
@@ -218,8 +228,10 @@ def power(levels: list[int], n_seeds: int, n_items: int, slope: float, vcs: dict
         d = simulate_effects(levels, n_seeds, n_items, slope, vcs, rng)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fit = smf.mixedlm("em_effect ~ log2_level", d, groups=d["item_id"],
-                              vc_formula={"char_seed": "0 + C(char_seed)"}).fit(reml=True, method=["lbfgs"])
+            d["_all"] = 1
+            fit = smf.mixedlm("em_effect ~ log2_level", d, groups=d["_all"], re_formula="0",
+                              vc_formula={"item_id": "0 + C(item_id)", "char_seed": "0 + C(char_seed)"}
+                              ).fit(reml=True, method=["lbfgs"])
         hits += bool(fit.pvalues["log2_level"] < alpha and np.sign(fit.params["log2_level"]) == np.sign(slope))
     return hits / n_sims
 
