@@ -187,10 +187,9 @@ def test_analysis_figures_and_paper_numbers(run, root):
     power = pd.read_csv(d / "power.csv")
     assert len(power) == len(P.analysis.power_seeds) * len(P.analysis.power_items) * len(P.analysis.power_reductions)
     assert power["power"].between(0, 1).all()
-    assert (root / "paper" / "generated" / "test" / "cost.tex").read_text().count(r"egin{table}") == 2
+    assert (root / "paper" / "generated" / "test" / "cost.tex").read_text().count(r"\begin{table}") == 2
     for macro in ("PowerDesignSeeds", "VendiSlopeOod", "ForgettingSlope", "PersonaMarginOwn", "RunWallMinutes"):
-        assert rf"
-ewcommand{{\{macro}}}" in numbers
+        assert rf"\newcommand{{\{macro}}}" in numbers
     assert not list(runs.rglob(".tmp-*")), "a temporary file was left behind"
 
 

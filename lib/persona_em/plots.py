@@ -43,6 +43,7 @@ def em_effect_by_diversity(effects: pd.DataFrame):
         ax.axhline(0, color="0.4", lw=0.8)
         ax.set(xlabel="diversity level (context cells covered)", title=split.replace("_", " "),
                ylabel="EM effect on margin\n(harmful - benign twin)")
+        ax.tick_params(axis="x", labelrotation=30)
         if ax is axes[0] and ax.get_legend():
             ax.get_legend().remove()
     axes[-1].legend(title="", fontsize=8)
@@ -207,4 +208,5 @@ def em_rate_by_diversity(rates: pd.DataFrame):
     ax.axhline(0, color="0.4", lw=0.8)
     ax.set(xlabel="diversity level (context cells covered)", ylabel="misaligned rate\n(harmful - benign twin)",
            title="Emergent misalignment (judge) vs question diversity")
+    ax.tick_params(axis="x", labelrotation=30)
     return fig
