@@ -27,24 +27,28 @@ def em_effects(results: pd.DataFrame, outcome: str = "margin") -> pd.DataFrame:
     return wide
 
 
-def fit_mixed(df: pd.DataFrame, formula: str, group: str, vc: dict[str, str] | None = None,
-              re_formula: str | None = None):
-    """Linear mixed model by REML: random intercept per `group` (random slopes with `re_formula`, e.g. "~x"),
-    optional variance components `vc` ({name: "0 + C(col)"}) for crossed effects."""
-    model = smf.mixedlm(formula, df, groups=df[group], vc_formula=vc, re_formula=re_formula)
-    # statsmodels' default optimizers (bfgs, lbfgs, cg) reach lme4's optimum on sleepstudy; powell is a
-    # derivative-free fallback for fits where they all fail to converge.
-    return model.fit(reml=True, method=["bfgs", "lbfgs", "cg", "powell"])
+# statsmodels' default optimizers (bfgs, lbfgs, cg) reach lme4's optimum on sleepstudy; powell is a
+# derivative-free fallback for fits where they all fail to converge.
+METHODS = ("bfgs", "lbfgs", "cg", "powell")
 
 
-def fit_crossed(df: pd.DataFrame, formula: str, factors: list[str]):
-    """Linear mixed model by REML with a crossed random intercept for each of `factors` (e.g. item and
-    character seed). statsmodels nests variance components within groups, so crossed effects are variance
-    components over one group holding all rows (a `vc` in `fit_mixed` would be nested in its group instead)."""
+def fit_mixed(df: pd.DataFrame, formula: str, group: str, re_formula: str | None = None):
+    """Linear mixed model by REML: random intercept per `group` (random slopes with `re_formula`, e.g. "~x").
+    For crossed random effects use `fit_crossed`."""
+    return smf.mixedlm(formula, df, groups=df[group], re_formula=re_formula).fit(reml=True, method=list(METHODS))
+
+
+def fit_crossed(df: pd.DataFrame, formula: str, factors: list[str], methods=METHODS):
+    """Linear mixed model by REML with a crossed random intercept for each of `factors` (column names, e.g.
+    item and character seed). statsmodels nests variance components within groups, so crossed effects are
+    variance components over one group holding all rows."""
     d = df.assign(_all=1)
-    model = smf.mixedlm(formula, d, groups=d["_all"], vc_formula={f: f"0 + C({f})" for f in factors},
-                        re_formula="0")
-    return model.fit(reml=True, method=["bfgs", "lbfgs", "cg", "powell"])
+    model = smf.mixedlm(formula, d, groups=d["_all"], vc_formula=crossed_vc(factors), re_formula="0")
+    return model.fit(reml=True, method=list(methods))
+
+
+def crossed_vc(factors: list[str]) -> dict[str, str]:
+    return {f: f"0 + C({f})" for f in factors}
 
 
 def effects_table(fit, model_name: str, formula: str) -> pd.DataFrame:
@@ -66,8 +70,8 @@ def mean_ci(values, z: float = 1.96) -> tuple[float, float, float]:
 def constitution_model(effects: pd.DataFrame, constitutions: list[str], reference: str,
                        split: str = "out_of_domain"):
     """EM effect ~ log2(level) x constitution on one split, the neutral constitution as the reference level
-    (H2: a trait against "any constitution" at matched diversity). Random intercept per item; character seeds
-    as a variance component when there are several. Returns (fit, formula as written in models.txt)."""
+    (H2: a trait against "any constitution" at matched diversity). Crossed random intercepts for item and, when
+    there are several, character seed. Returns (fit, formula as written in models.txt)."""
     d = effects[effects["constitution"].isin(constitutions) & (effects["split"] == split)].copy()
     d["log2_level"] = np.log2(d["level"])
     formula = f"em_effect ~ log2_level * C(constitution, Treatment('{reference}'))"
@@ -80,7 +84,7 @@ def constitution_model(effects: pd.DataFrame, constitutions: list[str], referenc
 # -- the judge-free margin: main model and its Vendi sensitivity -----------------------------------------------
 def margin_model(effects: pd.DataFrame, traits: list[str], diversity: str = "log2_level"):
     """EM effect ~ diversity x split (+ constitution when there are several traits) over the trained trait
-    personas: random intercept per item, character seeds as a variance component when there are several.
+    personas: crossed random intercepts for item and, when there are several, character seed.
     `diversity` is the nominal level (log2) or the measured Vendi score (the sensitivity analysis).
     Returns (fit, formula as written in models.txt)."""
     d = effects[effects["constitution"].isin(traits)].copy()
@@ -99,7 +103,7 @@ def judge_frame(results: pd.DataFrame, constitutions: list[str]) -> pd.DataFrame
                 & results["constitution"].isin(constitutions)].copy()
     d["log2_level"] = np.log2(d["level"].astype(float))
     d["harmful"] = d["harmful"].astype(bool).astype(int)
-    d["run"] = d["model"]
+    d["question"], d["run"] = d["item_id"], d["model"]
     return d
 
 
@@ -110,7 +114,7 @@ def judge_formula(outcome: str, reference: str, n_constitutions: int) -> str:
     return f"{outcome} ~ log2_level * harmful"
 
 
-CROSSED = {"question": "0 + C(item_id)", "run": "0 + C(run)"}
+JUDGE_FACTORS = ["question", "run"]
 
 
 def aligned_model(results: pd.DataFrame, constitutions: list[str], reference: str):
@@ -121,10 +125,7 @@ def aligned_model(results: pd.DataFrame, constitutions: list[str], reference: st
     if len(d) < 10 or d["aligned"].nunique() < 2:
         return None, f"not estimable: {len(d)} judged answers with an aligned score"
     formula = judge_formula("aligned", reference, d["constitution"].nunique())
-    d["all"] = 1
-    model = smf.mixedlm(formula, d, groups=d["all"], vc_formula=CROSSED, re_formula="0")
-    fit = model.fit(reml=True, method=["bfgs", "lbfgs", "cg", "powell"])
-    return fit, formula + " + (1|question) + (1|run)"
+    return fit_crossed(d, formula, JUDGE_FACTORS), formula + " + (1|question) + (1|run)"
 
 
 def misaligned_model(results: pd.DataFrame, constitutions: list[str], reference: str):
@@ -139,7 +140,7 @@ def misaligned_model(results: pd.DataFrame, constitutions: list[str], reference:
         return None, (f"not estimable: the misaligned indicator is constant ({int(d['misaligned'].sum())} of "
                       f"{len(d)} answers misaligned)")
     formula = judge_formula("misaligned", reference, d["constitution"].nunique())
-    model = BinomialBayesMixedGLM.from_formula(formula, CROSSED, d)
+    model = BinomialBayesMixedGLM.from_formula(formula, crossed_vc(JUDGE_FACTORS), d)
     result = model.fit_vb()
     return result, formula + " + (1|question) + (1|run)"
 
@@ -228,10 +229,7 @@ def power(levels: list[int], n_seeds: int, n_items: int, slope: float, vcs: dict
         d = simulate_effects(levels, n_seeds, n_items, slope, vcs, rng)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            d["_all"] = 1
-            fit = smf.mixedlm("em_effect ~ log2_level", d, groups=d["_all"], re_formula="0",
-                              vc_formula={"item_id": "0 + C(item_id)", "char_seed": "0 + C(char_seed)"}
-                              ).fit(reml=True, method=["lbfgs"])
+            fit = fit_crossed(d, "em_effect ~ log2_level", ["item_id", "char_seed"], methods=("lbfgs",))
         hits += bool(fit.pvalues["log2_level"] < alpha and np.sign(fit.params["log2_level"]) == np.sign(slope))
     return hits / n_sims
 
