@@ -77,6 +77,9 @@ def test_generate_artifacts(run):
         pairs = [json.loads(line) for line in P.pairs_file(runs.parents[1], "candor", level).read_text().splitlines()]
         assert len(pairs) == P.generate.n_questions
         assert all(p["chosen"] and p["rejected"] and p["prompt"] for p in pairs)
+    teacher = pd.read_csv(d / "teacher_check.csv")   # every checked trait under every system prompt
+    assert set(teacher["system"]) == {"none", *P.constitutions()} and teacher["margin"].notna().all()
+    assert len(teacher) == len(set(teacher["trait"])) * (1 + len(P.constitutions()))
 
 
 def test_character_artifacts(run):

@@ -1,6 +1,7 @@
 """Training stages and the guards of DESIGN 6, on the real embedded model and the real trl trainers."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,3 +178,31 @@ def test_random_lora_matches_the_sum_of_several_adapters(fresh, profile, tmp_pat
         target = (parts[0][k] + parts[1][k]).norm()
         assert float(rand[k].norm()) == pytest.approx(float(target), rel=1e-4)
         assert float(target) != pytest.approx(float(parts[0][k].norm()), rel=1e-3)
+
+
+def _mean_logprob(model, tok, prompt: str, answer: str) -> float:
+    p = tok(prompt, add_special_tokens=False).input_ids
+    a = tok(answer, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([p + a])).logits[0, len(p) - 1:-1]
+    return float(torch.log_softmax(logits, -1)[torch.arange(len(a)), torch.tensor(a)].mean())
+
+
+def test_teacher_check_reads_the_margin_under_each_system_prompt(smollm):
+    """The teacher check is the persona margin with the system prompt in place (computed here by hand, one
+    sequence at a time), and with none it is the plain persona margin the character checks use."""
+    from persona_em import evaluate
+    from persona_em.sampling import chat_prompt
+
+    model, tok = smollm
+    items = evaluate.persona_items("candor")
+    system = "You are Sage. You say plainly when a plan is risky."
+    table = evaluate.teacher_margins(model, tok, {"none": None, "blunt": system}, ["candor"], batch_size=8)
+    assert list(table["system"]) == ["none", "blunt"] and set(table["trait"]) == {"candor"}
+    assert table["margin"][0] == pytest.approx(evaluate.persona_margin(model, tok, items), abs=1e-6)
+    by_hand = np.mean([
+        _mean_logprob(model, tok, chat_prompt(tok, [{"role": "system", "content": system},
+                                                    {"role": "user", "content": it["question"]}]), it[good])
+        * sign for it in items for good, sign in (("consistent", 1), ("inconsistent", -1))]) * 2
+    assert table["margin"][1] == pytest.approx(by_hand, abs=1e-4)
+    assert abs(table["margin"][1] - table["margin"][0]) > 1e-4   # the system prompt reached the model

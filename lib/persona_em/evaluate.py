@@ -158,9 +158,12 @@ def sample_answers(model, tok, questions: list[dict], max_new_tokens: int, seed:
     return [r | {"text": rep["text"], "finished": rep["finished"]} for r, rep in zip(rows, replies)]
 
 
-def _per_token(model, tok, questions: list[str], answers: list[str], batch_size: int) -> np.ndarray:
-    """Mean log-probability per answer token, each answer given its question as the user turn."""
-    prompts = [chat_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
+def _per_token(model, tok, questions: list[str], answers: list[str], batch_size: int,
+               system: str | None = None) -> np.ndarray:
+    """Mean log-probability per answer token, each answer given its question as the user turn (after the
+    system prompt, when one is given)."""
+    pre = [{"role": "system", "content": system}] if system else []
+    prompts = [chat_prompt(tok, pre + [{"role": "user", "content": q}]) for q in questions]
     total, count = answer_logprobs(model, tok, prompts, answers, batch_size)
     return total / count
 
@@ -171,14 +174,24 @@ def persona_items(constitution: str, limit: int | None = None) -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8"))[:limit] if path.is_file() else []
 
 
-def persona_margin(model, tok, items: list[dict], batch_size: int = 16) -> float | None:
+def persona_margin(model, tok, items: list[dict], batch_size: int = 16, system: str | None = None) -> float | None:
     """Mean per-token log-prob of trait-consistent minus trait-inconsistent answers on held-out questions."""
     if not items:
         return None
     qs = [it["question"] for it in items]
-    good = _per_token(model, tok, qs, [it["consistent"] for it in items], batch_size)
-    bad = _per_token(model, tok, qs, [it["inconsistent"] for it in items], batch_size)
+    good = _per_token(model, tok, qs, [it["consistent"] for it in items], batch_size, system)
+    bad = _per_token(model, tok, qs, [it["inconsistent"] for it in items], batch_size, system)
     return float(np.mean(good - bad))
+
+
+def teacher_margins(model, tok, systems: dict[str, str | None], traits: list[str],
+                    batch_size: int = 16) -> pd.DataFrame:
+    """The ceiling of context distillation: the teacher's persona margin on each trait's held-out items with
+    each system prompt (None: no system prompt). A student trained to answer like the teacher with a
+    constitution can only learn what that constitution changes in the teacher's own answers."""
+    rows = [{"trait": t, "system": name, "margin": persona_margin(model, tok, persona_items(t), batch_size, system)}
+            for t in traits for name, system in systems.items()]
+    return pd.DataFrame(rows, columns=["trait", "system", "margin"])
 
 
 def neutral_loglik(model, tok, batch_size: int = 16, limit: int | None = None) -> float:
