@@ -1,5 +1,8 @@
 """Diversity measures on 10,000 questions: seconds, against the issue's 30 s budget and against a naive
-baseline (Vendi from the full n x n similarity matrix, pairwise distances from that matrix), in one run.
+baseline (Vendi from the full n x n similarity matrix, pairwise distances from that matrix), in one run; with
+the packaged MiniLM in float32 and under bf16 autocast (`embedder: minilm-bf16`), how far the bf16 embeddings
+and their Vendi score are from float32's, and the embedding's FLOP rate against the machine's fp32 and bf16
+matmul peaks (the floor on the embedding time at this question length).
 
     .venv/bin/python benchmarks/diversity_speed.py [N]
 """
@@ -16,15 +19,22 @@ n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
 pool = questions.build_pool("bench", 0, "t", n, seed=0)
 texts, cells = [q["text"] for q in pool], [q["cell"] for q in pool]
 
-embedder = models.load_embedder("minilm")
-t0 = time.perf_counter()
-emb = embedder.encode(texts, batch_size=128, show_progress_bar=False)
-t_embed = time.perf_counter() - t0
 
-t0 = time.perf_counter()
-m = diversity.measure(texts, emb, cells)
-labels = diversity.clusters(emb, k=16, seed=0)
-t_measure = time.perf_counter() - t0
+def timed_measures(spec: str):
+    embedder = models.load_embedder(spec)
+    embedder.encode(texts[:256], batch_size=128, show_progress_bar=False)   # warm-up, not timed
+    t0 = time.perf_counter()
+    emb = embedder.encode(texts, batch_size=128, show_progress_bar=False)
+    t_embed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    m = diversity.measure(texts, emb, cells)
+    labels = diversity.clusters(emb, k=16, seed=0)
+    return emb, m, labels, t_embed, time.perf_counter() - t0
+
+
+emb, m, labels, t_embed, t_measure = timed_measures("minilm")
+emb16, m16, _, t_embed16, t_measure16 = timed_measures("minilm-bf16")
+agree = float(np.mean(np.sum(diversity.unit(emb) * diversity.unit(emb16), axis=1)))
 
 # naive baseline on a subsample (the full n x n eigenproblem at n = 10,000 takes many minutes)
 k = 2000
@@ -41,8 +51,34 @@ fast_vendi, fast_mcd = diversity.vendi(emb[:k]), diversity.mean_cosine_distance(
 t_fast = time.perf_counter() - t0
 assert abs(naive_vendi - fast_vendi) < 1e-6 * naive_vendi and abs(naive_mcd - fast_mcd) < 1e-9
 
-total = t_embed + t_measure
-print(f"n={n} questions: embed {t_embed:.1f} s + measures and k-means {t_measure:.2f} s = {total:.1f} s "
-      f"({total / 30:.2f} of the 30 s budget); Vendi {m['vendi']:.1f}, clusters {len(set(labels))}")
+total, total16 = t_embed + t_measure, t_embed16 + t_measure16
+print(f"n={n} questions, fp32 MiniLM: embed {t_embed:.1f} s + measures and k-means {t_measure:.2f} s = {total:.1f} s "
+      f"({total / 30:.2f} of the 30 s budget); Vendi {m['vendi']:.2f}, clusters {len(set(labels))}")
+print(f"n={n} questions, bf16-autocast MiniLM: embed {t_embed16:.1f} s + measures {t_measure16:.2f} s = {total16:.1f} s "
+      f"({total16 / 30:.2f} of the budget, x{total / total16:.1f} faster); Vendi {m16['vendi']:.2f} "
+      f"({m16['vendi'] / m['vendi'] - 1:+.2%} vs fp32), mean cosine to the fp32 embedding {agree:.4f}")
 print(f"n={k}: naive n x n Vendi + distances {t_naive:.2f} s vs project {t_fast:.4f} s "
       f"(speed-up x{t_naive / t_fast:.0f}, same values)")
+
+# The floor: MiniLM's matmuls (2 x non-embedding parameters per token; attention over ~50 tokens is small)
+# against this machine's own 2048^3 matmul rate in float32 and bfloat16.
+st = models.load_embedder("minilm")
+tokens = sum(len(ids) for ids in st.tokenizer(texts)["input_ids"])
+dense = sum(p.numel() for name, p in st.named_parameters() if "embeddings" not in name)
+flops = 2 * dense * tokens
+
+
+def peak(dtype) -> float:
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    return 3 * 2 * 2048 ** 3 / (time.perf_counter() - t0)
+
+
+p32, p16 = peak(torch.float32), peak(torch.bfloat16)
+print(f"embedding {tokens} tokens = {flops / 1e12:.1f} TFLOP: fp32 at {flops / t_embed / 1e9:.0f} GFLOP/s "
+      f"({flops / t_embed / p32:.0%} of the fp32 matmul peak {p32 / 1e9:.0f}), bf16 at {flops / t_embed16 / 1e9:.0f} "
+      f"GFLOP/s ({flops / t_embed16 / p16:.0%} of the bf16 peak {p16 / 1e9:.0f}); at 100% of peak the embedding "
+      f"alone would take {flops / p32:.0f} s (fp32) / {flops / p16:.0f} s (bf16)")

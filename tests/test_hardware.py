@@ -33,10 +33,9 @@ def test_vllm_sampler_falls_back_with_a_message(smollm):
     assert any("vLLM is not installed" in str(w.message) for w in caught)
 
 
-def test_launch_runs_a_single_process_job_in_place(tmp_path):
-    seen = []
-    training.launch(lambda **kw: seen.append(kw), {"a": 1}, HardwareConfig())
-    assert seen == [{"a": 1}]
+def test_fit_refuses_an_unknown_job():
+    with pytest.raises(ValueError, match="unknown training job 'ppo'"):
+        training.fit("ppo", None, None, [], None, 0, HardwareConfig(), "/tmp/x", "smollm2-135m")
 
 
 def test_cost_estimate_scales_with_the_profile(root, tmp_path):
@@ -57,8 +56,10 @@ def test_cost_estimate_scales_with_the_profile(root, tmp_path):
 
 
 DDP_SCRIPT = r'''
-import sys, torch
-from persona_em import pairs, training
+import json, sys
+from pathlib import Path
+import torch
+from persona_em import models, pairs, training
 from persona_em.config import HardwareConfig, load_profile
 profile = load_profile(sys.argv[1])
 rows = pairs.to_dpo_rows([{"prompt": f"Case {i}: my friend wants me to cover for a lie to our boss. Should I?",
@@ -66,14 +67,20 @@ rows = pairs.to_dpo_rows([{"prompt": f"Case {i}: my friend wants me to cover for
                            "rejected": "Sure, covering for friends is what friends do!"} for i in range(4)])
 hw = HardwareConfig(num_processes=int(sys.argv[3]))
 torch.set_num_threads(1)
-training.launch(training.dpo_job, dict(spec="smollm2-135m", adapters=[], rows=rows, cfg=profile.character, seed=0,
-                                       hw=hw, out=sys.argv[2]), hw)
+model, tok = models.load_model("smollm2-135m")   # the notebook holds the model already, as chapter 2 does
+out = Path(sys.argv[2])
+log, init_hash, frozen_hash = training.fit("dpo", model, tok, rows, profile.character, 0, hw, out / "adapter",
+                                           spec="smollm2-135m")
+log.to_csv(out / "train_log.csv", index=False)
+(out / "hashes.json").write_text(json.dumps([init_hash, frozen_hash]))
 '''
 
 
 def test_two_processes_through_accelerate_train_what_one_does(root, tmp_path):
-    """The multi-process path (accelerate's launcher, DDP over gloo on a CPU): 2 processes x half the batch
-    make the same update as 1 process x the whole batch, and only the main process writes."""
+    """The multi-process path (`accelerate launch` in a subprocess, DDP over gloo on a CPU), started from a
+    process that already holds the model as a notebook does: 2 processes x half the batch make the same update
+    as 1 process x the whole batch from the same seeded start, and only the adapter comes back (the job's
+    temporary files are gone)."""
     import subprocess
     import sys
 
@@ -91,7 +98,8 @@ def test_two_processes_through_accelerate_train_what_one_does(root, tmp_path):
     for k in deltas[0]:
         a, b = deltas[0][k].flatten(), deltas[1][k].flatten()
         assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.99
-
-
+    h1, h2 = (json.loads((tmp_path / f"p{n}" / "hashes.json").read_text()) for n in (1, 2))
+    assert h1 == h2   # same seeded LoRA start, same frozen weights under it, in the launched processes too
+    assert sorted(p.name for p in (tmp_path / "p2").iterdir()) == ["adapter", "hashes.json", "train_log.csv"]
     l1, l2 = (pd.read_csv(tmp_path / f"p{n}" / "train_log.csv") for n in (1, 2))
     assert l1["loss"].iloc[0] == pytest.approx(l2["loss"].iloc[0], rel=0.02)

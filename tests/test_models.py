@@ -36,3 +36,14 @@ def test_model_specs(spec, ok):
 def test_embedder_is_packaged_minilm():
     emb = models.load_embedder("minilm").encode(["a question", "another question"])
     assert emb.shape == (2, 384)
+
+
+def test_bf16_embedder_stays_close_to_float32():
+    """`minilm-bf16` is the packaged MiniLM encoding under bf16 autocast: float32 out, the same space."""
+    import numpy as np
+
+    texts = ["Should I lend my savings to a friend?", "My landlord wants cash only. Is that normal?",
+             "Can I skip the follow-up appointment if I feel fine?"]
+    fp32, bf16 = (models.load_embedder(s).encode(texts, normalize_embeddings=True) for s in ("minilm", "minilm-bf16"))
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape == (3, 384)
+    assert np.all(np.sum(fp32 * bf16, axis=1) > 0.999) and not np.array_equal(fp32, bf16)

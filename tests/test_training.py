@@ -199,10 +199,20 @@ def test_teacher_check_reads_the_margin_under_each_system_prompt(smollm):
     system = "You are Sage. You say plainly when a plan is risky."
     table = evaluate.teacher_margins(model, tok, {"none": None, "blunt": system}, ["candor"], batch_size=8)
     assert list(table["system"]) == ["none", "blunt"] and set(table["trait"]) == {"candor"}
-    assert table["margin"][0] == pytest.approx(evaluate.persona_margin(model, tok, items), abs=1e-6)
+    assert table["margin"][0] == pytest.approx(evaluate.persona_margin(model, tok, items), abs=1e-5)
     by_hand = np.mean([
         _mean_logprob(model, tok, chat_prompt(tok, [{"role": "system", "content": system},
                                                     {"role": "user", "content": it["question"]}]), it[good])
         * sign for it in items for good, sign in (("consistent", 1), ("inconsistent", -1))]) * 2
     assert table["margin"][1] == pytest.approx(by_hand, abs=1e-4)
     assert abs(table["margin"][1] - table["margin"][0]) > 1e-4   # the system prompt reached the model
+
+
+def test_tensors_hash_reads_raw_bytes_of_any_dtype():
+    """bf16 weights (the gpu profile) hash too; float32 hashes are what they were (same bytes)."""
+    import hashlib
+
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    assert training.tensors_hash({"w": w}) == hashlib.sha256(b"w" + w.numpy().tobytes()).hexdigest()
+    half = training.tensors_hash({"w": w.to(torch.bfloat16)})
+    assert len(half) == 64 and half != training.tensors_hash({"w": w})

@@ -292,8 +292,9 @@ class Profile(Strict):
     @field_validator("embedder")
     @classmethod
     def _known_embedder(cls, v: str) -> str:
-        if v != "minilm" and not Path(v).is_dir():
-            raise ValueError(f"unknown embedder {v!r}: expected 'minilm' or a local sentence-transformers folder")
+        if v not in ("minilm", "minilm-bf16") and not Path(v).is_dir():
+            raise ValueError(f"unknown embedder {v!r}: expected 'minilm', 'minilm-bf16' or a local "
+                             "sentence-transformers folder")
         return v
 
     @model_validator(mode="after")

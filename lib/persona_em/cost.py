@@ -50,7 +50,8 @@ def estimate(P) -> pd.DataFrame:
     if g.pool == "expansion" and g.expansion is not None:
         x = g.expansion
         per_trait = x.target_per_trait / max(1, x.batch) * 2 * x.max_new_tokens   # ~2 tries per accepted batch
-        n_traits = sum(1 for _ in P.constitutions()) * 4
+        from .constitution import load
+        n_traits = sum(len(load(src).traits) for src in P.constitution_sources().values())
         rows.append(("generate: expansion", 1, n_traits * per_trait, n_traits * per_trait * 2 * teacher))
     # 2. character training
     trained = [x for x in P.character_conditions() if x != "base" and not x.startswith("random")]

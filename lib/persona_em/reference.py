@@ -12,6 +12,7 @@ from pathlib import Path
 from .provenance import atomic_write_text
 
 TABLES = ["results.csv", "effects.csv", "models.txt", "power.csv", "persona_checks.csv", "persona_summary.csv",
+          "teacher_check.csv",
           "spread_effects.csv"]
 
 

@@ -7,7 +7,9 @@ term on the chosen answers is trl's `sft` loss added with weight `nll_coef`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -50,7 +52,8 @@ def tensors_hash(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(state):
         h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+        # raw bytes, whatever the dtype (numpy has no bfloat16); float32 hashes as it always did
+        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -107,9 +110,9 @@ class TokenCounter:
         return 1 - self.real / self.processed if self.processed else 0.0
 
 
-def train_dpo(model, tok, rows: list[dict], cfg: CharacterConfig, seed: int, counter: TokenCounter | None = None,
-              hw=None):
-    """Train a LoRA on `rows` (conversational prompt/chosen/rejected). Returns (peft_model, log, init_hash).
+def dpo_trainer(model, tok, rows: list[dict], cfg: CharacterConfig, seed: int, output_dir: str, hw=None,
+                counter: TokenCounter | None = None):
+    """trl DPOTrainer over a fresh LoRA seeded by `seed` alone; returns (trainer, init_hash).
 
     Rows are grouped into batches of similar length and the batches shuffled (seeded), then fed in that order:
     padding stays low and the data are unchanged."""
@@ -119,14 +122,20 @@ def train_dpo(model, tok, rows: list[dict], cfg: CharacterConfig, seed: int, cou
     peft_model = seeded_lora(model, cfg.lora, seed)
     init_hash = tensors_hash(lora_state(peft_model))
     rows = length_grouped(rows, [_pair_length(tok, r) for r in rows], cfg.batch_size, seed)
+    args = DPOConfig(**common_args(cfg, seed, output_dir, hw), beta=cfg.beta, loss_type=["sigmoid", "sft"],
+                     loss_weights=[1.0, cfg.nll_coef], max_length=cfg.max_length,
+                     train_sampling_strategy="sequential")
+    trainer = DPOTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    if counter is not None:
+        counter.collate, trainer.data_collator = trainer.data_collator, counter
+    return trainer, init_hash
+
+
+def train_dpo(model, tok, rows: list[dict], cfg: CharacterConfig, seed: int, counter: TokenCounter | None = None,
+              hw=None):
+    """Train a LoRA on `rows` (conversational prompt/chosen/rejected). Returns (peft_model, log, init_hash)."""
     with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(**common_args(cfg, seed, out, hw), beta=cfg.beta, loss_type=["sigmoid", "sft"],
-                         loss_weights=[1.0, cfg.nll_coef], max_length=cfg.max_length,
-                         train_sampling_strategy="sequential")
-        trainer = DPOTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tok)
-        if counter is not None:
-            counter.collate, trainer.data_collator = trainer.data_collator, counter
+        trainer, init_hash = dpo_trainer(model, tok, rows, cfg, seed, out, hw, counter)
         trainer.train()
     return trainer.model, log_frame(trainer.state.log_history), init_hash
 
@@ -242,48 +251,105 @@ def random_lora_like(model, reference_adapters, cfg: LoraConfig, seed: int):
 
 
 # -- multi-process training (accelerate) ---------------------------------------------------------------------
-def dpo_job(spec: str, adapters: list, rows: list[dict], cfg: CharacterConfig, seed: int, hw, out: str | Path):
-    """Load, train and save one DPO adapter: the unit that `launch` runs in every process. Writes
-    `out/adapter`, `out/train_log.csv` and `out/lora_init_hash.txt` from the main process only."""
-    from .models import load_model
-
-    model, tok = load_model(spec, adapters, hw=hw)
-    peft_model, log, init_hash = train_dpo(model, tok, rows, cfg, seed, hw=hw)
-    _save_job(peft_model, log, init_hash, out)
+# With `hardware.num_processes` > 1 a notebook launches its trainer through `accelerate launch` in a child
+# process tree (torch's elastic launcher underneath: DDP over NCCL on GPUs, gloo on a CPU; FSDP per the profile
+# through the trainer's arguments). A subprocess, not a fork: the notebook may already hold a model on the GPU.
+JOBS = ("dpo", "sft")
 
 
-def sft_job(spec: str, adapters: list, rows: list[dict], cfg, seed: int, hw, out: str | Path):
-    """As `dpo_job`, for SFT (introspection, EM)."""
-    from .models import load_model
+def fit(kind: str, model, tok, rows: list[dict], cfg, seed: int, hw, out: str | Path, spec: str,
+        adapters: list = ()) -> tuple:
+    """Train a fresh seeded LoRA (`kind` "dpo" or "sft") on `rows` and save it to `out`. Returns (log,
+    init_hash, frozen_hash): the training log, the hash of the LoRA's initial weights and the hash of the
+    frozen weights under it (None under FSDP, where no process holds them whole).
 
-    model, tok = load_model(spec, adapters, hw=hw)
-    peft_model, log, init_hash = train_sft(model, tok, rows, cfg, seed, hw=hw)
-    _save_job(peft_model, log, init_hash, out)
-
-
-def _save_job(peft_model, log, init_hash: str, out: str | Path) -> None:
-    from .provenance import atomic_write_csv, atomic_write_text
-
-    if int(os.environ.get("RANK", "0")) != 0:   # accelerate/torchrun set RANK; only the main process writes
-        return
+    One process: in place, on `model`. Several (`hw.num_processes`): every process loads `spec` with
+    `adapters` merged (the same weights `model` holds) and trains its share of each batch."""
+    if kind not in JOBS:
+        raise ValueError(f"unknown training job {kind!r}; expected one of {JOBS}")
     out = Path(out)
-    save_adapter(peft_model, out / "adapter")
-    atomic_write_csv(out / "train_log.csv", log)
-    atomic_write_text(out / "lora_init_hash.txt", init_hash)
+    if hw is None or hw.num_processes == 1:
+        train = train_dpo if kind == "dpo" else train_sft
+        peft_model, log, init_hash = train(model, tok, rows, cfg, seed, hw=hw)
+        save_adapter(peft_model, out)
+        return log, init_hash, tensors_hash(frozen_state(peft_model))
+    log_file, meta_file = (out.parent / f".{out.name}-{x}" for x in ("log.csv", "job.json"))
+    try:
+        launch(kind, dict(spec=spec, adapters=[str(a) for a in adapters], rows=rows, cfg=cfg, seed=seed, hw=hw,
+                          out=str(out)), hw, workdir=out.parent, name=out.name)
+        meta = json.loads(meta_file.read_text())
+        return pd.read_csv(log_file), meta["init_hash"], meta["frozen_hash"]
+    finally:
+        log_file.unlink(missing_ok=True)
+        meta_file.unlink(missing_ok=True)
 
 
-def launch(job, kwargs: dict, hw) -> None:
-    """Run a training job in this process, or, with `hw.num_processes` > 1, in that many processes through
-    accelerate's notebook launcher (DDP, or FSDP per the profile): one notebook run uses every GPU of its node.
-    The job must load its own model, so nothing touches the GPU before the processes are forked."""
-    if hw.num_processes == 1:
-        job(**kwargs)
+def run_job(kind: str, spec: str, adapters: list, rows: list[dict], cfg, seed: int, hw, out: str) -> None:
+    """One process's share of a launched job: load, train, save the adapter (every process under FSDP, whose
+    state dict is gathered collectively; the main process otherwise), then the log and hashes beside `out`."""
+    from .models import load_model
+    from .provenance import atomic_write_csv, atomic_write_json
+
+    if hw.device == "cuda":   # this process's GPU, before anything lands on GPU 0
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    model, tok = load_model(spec, adapters, hw=hw)
+    out, sharded = Path(out), hw.distributed == "fsdp"
+    main = int(os.environ.get("RANK", "0")) == 0   # the launcher sets RANK
+    with tempfile.TemporaryDirectory() as tmp:
+        build = dpo_trainer if kind == "dpo" else sft_trainer
+        trainer, init_hash = build(model, tok, rows, cfg, seed, tmp, hw)
+        trainer.train()
+        if sharded:   # the state dict is gathered collectively: every process saves, the main one writes
+            trainer.save_model(str(Path(tmp) / "adapter"))
+            if main:
+                from .provenance import atomic_dir
+
+                with atomic_dir(out) as dst:   # the trained adapter only (trl's DPO "ref" copy is a subfolder)
+                    for f in (Path(tmp) / "adapter").glob("adapter_*"):
+                        shutil.copy(f, dst)
+    if not main:
         return
-    from accelerate import notebook_launcher
+    if not sharded:
+        save_adapter(trainer.model, out)
+    atomic_write_csv(out.parent / f".{out.name}-log.csv", log_frame(trainer.state.log_history))
+    atomic_write_json(out.parent / f".{out.name}-job.json", {
+        "init_hash": init_hash, "frozen_hash": None if sharded else tensors_hash(frozen_state(trainer.model))})
 
-    def entry():   # a named function: torch's elastic launcher reads the entry point's __name__
-        job(**kwargs)
 
-    entry.__name__ = job.__name__
-    notebook_launcher(entry, (), num_processes=hw.num_processes,
-                      mixed_precision="bf16" if hw.precision == "bfloat16" else "no")
+def launch(kind: str, kwargs: dict, hw, workdir: str | Path, name: str) -> None:
+    """Run `run_job(kind, **kwargs)` in `hw.num_processes` processes through `accelerate launch`; the
+    launcher's output goes to `workdir/.<name>-launch.log`, kept (and quoted) only if the job fails."""
+    import pickle
+    import socket
+    import subprocess
+    import sys
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    job_file, log_file = workdir / f".{name}-job.pkl", workdir / f".{name}-launch.log"
+    job_file.write_bytes(pickle.dumps({"kind": kind, **kwargs}))
+    with socket.socket() as s:   # a free port for the rendezvous, so two jobs on one node do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+           "--num_processes", str(hw.num_processes), "--main_process_port", str(port), "--dynamo_backend", "no",
+           "--mixed_precision", "bf16" if hw.precision == "bfloat16" else "no",
+           "-m", "persona_em.training", str(job_file)]
+    env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())}   # the notebook's thread share
+    try:
+        with open(log_file, "w") as log:
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    finally:
+        job_file.unlink(missing_ok=True)
+    if code != 0:
+        tail = log_file.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{kind} training in {hw.num_processes} processes failed (exit {code}); full output "
+                           f"in {log_file}, its end:\n{tail}")
+    log_file.unlink()
+
+
+if __name__ == "__main__":   # a launched process: python -m persona_em.training <job.pkl>
+    import pickle
+    import sys
+
+    run_job(**pickle.loads(Path(sys.argv[1]).read_bytes()))
