@@ -12,6 +12,7 @@ import time
 import numpy as np
 import torch
 
+from peak import matmul_peak
 from persona_em import diversity, models, questions
 
 torch.set_num_threads(2)
@@ -68,16 +69,7 @@ dense = sum(p.numel() for name, p in st.named_parameters() if "embeddings" not i
 flops = 2 * dense * tokens
 
 
-def peak(dtype) -> float:
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(3):
-        a @ b
-    return 3 * 2 * 2048 ** 3 / (time.perf_counter() - t0)
-
-
-p32, p16 = peak(torch.float32), peak(torch.bfloat16)
+p32, p16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
 print(f"embedding {tokens} tokens = {flops / 1e12:.1f} TFLOP: fp32 at {flops / t_embed / 1e9:.0f} GFLOP/s "
       f"({flops / t_embed / p32:.0%} of the fp32 matmul peak {p32 / 1e9:.0f}), bf16 at {flops / t_embed16 / 1e9:.0f} "
       f"GFLOP/s ({flops / t_embed16 / p16:.0%} of the bf16 peak {p16 / 1e9:.0f}); at 100% of peak the embedding "

@@ -15,24 +15,12 @@ import torch
 
 from persona_em import evaluate, models, pairs, questions, training
 from persona_em.config import load_profile
+from peak import matmul_peak
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 48
 batch = int(sys.argv[2]) if len(sys.argv) > 2 else 8
 threads = int(sys.argv[3]) if len(sys.argv) > 3 else 2
 torch.set_num_threads(threads)
-
-
-def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * size ** 3 / best
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 # realistic pairs: pool questions, with project-authored aligned/misaligned answers of varied length

@@ -292,8 +292,10 @@ class Profile(Strict):
     @field_validator("embedder")
     @classmethod
     def _known_embedder(cls, v: str) -> str:
-        if v not in ("minilm", "minilm-bf16") and not Path(v).is_dir():
-            raise ValueError(f"unknown embedder {v!r}: expected 'minilm', 'minilm-bf16' or a local "
+        from .models import EMBEDDERS
+
+        if v not in EMBEDDERS and not Path(v).is_dir():
+            raise ValueError(f"unknown embedder {v!r}: expected one of {EMBEDDERS} or a local "
                              "sentence-transformers folder")
         return v
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from .config import EMConfig
-from .training import log_frame, sft_trainer, use_training_template  # noqa: F401 (re-exported)
+from .training import log_frame, sft_trainer, train_sft, use_training_template  # noqa: F401 (re-exported)
 
 DATA = Path(__file__).parent / "data"
 SLOT = re.compile(r"\{(\w+)\}")
@@ -84,14 +82,6 @@ def dataset_rows(profile, domain: str, kind: str) -> tuple[list[dict], str | Non
     return [{"messages": r["messages"]} for r in rows[:profile.em.n_examples]], path
 
 
-def em_trainer(model, tok, rows: list[dict], cfg: EMConfig, seed: int, output_dir: str, hw=None):
-    """trl SFTTrainer over a fresh LoRA seeded by the EM seed alone; returns (trainer, init_hash)."""
-    return sft_trainer(model, tok, rows, cfg, seed, output_dir, hw)
-
-
-def train_em(model, tok, rows: list[dict], cfg: EMConfig, seed: int, hw=None):
-    """SFT of a fresh, seeded LoRA over the (merged) persona. Returns (peft_model, log, init_hash)."""
-    with tempfile.TemporaryDirectory() as out:
-        trainer, init_hash = em_trainer(model, tok, rows, cfg, seed, out, hw)
-        trainer.train()
-    return trainer.model, log_frame(trainer.state.log_history), init_hash
+# The EM stage is plain SFT over the merged persona: the same trainer as introspection, under EM names.
+em_trainer = sft_trainer   # (trainer, init_hash): a fresh LoRA seeded by the EM seed alone
+train_em = train_sft       # (peft_model, log, init_hash)

@@ -254,7 +254,14 @@ def random_lora_like(model, reference_adapters, cfg: LoraConfig, seed: int):
 # With `hardware.num_processes` > 1 a notebook launches its trainer through `accelerate launch` in a child
 # process tree (torch's elastic launcher underneath: DDP over NCCL on GPUs, gloo on a CPU; FSDP per the profile
 # through the trainer's arguments). A subprocess, not a fork: the notebook may already hold a model on the GPU.
-JOBS = ("dpo", "sft")
+TRAINERS = {"dpo": dpo_trainer, "sft": sft_trainer}   # kind -> builder of (trainer, init_hash)
+
+
+def _trained(kind: str, model, tok, rows: list[dict], cfg, seed: int, hw, output_dir: str):
+    """Build the `kind` trainer over a fresh seeded LoRA and train it; returns (trainer, init_hash)."""
+    trainer, init_hash = TRAINERS[kind](model, tok, rows, cfg, seed, output_dir, hw)
+    trainer.train()
+    return trainer, init_hash
 
 
 def fit(kind: str, model, tok, rows: list[dict], cfg, seed: int, hw, out: str | Path, spec: str,
@@ -265,14 +272,14 @@ def fit(kind: str, model, tok, rows: list[dict], cfg, seed: int, hw, out: str | 
 
     One process: in place, on `model`. Several (`hw.num_processes`): every process loads `spec` with
     `adapters` merged (the same weights `model` holds) and trains its share of each batch."""
-    if kind not in JOBS:
-        raise ValueError(f"unknown training job {kind!r}; expected one of {JOBS}")
+    if kind not in TRAINERS:
+        raise ValueError(f"unknown training job {kind!r}; expected one of {tuple(TRAINERS)}")
     out = Path(out)
     if hw is None or hw.num_processes == 1:
-        train = train_dpo if kind == "dpo" else train_sft
-        peft_model, log, init_hash = train(model, tok, rows, cfg, seed, hw=hw)
-        save_adapter(peft_model, out)
-        return log, init_hash, tensors_hash(frozen_state(peft_model))
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer, init_hash = _trained(kind, model, tok, rows, cfg, seed, hw, tmp)
+        save_adapter(trainer.model, out)
+        return log_frame(trainer.state.log_history), init_hash, tensors_hash(frozen_state(trainer.model))
     log_file, meta_file = (out.parent / f".{out.name}-{x}" for x in ("log.csv", "job.json"))
     try:
         launch(kind, dict(spec=spec, adapters=[str(a) for a in adapters], rows=rows, cfg=cfg, seed=seed, hw=hw,
@@ -296,9 +303,7 @@ def run_job(kind: str, spec: str, adapters: list, rows: list[dict], cfg, seed: i
     out, sharded = Path(out), hw.distributed == "fsdp"
     main = int(os.environ.get("RANK", "0")) == 0   # the launcher sets RANK
     with tempfile.TemporaryDirectory() as tmp:
-        build = dpo_trainer if kind == "dpo" else sft_trainer
-        trainer, init_hash = build(model, tok, rows, cfg, seed, tmp, hw)
-        trainer.train()
+        trainer, init_hash = _trained(kind, model, tok, rows, cfg, seed, hw, tmp)
         if sharded:   # the state dict is gathered collectively: every process saves, the main one writes
             trainer.save_model(str(Path(tmp) / "adapter"))
             if main:

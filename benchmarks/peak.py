@@ -1,0 +1,16 @@
+"""This machine's own matmul rate, the yardstick the CPU benchmarks report against."""
+import time
+
+import torch
+
+
+def matmul_peak(dtype=torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` size^3 matmuls in `dtype`, after one warm-up."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best
