@@ -206,6 +206,8 @@ def test_teacher_check_reads_the_margin_under_each_system_prompt(smollm):
         * sign for it in items for good, sign in (("consistent", 1), ("inconsistent", -1))]) * 2
     assert table["margin"][1] == pytest.approx(by_hand, abs=1e-4)
     assert abs(table["margin"][1] - table["margin"][0]) > 1e-4   # the system prompt reached the model
+    few = evaluate.teacher_margins(model, tok, {"none": None}, ["candor"], batch_size=8, limit=3)
+    assert few["margin"][0] == pytest.approx(evaluate.persona_margin(model, tok, items[:3]), abs=1e-5)
 
 
 def test_tensors_hash_reads_raw_bytes_of_any_dtype():

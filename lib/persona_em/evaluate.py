@@ -185,11 +185,13 @@ def persona_margin(model, tok, items: list[dict], batch_size: int = 16, system: 
 
 
 def teacher_margins(model, tok, systems: dict[str, str | None], traits: list[str],
-                    batch_size: int = 16) -> pd.DataFrame:
+                    batch_size: int = 16, limit: int | None = None) -> pd.DataFrame:
     """The ceiling of context distillation: the teacher's persona margin on each trait's held-out items with
     each system prompt (None: no system prompt). A student trained to answer like the teacher with a
-    constitution can only learn what that constitution changes in the teacher's own answers."""
-    rows = [{"trait": t, "system": name, "margin": persona_margin(model, tok, persona_items(t), batch_size, system)}
+    constitution can only learn what that constitution changes in the teacher's own answers. `limit`: the
+    first items only -- the persona check's own `check_items`, so ceiling and student read the same items."""
+    rows = [{"trait": t, "system": name,
+             "margin": persona_margin(model, tok, persona_items(t, limit), batch_size, system)}
             for t in traits for name, system in systems.items()]
     return pd.DataFrame(rows, columns=["trait", "system", "margin"])
 
