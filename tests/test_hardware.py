@@ -13,12 +13,16 @@ from persona_em.config import HardwareConfig, load_profile
 def test_common_args_follow_the_hardware_section(root):
     P = load_profile(root / "params" / "gpu.yaml")
     args = training.common_args(P.em, 0, "/tmp/x", P.hardware)
-    assert args["bf16"] and not args["use_cpu"] and args["gradient_checkpointing"]
+    assert args["bf16"] and not args["use_cpu"] and args["activation_checkpointing"]
     assert args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] == 16   # EM recipe
     cpu = training.common_args(P.em, 0, "/tmp/x")
-    assert cpu["use_cpu"] and not cpu["bf16"] and not cpu["gradient_checkpointing"]
-    ddp = training.common_args(P.character, 0, "/tmp/x", HardwareConfig(num_processes=4, distributed="fsdp"))
-    assert ddp["per_device_train_batch_size"] == P.character.batch_size // 4 and "full_shard" in ddp["fsdp"]
+    assert cpu["use_cpu"] and not cpu["bf16"] and not cpu["activation_checkpointing"]
+    fsdp = training.common_args(P.character, 0, "/tmp/x", P.hardware.model_copy(update={"num_processes": 4,
+                                                                                       "distributed": "fsdp"}))
+    assert fsdp["per_device_train_batch_size"] == P.character.batch_size // 4 and fsdp["fsdp"] is True
+    # FSDP2 shards fully and checkpoints activations itself; the trainer's own checkpointing is off
+    assert fsdp["fsdp_config"] == {"reshard_after_forward": True, "activation_checkpointing": True}
+    assert not fsdp["activation_checkpointing"]
     with pytest.raises(ValueError, match="does not split over 3 processes"):
         training.common_args(P.character, 0, "/tmp/x", HardwareConfig(num_processes=3))
 
@@ -31,6 +35,17 @@ def test_vllm_sampler_falls_back_with_a_message(smollm):
         got = sampling.sampler_for(model, tok, HardwareConfig(sampler="vllm"))
     assert got is model   # vLLM is not installed here (the `gpu` extra)
     assert any("vLLM is not installed" in str(w.message) for w in caught)
+
+
+def test_stop_ids_take_every_eos_of_the_generation_config(smollm):
+    """'finished' means any EOS the model stops at (Qwen2.5 has two), as vLLM's finish_reason 'stop' does."""
+    from types import SimpleNamespace
+
+    model, tok = smollm
+    assert tok.eos_token_id in sampling.stop_ids(model, tok).tolist()
+    two = SimpleNamespace(device="cpu", generation_config=SimpleNamespace(eos_token_id=[7, 9]))
+    assert sampling.stop_ids(two, tok).tolist() == sorted({tok.eos_token_id, 7, 9})
+    sampling.close(model, None)   # closing is for vLLM engines; anything else is left alone
 
 
 def test_fit_refuses_an_unknown_job():

@@ -234,7 +234,10 @@ class HardwareConfig(Strict):
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="data parallel, or fully sharded (FSDP)")
     sampler: Literal["transformers", "vllm"] = Field("transformers", description="sampling backend; vllm falls "
                                                       "back to transformers with a message when not installed")
-    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU share of a vLLM engine over "
+                                               "the trained model (weights and KV cache)")
+    vllm_teacher_gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU share of the teacher's "
+                                                       "engine, open beside the student's in chapter 1")
 
 
 class ResourcesConfig(Strict):

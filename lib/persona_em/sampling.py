@@ -24,6 +24,7 @@ def sample_text(model, tok, prompts: list[str], max_new_tokens: int, seed: int, 
     if isinstance(model, VLLMSampler):
         return model.sample(prompts, max_new_tokens, seed, temperature, top_p)
     lengths = [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
+    eos = stop_ids(model, tok)
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     out: list[dict | None] = [None] * len(prompts)
     old_side = tok.padding_side
@@ -34,15 +35,25 @@ def sample_text(model, tok, prompts: list[str], max_new_tokens: int, seed: int, 
             idx = order[start:start + batch_size]
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True,
                       add_special_tokens=False).to(model.device)
+            # exactly the profile's sampling: none of the model's generation_config (top_k, a repetition
+            # penalty) applies, as on the vLLM path
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                 top_p=top_p, top_k=0, pad_token_id=tok.pad_token_id)
+                                 top_p=top_p, top_k=0, repetition_penalty=1.0, pad_token_id=tok.pad_token_id)
             new = gen[:, enc.input_ids.shape[1]:]
             for i, row in zip(idx, new):
-                finished = bool((row == tok.eos_token_id).any())
+                finished = bool(torch.isin(row, eos).any())
                 out[i] = {"text": tok.decode(row, skip_special_tokens=True).strip(), "finished": finished}
     finally:
         tok.padding_side = old_side
     return out
+
+
+def stop_ids(model, tok) -> torch.Tensor:
+    """Every token that ends a reply: the tokenizer's EOS and the model's generation_config EOS ids (Qwen2.5 has
+    two), so that 'finished' means what vLLM's finish_reason 'stop' means."""
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+    return torch.tensor(sorted({tok.eos_token_id, *extra}), device=model.device)
 
 
 def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int, seed: int, batch_size: int = 16,
@@ -60,41 +71,97 @@ def trim_to_sentence(text: str) -> str:
 
 # -- vLLM (the `gpu` extra) -----------------------------------------------------------------------------------
 class VLLMSampler:
-    """Samples through vLLM from the same merged weights: the model is written once to a temporary folder and
-    served by `vllm.LLM`; each prompt gets its own seed (seed + index), so samples do not depend on batching.
-    Returns what the transformers path returns: {'text', 'finished'} per prompt, in input order."""
+    """Samples through vLLM. `source` is a model folder or hub id, served as it is (the untrained base, the
+    teacher: nothing is copied and no transformers copy needs the GPU), or a transformers model (a merged
+    persona), written once to a temporary folder. Returns what the transformers path returns: {'text',
+    'finished'} per prompt, in input order.
 
-    def __init__(self, model, tok, hw, seed: int):
+    The two paths sample the same distribution: prompts go in as the same token ids (vLLM would add a BOS to a
+    text prompt that already has one), and the profile's temperature and top_p are the whole sampling setup
+    (vLLM ignores the model's generation_config when given explicit parameters; the transformers path is told
+    to). Each prompt has its own seed (seed + index); vLLM repeats its samples only on the same hardware and
+    version, in its single-process mode, set here (vLLM docs, "Reproducibility"). Each engine reserves
+    `memory` (a fraction of the GPU; default hardware.vllm_gpu_memory_utilization) until `close()`."""
+
+    def __init__(self, source, tok, hw, seed: int, memory: float | None = None):
+        import os
         import tempfile
+        from pathlib import Path
 
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        self._dir = tempfile.TemporaryDirectory(prefix="persona-em-vllm-")
-        model.save_pretrained(self._dir.name)
-        tok.save_pretrained(self._dir.name)
-        self.llm = LLM(self._dir.name, dtype="bfloat16" if hw.precision == "bfloat16" else "float32", seed=seed,
-                       gpu_memory_utilization=hw.vllm_gpu_memory_utilization)
+        self.tok, self._dir = tok, None
+        if not isinstance(source, (str, Path)):
+            self._dir = tempfile.TemporaryDirectory(prefix="persona-em-vllm-")
+            source.save_pretrained(self._dir.name)
+            tok.save_pretrained(self._dir.name)
+            source = self._dir.name
+        self.llm = LLM(str(source), dtype="bfloat16" if hw.precision == "bfloat16" else "float32", seed=seed,
+                       gpu_memory_utilization=memory or hw.vllm_gpu_memory_utilization)
 
     def sample(self, prompts: list[str], max_new_tokens: int, seed: int, temperature: float, top_p: float):
         from vllm import SamplingParams
 
+        if self.llm is None:
+            raise RuntimeError("this vLLM sampler was closed")
         params = [SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 seed=seed + i) for i in range(len(prompts))]
-        outs = self.llm.generate(prompts, params, use_tqdm=True)
+                                 repetition_penalty=1.0, seed=seed + i) for i in range(len(prompts))]
+        ids = [{"prompt_token_ids": self.tok(p, add_special_tokens=False).input_ids} for p in prompts]
+        outs = self.llm.generate(ids, params, use_tqdm=True)
         return [{"text": o.outputs[0].text.strip(), "finished": o.outputs[0].finish_reason == "stop"}
                 for o in outs]
 
+    def close(self) -> None:
+        """Give the engine's GPU memory back (the next engine or model needs it)."""
+        import gc
 
-def sampler_for(model, tok, hw, seed: int = 0):
-    """The sampling backend the profile asks for: the transformers model itself, or a vLLM sampler over the
-    same weights. Without vLLM installed, says so and falls back to transformers (same artifact formats)."""
-    if hw is None or hw.sampler == "transformers":
-        return model
+        self.llm = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+def uses_vllm(hw) -> bool:
+    """Whether the profile samples through vLLM here: asked for, and installed (else a message, and the
+    transformers path)."""
     import importlib.util
     import warnings
 
+    if hw is None or hw.sampler == "transformers":
+        return False
     if importlib.util.find_spec("vllm") is None:
         warnings.warn("hardware.sampler is 'vllm' but vLLM is not installed (pip install -e '.[gpu]'); "
-                      "sampling with transformers instead", stacklevel=2)
+                      "sampling with transformers instead", stacklevel=3)
+        return False
+    return True
+
+
+def close(*samplers) -> None:
+    """Close the vLLM samplers among these (a transformers model needs nothing)."""
+    for s in samplers:
+        if isinstance(s, VLLMSampler):
+            s.close()
+
+
+def sampler_for(model, tok, hw, seed: int = 0, memory: float | None = None):
+    """The sampling backend the profile asks for: the transformers model itself, or a vLLM sampler over the
+    same weights (`model` may also be a model folder or hub id, served as it is). Without vLLM installed, says
+    so and falls back to transformers (same artifact formats)."""
+    if not uses_vllm(hw):
         return model
-    return VLLMSampler(model, tok, hw, seed)
+    return VLLMSampler(model, tok, hw, seed, memory)
+
+
+def open_sampler(spec: str, hw, seed: int = 0, memory: float | None = None):
+    """(sampler, tokenizer) for a model spec: a vLLM engine over the model's own files when the profile samples
+    through vLLM (no transformers copy takes GPU memory beside it), else the transformers model."""
+    from .models import load_model, load_tokenizer, model_path
+
+    if uses_vllm(hw):
+        tok = load_tokenizer(spec)
+        return VLLMSampler(model_path(spec), tok, hw, seed, memory), tok
+    return load_model(spec, hw=hw)

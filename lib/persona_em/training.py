@@ -71,10 +71,13 @@ def common_args(cfg, seed: int, out: str, hw=None) -> dict:
                 gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
                 warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", optim="adamw_torch", seed=seed,
                 data_seed=seed, logging_steps=1, save_strategy="no", report_to=[], use_cpu=hw.device == "cpu",
-                bf16=hw.precision == "bfloat16", fp16=False, gradient_checkpointing=hw.gradient_checkpointing,
+                bf16=hw.precision == "bfloat16", fp16=False, activation_checkpointing=hw.gradient_checkpointing,
                 dataloader_num_workers=0, disable_tqdm=False)
     if hw.num_processes > 1 and hw.distributed == "fsdp":
-        args.update(fsdp="full_shard auto_wrap", fsdp_config={"use_orig_params": True})
+        # FSDP2 (transformers' default): fully sharded, and FSDP's own activation checkpointing in place of the
+        # trainer's (which would add an all-gather to every backward pass)
+        args.update(fsdp=True, activation_checkpointing=False,
+                    fsdp_config={"reshard_after_forward": True, "activation_checkpointing": hw.gradient_checkpointing})
     return args
 
 
@@ -309,8 +312,12 @@ def run_job(kind: str, spec: str, adapters: list, rows: list[dict], cfg, seed: i
             if main:
                 from .provenance import atomic_dir
 
+                saved = sorted((Path(tmp) / "adapter").glob("adapter_*"))
+                if not any(f.name.startswith("adapter_model") for f in saved):   # e.g. a SHARDED_STATE_DICT
+                    raise RuntimeError(f"{out}: the FSDP job saved no adapter weights (found {[f.name for f in saved]}); "
+                                       "use fsdp_config state_dict_type FULL_STATE_DICT (the default)")
                 with atomic_dir(out) as dst:   # the trained adapter only (trl's DPO "ref" copy is a subfolder)
-                    for f in (Path(tmp) / "adapter").glob("adapter_*"):
+                    for f in saved:
                         shutil.copy(f, dst)
     if not main:
         return
