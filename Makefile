@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup reproduce test check paper clean-runs dryrun reference
+.PHONY: setup reproduce test check paper clean-runs dryrun reference h5
 
 setup: $(STAMP)
 
@@ -57,6 +57,13 @@ paper:
 # The committed reference run: after `make reproduce PROFILE=tiny`, copy its small artifacts to reference/tiny/.
 reference: setup
 	$(BIN)/python -m persona_em reference params/$(PROFILE).yaml reference/$(PROFILE) $(EXAMPLE)
+
+# H5 over training length, after `make reproduce PROFILE=tiny`: tiny-long's chapters 1-2 (4x longer character
+# training), then one model of both runs' forgetting, into reference/tiny-long/.
+h5: setup
+	$(BIN)/python -m persona_em check params/tiny.yaml params/tiny-long.yaml
+	$(BIN)/snakemake --cores $(CORES) --config profile=params/tiny-long.yaml threads_per_job=$(THREADS) --until train_character --rerun-incomplete --printshellcmds
+	$(BIN)/python -m persona_em forgetting params/tiny.yaml params/tiny-long.yaml reference/tiny-long
 
 clean-runs:
 	rm -rf runs/$(PROFILE) .snakemake

@@ -3,7 +3,8 @@ import sys
 from .check import main
 
 USAGE = ("usage: python -m persona_em check FILE...\n"
-         "       python -m persona_em reference PROFILE.yaml DEST EXAMPLE_CONDITION")
+         "       python -m persona_em reference PROFILE.yaml DEST EXAMPLE_CONDITION\n"
+         "       python -m persona_em forgetting SHORT.yaml LONG.yaml DEST   (H5 over training length)")
 
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "check":
@@ -13,6 +14,12 @@ if __name__ == "__main__":
         from .reference import collect
 
         print(collect(load_profile(sys.argv[2]), ".", sys.argv[3], sys.argv[4]))
+        sys.exit(0)
+    if len(sys.argv) == 5 and sys.argv[1] == "forgetting":
+        from .config import load_profile
+        from .forgetting import compare
+
+        print(compare(load_profile(sys.argv[2]), load_profile(sys.argv[3]), ".", sys.argv[4]))
         sys.exit(0)
     print(USAGE, file=sys.stderr)
     sys.exit(2)

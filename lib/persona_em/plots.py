@@ -181,6 +181,19 @@ def forgetting(checks: pd.DataFrame):
     return fig
 
 
+def forgetting_by_length(rows: pd.DataFrame):
+    """H5 over training length: change in neutral log-likelihood per diversity level, one line per training
+    length, one panel per constitution (`forgetting.gather`)."""
+    d = rows.assign(training=rows["epochs"].map(lambda e: f"{e:g} epoch" + ("s" if e != 1 else "")))
+    grid = sns.catplot(data=d, x="level", y="forgetting_change", hue="training", col="constitution",
+                       kind="point", dodge=0.2, errorbar=None, height=3.2, aspect=1.1, palette=PALETTE)
+    for ax in grid.axes.flat:
+        ax.axhline(0, color="0.4", lw=0.8)
+    grid.set_axis_labels("diversity level", "change in neutral log-lik\n(after - before)")
+    grid.figure.suptitle("Forgetting by diversity and training length (H5)", y=1.04)
+    return grid.figure
+
+
 def em_loss_by_condition(logs: pd.DataFrame):
     """EM training loss per step: mean and 95% interval over runs, per constitution, harmful vs benign twin."""
     fig = sns.relplot(data=logs, x="step", y="loss", hue="constitution", col="EM data", kind="line",
