@@ -149,8 +149,8 @@ def close(*samplers) -> None:
 
 def sampler_for(model, tok, hw, seed: int = 0, memory: float | None = None):
     """The sampling backend the profile asks for: the transformers model itself, or a vLLM sampler over the
-    same weights (`model` may also be a model folder or hub id, served as it is). Without vLLM installed, says
-    so and falls back to transformers (same artifact formats)."""
+    same weights (`open_sampler` serves a model spec's own files instead). Without vLLM installed, says so and
+    falls back to transformers (same artifact formats)."""
     if not uses_vllm(hw):
         return model
     return VLLMSampler(model, tok, hw, seed, memory)
