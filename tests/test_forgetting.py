@@ -44,7 +44,10 @@ def test_the_interaction_reads_how_diversity_changes_the_cost_of_longer_training
     effects = __import__("pandas").read_csv(tmp_path / "h5" / "forgetting_effects.csv").set_index("term")
     assert effects.loc["log2_level:longer", "estimate"] == pytest.approx(0.02, abs=1e-9)
     assert effects.loc["longer", "estimate"] == pytest.approx(-0.2, abs=1e-9)   # the wobble averages out
-    assert (tmp_path / "h5" / "forgetting_by_length.png").is_file() and "log2_level:longer +0.0200" in report
+    assert (tmp_path / "figures" / "test" / "forgetting_by_length.png").is_file()
+    assert "log2_level:longer +0.0200" in report
+    tex = (tmp_path / "paper" / "generated" / "test" / "h5_length.tex").read_text()   # the paper's macros
+    assert "\\newcommand{\\HFiveLengthInteraction}{0.020}" in tex and "\\newcommand{\\HFiveLengthRatio}{4}" in tex
 
 
 def test_profiles_that_differ_in_more_than_length_or_have_not_run_are_refused(root, tmp_path):

@@ -67,10 +67,12 @@ def fit(rows: pd.DataFrame):
     return smf.ols(formula, d).fit(), formula
 
 
-def compare(short, long, root: str | Path, dest: str | Path) -> str:
-    """Gather, fit and write `forgetting_rows.csv`, `forgetting_effects.csv` and `forgetting_by_length.png`
-    (and .pdf) into `dest`; returns a short report."""
+def compare(short, long, root: str | Path, dest: str | Path, paper: bool = True) -> str:
+    """Gather, fit and write `forgetting_rows.csv`, `forgetting_effects.csv`, the model and a manifest into
+    `dest`, the figure `forgetting_by_length` into figures/<short profile>/ and (`paper`) the paper's macros
+    into paper/generated/<short profile>/h5_length.tex; returns a short report."""
     from . import plots
+    from .paper import write_numbers
     from .provenance import (atomic_write_csv, atomic_write_json, atomic_write_text, file_hash, git_state,
                              package_versions)
     from .stats import ols_effects_table
@@ -84,7 +86,8 @@ def compare(short, long, root: str | Path, dest: str | Path) -> str:
     atomic_write_csv(dest / "forgetting_effects.csv", table)
     atomic_write_text(dest / "forgetting_model.txt", str(result.summary()))
     plots.set_style()
-    plots.save(plots.forgetting_by_length(rows), dest, "forgetting_by_length")
+    plots.save(plots.forgetting_by_length(rows), Path(root) / "figures" / short.name if paper else dest,
+               "forgetting_by_length")
     inputs = {str(profile.run_dir(root, "02_train_character", c) / "checks.json"): file_hash(
         profile.run_dir(root, "02_train_character", c) / "checks.json")
               for profile in (short, long) for c in rows.loc[rows["profile"] == profile.name, "condition"]}
@@ -94,6 +97,15 @@ def compare(short, long, root: str | Path, dest: str | Path) -> str:
         "packages": package_versions(), "inputs": inputs, "formula": formula})
     term = table.set_index("term").loc["log2_level:longer"]
     means = rows.groupby("epochs")["forgetting_change"].mean()
+    if paper:
+        ratio = long.character.epochs / short.character.epochs
+        write_numbers({"h5_long_profile": long.name, "h5_length_ratio": int(ratio) if ratio.is_integer() else ratio,
+                       "h5_long_mean": float(means[long.character.epochs]),
+                       "h5_short_mean": float(means[short.character.epochs]),
+                       "h5_length_interaction": float(term["estimate"]), "h5_length_interaction_p": float(term["p"]),
+                       "h5_length_conditions": len(rows) // 2},
+                      Path(root) / "paper" / "generated" / short.name / "h5_length.tex",
+                      source="python -m persona_em forgetting")
     return (f"H5 over training length ({short.name}: {short.character.epochs} epoch(s), {long.name}: "
             f"{long.character.epochs}), {len(rows) // 2} shared conditions: mean neutral log-lik change "
             + ", ".join(f"{e:g} epoch(s) {v:+.4f}" for e, v in means.items())

@@ -35,8 +35,8 @@ def fmt(value, digits: int = 3) -> str:
     return str(value).replace("_", r"\_")
 
 
-def write_numbers(numbers: dict, path: str | Path) -> Path:
-    lines = ["% Written by notebooks/05_analyze.ipynb (persona_em.paper); do not edit by hand."]
+def write_numbers(numbers: dict, path: str | Path, source: str = "notebooks/05_analyze.ipynb") -> Path:
+    lines = [f"% Written by {source} (persona_em.paper); do not edit by hand."]
     for key in sorted(numbers):
         lines.append(f"\\newcommand{{\\{macro_name(key)}}}{{{fmt(numbers[key])}}}")
     return atomic_write_text(path, "\n".join(lines) + "\n")
