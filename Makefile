@@ -59,10 +59,12 @@ reference: setup
 	$(BIN)/python -m persona_em reference params/$(PROFILE).yaml reference/$(PROFILE) $(EXAMPLE)
 
 # H5 over training length, after `make reproduce PROFILE=tiny`: tiny-long's chapters 1-2 (4x longer character
-# training), then one model of both runs' forgetting, into reference/tiny-long/.
+# training; its chapter-2 runs named as targets: `--until train_character` stalls on the random-LoRA control),
+# then one model of both runs' forgetting, into reference/tiny-long/.
 h5: setup
 	$(BIN)/python -m persona_em check params/tiny.yaml params/tiny-long.yaml
-	$(BIN)/snakemake --cores $(CORES) --config profile=params/tiny-long.yaml threads_per_job=$(THREADS) --until train_character --rerun-incomplete --printshellcmds
+	$(BIN)/snakemake --cores $(CORES) --config profile=params/tiny-long.yaml threads_per_job=$(THREADS) --rerun-incomplete --printshellcmds \
+	  $$($(BIN)/python -c "from persona_em.config import load_profile; P = load_profile('params/tiny-long.yaml'); print(*(P.run_dir('.', '02_train_character', c) / 'manifest.json' for c in P.character_conditions()))")
 	$(BIN)/python -m persona_em forgetting params/tiny.yaml params/tiny-long.yaml reference/tiny-long
 
 clean-runs:
