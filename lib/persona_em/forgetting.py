@@ -49,8 +49,8 @@ def gather(short, long, root: str | Path = ".") -> pd.DataFrame:
         for cond in shared:
             path = profile.run_dir(root, "02_train_character", cond) / "checks.json"
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: profile {profile.name!r} has not trained {cond} yet (run its "
-                                        "chapters 1-2: snakemake ... --until train_character)")
+                raise FileNotFoundError(f"{path}: profile {profile.name!r} has not trained {cond} yet (`make h5` "
+                                        "runs tiny-long's chapters 1-2)")
             ck = json.loads(path.read_text())
             rows.append({"profile": profile.name, "epochs": profile.character.epochs,
                          "longer": int(profile is long), "condition": cond, **parse_condition(cond),
@@ -88,9 +88,9 @@ def compare(short, long, root: str | Path, dest: str | Path, paper: bool = True)
     plots.set_style()
     plots.save(plots.forgetting_by_length(rows), Path(root) / "figures" / short.name if paper else dest,
                "forgetting_by_length")
-    inputs = {str(profile.run_dir(root, "02_train_character", c) / "checks.json"): file_hash(
-        profile.run_dir(root, "02_train_character", c) / "checks.json")
-              for profile in (short, long) for c in rows.loc[rows["profile"] == profile.name, "condition"]}
+    paths = [profile.run_dir(root, "02_train_character", c) / "checks.json"
+             for profile in (short, long) for c in rows.loc[rows["profile"] == profile.name, "condition"]]
+    inputs = {str(path): file_hash(path) for path in paths}
     atomic_write_json(dest / "forgetting_manifest.json", {
         "git": git_state(root), "profiles": {p.name: {"digest": p.digest(), "params": p.model_dump(mode="json")}
                                              for p in (short, long)},
