@@ -41,6 +41,8 @@ def test_shipped_profiles_validate(root, name):
     ({"model": "not a model"}, "model: unknown model 'not a model'"),
     ({"generate.levels": [4, 2]}, "generate.levels:"),
     ({"em.domains": ["cooking"]}, "em.domains.0:"),
+    # accelerate would run it as DDP without a word (MULTI_CPU drops the FSDP plugin)
+    ({"hardware": {"num_processes": 2, "distributed": "fsdp"}}, "distributed 'fsdp' needs device 'cuda'"),
 ])
 def test_bad_profiles_are_refused_with_file_and_key(tmp_path, root, edit, needle):
     f = _write(tmp_path, root, **edit)

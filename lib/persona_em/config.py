@@ -239,6 +239,15 @@ class HardwareConfig(Strict):
     vllm_teacher_gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU share of the teacher's "
                                                        "engine, open beside the student's in chapter 1")
 
+    @model_validator(mode="after")
+    def _fsdp_needs_gpus(self):
+        # accelerate runs several CPU processes as MULTI_CPU (DDP) and drops the FSDP plugin without a word
+        # (measured: the trainer reports is_fsdp_enabled False), so a CPU "fsdp" run would not be what it says
+        if self.distributed == "fsdp" and self.num_processes > 1 and self.device != "cuda":
+            raise ValueError("distributed 'fsdp' needs device 'cuda': on a CPU accelerate trains several "
+                             "processes as DDP and ignores FSDP; use distributed 'ddp'")
+        return self
+
 
 class ResourcesConfig(Strict):
     """Cluster resources of one Snakemake rule (the SLURM executor reads them)."""
