@@ -69,6 +69,31 @@ def test_dpo_is_deterministic_on_cpu(smollm, profile):
     assert states[0] == states[1]
 
 
+def test_bf16_autocast_training_is_deterministic_and_keeps_float32_weights(smollm, profile):
+    """hardware.training_autocast: the trainer's matmuls run in bf16 (the adapter differs from float32 training),
+    the weights and the saved adapter stay float32, and the same seed gives the same adapter, bit for bit."""
+    from peft import get_peft_model_state_dict   # the trained adapter alone, as saved (not trl's "ref" copy)
+
+    from persona_em.config import HardwareConfig
+
+    model, tok = smollm
+    hw = HardwareConfig(training_autocast="bfloat16")
+    assert training.common_args(profile.character, 0, "/tmp/x", hw)["bf16"]
+    runs = []
+    for autocast in (hw, hw, None):
+        m = copy.deepcopy(model)
+        peft_model, log, _ = training.train_dpo(m, tok, pairs.to_dpo_rows(PAIRS), profile.character, seed=7, hw=autocast)
+        state = training.lora_state(peft_model)
+        assert all(t.dtype == torch.float32 for t in state.values())
+        runs.append((training.tensors_hash(state), get_peft_model_state_dict(peft_model), float(log["loss"].iloc[0])))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][0] != runs[2][0]   # bf16 matmuls really ran
+    assert runs[0][2] == pytest.approx(runs[2][2], rel=0.02)   # the same loss, up to bf16 rounding
+    bf16, fp32 = (torch.cat([d.flatten() for d in training.lora_deltas(r[1]).values()]) for r in (runs[0], runs[2]))
+    assert float(fp32.norm()) > 0
+    assert float(torch.nn.functional.cosine_similarity(bf16, fp32, dim=0)) > 0.9   # the same update direction
+
+
 def test_em_guards_persona_in_weights_and_seeded_init(smollm, profile):
     """DESIGN 6.1/6.2: same EM seed over two personas -> identical LoRA init, different trained adapters,
     and the frozen weights under the EM LoRA are exactly the persona's."""

@@ -18,7 +18,7 @@ import statsmodels.formula.api as smf
 
 from .config import parse_condition
 
-SAME = ("model", "character.check_items", "character.lora", "character.lr", "character.batch_size",
+SAME = ("model", "hardware", "character.check_items", "character.lora", "character.lr", "character.batch_size",
         "generate.levels", "generate.n_questions")
 
 

@@ -57,6 +57,12 @@ def tensors_hash(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def mixed_bf16(hw) -> bool:
+    """Whether the trainers run under bf16 autocast: bf16 weights (the GPU path), or float32 weights with
+    `training_autocast` (the CPU path; the trainer's `bf16` flag is accelerate's autocast either way)."""
+    return hw.precision == "bfloat16" or hw.training_autocast == "bfloat16"
+
+
 def common_args(cfg, seed: int, out: str, hw=None) -> dict:
     """Trainer arguments shared by every training stage: one trainer, optimizer and precision for all
     conditions of a profile (DESIGN 6.3). `hw`: the profile's hardware section (None: the CPU defaults).
@@ -71,7 +77,7 @@ def common_args(cfg, seed: int, out: str, hw=None) -> dict:
                 gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
                 warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", optim="adamw_torch", seed=seed,
                 data_seed=seed, logging_steps=1, save_strategy="no", report_to=[], use_cpu=hw.device == "cpu",
-                bf16=hw.precision == "bfloat16", fp16=False, activation_checkpointing=hw.gradient_checkpointing,
+                bf16=mixed_bf16(hw), fp16=False, activation_checkpointing=hw.gradient_checkpointing,
                 dataloader_num_workers=0, disable_tqdm=False)
     if hw.num_processes > 1 and hw.distributed == "fsdp":
         # FSDP2 (transformers' default): fully sharded, and FSDP's own activation checkpointing in place of the
@@ -345,7 +351,7 @@ def launch(kind: str, kwargs: dict, hw, workdir: str | Path, name: str) -> None:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
            "--num_processes", str(hw.num_processes), "--main_process_port", str(port), "--dynamo_backend", "no",
-           "--mixed_precision", "bf16" if hw.precision == "bfloat16" else "no",
+           "--mixed_precision", "bf16" if mixed_bf16(hw) else "no",
            "-m", "persona_em.training", str(job_file)]
     env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())}   # the notebook's thread share
     try:
