@@ -82,8 +82,11 @@ def test_bf16_autocast_training_is_deterministic_and_keeps_float32_weights(smoll
     runs = []
     for autocast in (hw, hw, None):
         m = copy.deepcopy(model)
-        peft_model, log, _ = training.train_dpo(m, tok, pairs.to_dpo_rows(PAIRS), profile.character, seed=7, hw=autocast)
+        peft_model, log, _ = training.train_dpo(m, tok, pairs.to_dpo_rows(PAIRS), profile.character, seed=7,
+                                                hw=autocast)
         state = training.lora_state(peft_model)
+        with pytest.raises(ValueError, match="several adapters in one state dict"):
+            training.lora_deltas(state)   # the trained adapter and trl's "ref" copy
         assert all(t.dtype == torch.float32 for t in state.values())
         runs.append((training.tensors_hash(state), get_peft_model_state_dict(peft_model), float(log["loss"].iloc[0])))
     assert runs[0][0] == runs[1][0]

@@ -7,6 +7,7 @@ it writes with the transformers path.
 IN: {"conversations": [[{role, content}, ...], ...], "max_new_tokens": N, "greedy_tokens": M}
 """
 import json
+import os
 import sys
 
 from persona_em import models, sampling
@@ -40,7 +41,7 @@ def main(src: str, dest: str) -> None:
     out["greedy_from_object"] = from_object.sample(prompts, greedy, 0, temperature=0.0, top_p=1.0)
     folder = from_object._dir.name
     sampling.close(from_object)
-    out["temp_folder_removed"] = not __import__("os").path.exists(folder)
+    out["temp_folder_removed"] = not os.path.exists(folder)
     with open(dest, "w") as f:
         json.dump(out, f)
 

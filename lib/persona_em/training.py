@@ -214,11 +214,16 @@ def save_adapter(peft_model, path: str | Path) -> None:
 
 
 def lora_deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Module name -> B @ A, from a LoRA state dict (keys '...<module>.lora_A[.default].weight')."""
+    """Module name -> B @ A, from one adapter's LoRA state dict (keys '...<module>.lora_A[.default].weight'),
+    as saved. A live DPO model's full LoRA state also holds trl's "ref" copy, whose zero delta would silently
+    replace the trained one under the same module name: refused."""
     out = {}
     for k, a in state.items():
         if ".lora_A." in k:
             module = k.split(".lora_A.")[0]
+            if module in out:
+                raise ValueError(f"{module}: several adapters in one state dict (e.g. trl's 'ref' copy); pass one "
+                                 "adapter's weights (a saved adapter, or peft's get_peft_model_state_dict)")
             out[module] = state[k.replace(".lora_A.", ".lora_B.")] @ a
     return out
 
