@@ -105,10 +105,14 @@ def load_model(spec: str, adapters: list[str | Path] = (), dtype: str = "float32
 
     if hw is not None:
         dtype, device = hw.precision, hw.device
-    model = AutoModelForCausalLM.from_pretrained(model_path(spec), dtype=getattr(torch, dtype))
+    # Adapters merge into float32 weights and the sum is cast once: a few DPO steps change a weight by about
+    # bf16's rounding step, so a merge in bf16 would round much of the persona away (tests/test_models.py).
+    model = AutoModelForCausalLM.from_pretrained(model_path(spec), dtype=torch.float32 if adapters
+                                                 else getattr(torch, dtype))
     model.to(device)
     for adapter in adapters:
         model = merge_adapter(model, adapter)
+    model.to(getattr(torch, dtype))
     model.eval()
     return model, load_tokenizer(spec)
 
@@ -160,3 +164,12 @@ def set_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(n)))
+
+
+def autocast(mode: str, device: str = "cpu"):
+    """A context in which matmuls run in bf16 over float32 weights (`mode` "bfloat16"), or a no-op ("none")."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast(device, dtype=torch.bfloat16) if mode == "bfloat16" else contextlib.nullcontext()

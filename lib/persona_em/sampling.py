@@ -1,6 +1,7 @@
 """Batched, seeded sampling from a chat model (left padding, length-sorted batches)."""
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -61,6 +62,47 @@ def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int, s
     """One sampled assistant reply per conversation (chat template applied)."""
     return sample_text(model, tok, [chat_prompt(tok, c) for c in conversations], max_new_tokens, seed,
                        batch_size, temperature, top_p, desc)
+
+
+@torch.no_grad()
+def generate_shared_prefix(model, tok, prefix: list[dict], user_turns: list[str], n: int, max_new_tokens: int,
+                           batch_size: int = 16, temperature: float = 1.0, top_p: float = 1.0,
+                           desc: str = "sampling") -> list[list[dict]] | None:
+    """`n` sampled replies to each of `user_turns`, each asked after the same `prefix` of messages (a system
+    prompt, demonstrations). The prefix is run through the model once and its key/value cache shared by every
+    row, so a long shared context costs one forward pass instead of one per sample; rows are padded between
+    the prefix and their own turn, which the attention mask hides (greedy replies equal those of the full
+    prompts, tests/test_pairs.py). Sampling continues the caller's torch RNG. Returns None when the prefix
+    cannot be cut off as whole tokens (then use `generate`)."""
+    if not prefix or isinstance(model, VLLMSampler):
+        return None
+    head = tok.apply_chat_template(prefix, tokenize=False)
+    fulls = [chat_prompt(tok, prefix + [{"role": "user", "content": u}]) for u in user_turns]
+    head_ids = tok(head, add_special_tokens=False).input_ids
+    tails = [tok(f[len(head):], add_special_tokens=False).input_ids for f in fulls]
+    if not all(f.startswith(head) and tok(f, add_special_tokens=False).input_ids == head_ids + t
+               for f, t in zip(fulls, tails)):
+        return None
+    cache = model(torch.tensor([head_ids], device=model.device), use_cache=True).past_key_values
+    rows = [(i, t) for i, t in enumerate(tails) for _ in range(n)]
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
+    out: list[list[dict]] = [[] for _ in user_turns]
+    eos = stop_ids(model, tok)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        batch = [rows[r] for r in order[start:start + batch_size]]
+        width = max(len(t) for _, t in batch)
+        ids = torch.tensor([head_ids + [tok.pad_token_id] * (width - len(t)) + t for _, t in batch], device=model.device)
+        mask = torch.tensor([[1] * len(head_ids) + [0] * (width - len(t)) + [1] * len(t) for _, t in batch],
+                            device=model.device)
+        shared = copy.deepcopy(cache)
+        shared.batch_repeat_interleave(len(batch))
+        gen = model.generate(input_ids=ids, attention_mask=mask, cache=shared, max_new_tokens=max_new_tokens,
+                             do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0,
+                             pad_token_id=tok.pad_token_id)
+        for (i, _), row in zip(batch, gen[:, ids.shape[1]:]):
+            out[i].append({"text": tok.decode(row, skip_special_tokens=True).strip(),
+                           "finished": bool(torch.isin(row, eos).any())})
+    return out
 
 
 def trim_to_sentence(text: str) -> str:
