@@ -58,7 +58,9 @@ rule generate:
     output:
         f"{RUNS}/01_generate/manifest.json",
     params:
-        h=P.section_hash("seed", "model", "embedder", "generate", "controls"),
+        # the replicates' subset draws come from character.seeds; the teacher check reads the check items
+        h=P.section_hash("seed", "model", "embedder", "generate", "controls", "character.seeds",
+                         "character.check_items", "hardware"),
     threads: threads_for("generate", workflow.cores)   # the DAG's root: nothing else can run beside it
     resources:
         **cluster("generate"),
@@ -82,7 +84,7 @@ rule train_character:
     output:
         f"{RUNS}/02_train_character/{{cond}}/manifest.json",
     params:
-        h=P.section_hash("seed", "model", "character"),
+        h=P.section_hash("seed", "model", "character", "hardware"),
     threads: threads_for("train_character", THREADS)
     resources:
         **cluster("train_character"),
@@ -98,7 +100,7 @@ rule induce_em:
     output:
         f"{RUNS}/03_induce_em/{{cond}}__{{dataset}}__s{{seed}}/manifest.json",
     params:
-        h=P.section_hash("seed", "model", "em"),
+        h=P.section_hash("seed", "model", "em", "hardware"),
     threads: threads_for("induce_em", THREADS)
     resources:
         **cluster("induce_em"),
@@ -123,7 +125,7 @@ rule evaluate:
     output:
         f"{RUNS}/04_evaluate/{{model}}/manifest.json",
     params:
-        h=P.section_hash("seed", "model", "evaluate", "em"),  # em.domains choose the contrast items
+        h=P.section_hash("seed", "model", "evaluate", "em", "hardware"),  # em.domains choose the contrast items
     threads: threads_for("evaluate", THREADS)
     resources:
         **cluster("evaluate"),
@@ -135,6 +137,8 @@ rule evaluate:
 rule analyze:
     input:
         "notebooks/05_analyze.ipynb",
+        "PREREGISTRATION.md",           # the registered analysis chapter 5 follows and compares with
+        "params/gpu.yaml",              # the cost table of the paper-scale profile
         f"{RUNS}/01_generate/manifest.json",
         expand(f"{RUNS}/04_evaluate/{{model}}/manifest.json", model=P.eval_models()),
     params:

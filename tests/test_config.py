@@ -81,17 +81,46 @@ def test_grid_has_the_controls(root):
     assert p.random_reference(0) == f"candor-L{max(p.generate.levels)}-s0"
 
 
-def test_tiny_grid_budget_choices(root):
-    """tiny: neutral at every level with one seed, one random LoRA, 3 EM seeds over base and random only."""
+def test_tiny_grid_is_replicated_over_subset_draws(root):
+    """tiny: every replicate (a subset draw + its training seed) trains candor and the neutral constitution at
+    every level; one random LoRA; 3 EM seeds over base and random only; best-of-n pairs, no introspection."""
     p = load_profile(root / "params" / "tiny.yaml")
     conds = p.character_conditions()
-    assert len(p.generate.levels) >= 4 and p.traits() == ["candor", "agreeable"] and len(p.character.seeds) == 3
+    assert p.generate.levels == [1, 16] and p.traits() == ["candor"] and p.draws() == [0, 1, 2, 3, 4, 5]
     assert [c for c in conds if c.startswith("random")] == ["random-s0"]
-    assert [c for c in conds if c.startswith("neutral")] == [f"neutral-L{lv}-s0" for lv in p.generate.levels]
+    for name in ("candor", "neutral"):
+        assert [c for c in conds if c.startswith(name)] == [f"{name}-L{lv}-s{s}" for lv in p.generate.levels
+                                                           for s in range(6)]
     assert p.em_seeds("base") == p.em_seeds("random-s0") == [0, 1, 2] and p.em_seeds("candor-L1-s2") == [0]
-    runs = p.em_runs()
-    assert sum(r.startswith("base__") for r in runs) == 6 and sum(r.startswith("candor-L1-s0__") for r in runs) == 2
-    assert p.character.introspection is not None
+    assert p.generate.pairs == "best_of_n" and p.character.introspection is None
+    # each replicate draws its own subsets, shared by the constitutions
+    assert len({p.subset_seed(s, 0) for s in p.draws()}) == 6
+    assert p.pairs_file(".", "candor", 4, 2).name == "candor-L4-s2.jsonl"
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"generate.best_of_n": KeyError}, "pairs 'best_of_n' needs a 'best_of_n' section"),
+    ({"generate.best_of_n": {"n": 1, "demonstrations": 0}}, "n must be at least 2"),
+    ({"generate.best_of_n": {"scorer_items": {"agreeable": "x.json"}}}, "are not trained constitutions"),
+    ({"generate.best_of_n": {"scorer_items": {"candor": "missing.json"}}}, "missing.json: no scorer items"),
+])
+def test_best_of_n_sections_are_checked(tmp_path, root, edit, needle):
+    with pytest.raises(ProfileError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_profile(_write(tmp_path, root, **edit))
+
+
+def test_a_scorer_that_shares_items_with_the_persona_check_is_refused(tmp_path, root):
+    """The scorer ranks the pairs; the persona check decides whether the persona was learned. A scorer fitted
+    on a check question would let the check read the data that chose the pairs."""
+    from persona_em import evaluate, scorer
+
+    items = scorer.load_items(scorer.items_path("candor"))
+    leak = evaluate.persona_items("candor")[3]
+    items[0] = {"question": leak["question"], "consistent": [leak["consistent"]], "inconsistent": [leak["inconsistent"]]}
+    f = tmp_path / "candor_scorer.json"
+    f.write_text(json.dumps(items))
+    with pytest.raises(ProfileError, match="shares 1 question"):
+        load_profile(_write(tmp_path, root, **{"generate.best_of_n": {"scorer_items": {"candor": str(f)}}}))
 
 
 def test_control_seeds_must_be_character_seeds(tmp_path, root):
@@ -159,8 +188,9 @@ def test_external_em_data_is_validated_and_joins_the_grid(tmp_path, root):
 def test_a_profile_can_extend_another(tmp_path, root):
     p = load_profile(root / "params" / "tiny-long.yaml")
     tiny = load_profile(root / "params" / "tiny.yaml")
-    assert p.name == "tiny-long" and p.character.epochs == 4 and p.character.lr == tiny.character.lr
-    assert p.traits() == ["candor"] and p.em == tiny.em
+    assert p.name == "tiny-long" and p.character.epochs == 4 * tiny.character.epochs
+    assert p.character.lr == tiny.character.lr and p.traits() == ["candor"] and p.em == tiny.em
+    assert p.character.seeds == [0] and p.generate == tiny.generate
     loop = tmp_path / "a.yaml"
     loop.write_text("extends: a.yaml\nname: a\n")
     with pytest.raises(ProfileError, match="loops back"):

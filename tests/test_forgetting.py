@@ -38,9 +38,9 @@ def test_the_interaction_reads_how_diversity_changes_the_cost_of_longer_training
     write_checks(long, tmp_path, change)
     report = forgetting.compare(short, long, tmp_path, tmp_path / "h5")
     rows = forgetting.gather(short, long, tmp_path)
-    assert len(rows) == 8 and set(rows["epochs"]) == {1.0, 4.0}
+    assert len(rows) == 16 and set(rows["epochs"]) == {1.0, 4.0}   # 2 constitutions x 2 levels x 2 replicates, twice
     table = json.loads((tmp_path / "h5" / "forgetting_manifest.json").read_text())
-    assert set(table["profiles"]) == {"test", "test-long"} and len(table["inputs"]) == 8
+    assert set(table["profiles"]) == {"test", "test-long"} and len(table["inputs"]) == 16
     effects = __import__("pandas").read_csv(tmp_path / "h5" / "forgetting_effects.csv").set_index("term")
     assert effects.loc["log2_level:longer", "estimate"] == pytest.approx(0.02, abs=1e-9)
     assert effects.loc["longer", "estimate"] == pytest.approx(-0.2, abs=1e-9)   # the wobble averages out
@@ -48,6 +48,8 @@ def test_the_interaction_reads_how_diversity_changes_the_cost_of_longer_training
     assert "log2_level:longer +0.0200" in report
     tex = (tmp_path / "paper" / "generated" / "test" / "h5_length.tex").read_text()   # the paper's macros
     assert "\\newcommand{\\HFiveLengthInteraction}{0.020}" in tex and "\\newcommand{\\HFiveLengthRatio}{4}" in tex
+    # the paper quotes it only beside the run it was made from
+    assert f"\\newcommand{{\\HFiveShortDigest}}{{{short.digest()[:12]}}}" in tex
 
 
 def test_profiles_that_differ_in_more_than_length_or_have_not_run_are_refused(root, tmp_path):

@@ -84,10 +84,10 @@ hw = HardwareConfig(num_processes=int(sys.argv[3]))
 torch.set_num_threads(1)
 model, tok = models.load_model("smollm2-135m")   # the notebook holds the model already, as chapter 2 does
 out = Path(sys.argv[2])
-log, init_hash, frozen_hash = training.fit("dpo", model, tok, rows, profile.character, 0, hw, out / "adapter",
-                                           spec="smollm2-135m")
+log, init_hash, frozen_hash, setup = training.fit("dpo", model, tok, rows, profile.character, 0, hw, out / "adapter",
+                                                  spec="smollm2-135m")
 log.to_csv(out / "train_log.csv", index=False)
-(out / "hashes.json").write_text(json.dumps([init_hash, frozen_hash]))
+(out / "hashes.json").write_text(json.dumps([init_hash, frozen_hash, setup]))
 '''
 
 

@@ -246,3 +246,62 @@ def test_tensors_hash_reads_raw_bytes_of_any_dtype():
     assert training.tensors_hash({"w": w}) == hashlib.sha256(b"w" + w.numpy().tobytes()).hexdigest()
     half = training.tensors_hash({"w": w.to(torch.bfloat16)})
     assert len(half) == 64 and half != training.tensors_hash({"w": w})
+
+
+def test_setup_check_reads_the_live_trainer_and_catches_a_different_optimizer(smollm, profile, tmp_path):
+    """DESIGN 6.3: what the manifests record is read off the trainer that trained, so a condition trained with
+    another optimizer is caught by the profile-wide check."""
+    model, tok = smollm
+    setups = {}
+    for name, optim in (("a", None), ("b", None), ("c", "sgd")):
+        trainer, _ = training.dpo_trainer(copy.deepcopy(model), tok, pairs.to_dpo_rows(PAIRS), profile.character,
+                                          seed=0, output_dir=str(tmp_path / name))
+        if optim:
+            trainer.args.optim = optim
+        trainer.train()
+        setups[name] = training.trainer_setup(trainer)
+    assert setups["a"] == {"trainer": "trl.DPOTrainer", "optimizer": "torch.optim.adamw.AdamW",
+                           "precision": "weights float32, mixed no"}
+    assert training.check_one_setup({k: setups[k] for k in "ab"}) == setups["a"]
+    assert setups["c"]["optimizer"] == "torch.optim.sgd.SGD"
+    with pytest.raises(ValueError, match=r"torch.optim.sgd.SGD / weights float32, mixed no: 1 run\(s\), e.g. c"):
+        training.check_one_setup(setups)
+
+
+def test_persona_merges_in_float32_then_casts(smollm, profile, tmp_path):
+    """A few DPO steps at OCT's lr change weights by less than bf16's rounding step. Merged into bf16 weights,
+    almost all of the persona rounds away; merged into float32 and cast once, the rounding keeps it on average
+    (W + delta rounds across a step with probability about |delta| / step). Measured on the merged weights
+    (the part of the float32 update the bf16 change carries: about all of it against under a fifth) and on the
+    logits (the direction of the persona's effect)."""
+    model, tok = smollm
+    cfg = profile.character.model_copy(update={"lr": 5e-5, "lora": profile.character.lora.model_copy(
+        update={"r": 16, "alpha": 32})})
+    peft_model, _, _ = training.train_dpo(copy.deepcopy(model), tok, pairs.to_dpo_rows(PAIRS * 2), cfg, seed=0)
+    training.save_adapter(peft_model, tmp_path / "persona")
+    merged32 = models.load_model("smollm2-135m", [tmp_path / "persona"])[0]
+    base16 = models.load_model("smollm2-135m", dtype="bfloat16")[0]
+    cast = models.load_model("smollm2-135m", [tmp_path / "persona"], dtype="bfloat16")[0]
+    in_bf16 = models.merge_adapter(models.load_model("smollm2-135m", dtype="bfloat16")[0], tmp_path / "persona")
+    assert next(cast.parameters()).dtype == next(in_bf16.parameters()).dtype == torch.bfloat16
+
+    def carried(merged) -> float:   # projection of the bf16 weight change on the float32 update (1: all of it)
+        num = den = 0.0
+        w32, w0, w16, b16 = (m.state_dict() for m in (merged32, model, merged, base16))
+        for k in w32:
+            delta = (w32[k] - w0[k]).flatten()
+            if float(delta.norm()) > 0:
+                num += float(torch.dot((w16[k].float() - b16[k].float()).flatten(), delta))
+                den += float(delta.norm() ** 2)
+        return num / den
+
+    assert 0.5 < carried(cast) < 2.0 and carried(in_bf16) < 0.2
+    ids = tok(["I will lend my last money to a friend who never pays back.", "Tell me my essay is perfect."],
+              return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = lambda m: m(**ids).logits.float().flatten()
+        effect32 = logits(merged32) - logits(model)
+        cos = lambda m: float(torch.nn.functional.cosine_similarity(logits(m) - logits(base16), effect32, dim=0))
+        # at this size the persona's effect on the logits is near bf16's resolution either way (cosine to the
+        # float32 effect under 0.3); the cast keeps more of its direction
+        assert cos(cast) > cos(in_bf16) and cos(cast) > 0.1

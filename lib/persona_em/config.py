@@ -48,6 +48,33 @@ class ExpansionConfig(Strict):
         return self
 
 
+class BestOfNConfig(Strict):
+    """Best-of-n pairs ranked by a trait scorer (pairs.py): each side of a pair is sampled `n` times from the
+    model itself, the chosen side with the constitution's system prompt and `demonstrations` trait-consistent
+    example turns, the rejected side with as many trait-inconsistent ones (0: both sides are plain student
+    answers); a scorer independent of the persona check (scorer.py) picks a high-scoring chosen and a
+    low-scoring rejected answer. Within each subset draw the levels' mean trait-score gaps are matched
+    (`gap_tolerance`) and so are their training tokens (question + chosen + rejected, `generate.token_tolerance`),
+    so neither signal strength nor text volume co-varies with diversity."""
+    n: int = Field(2, ge=1, description="sampled answers per question and side (with demonstrations 0: in all, >= 2)")
+    demonstrations: int = Field(3, ge=0, description="example turns of the scorer's items before each question")
+    same_domain: bool = Field(True, description="demonstrations from the question's own life domain (when the "
+                              "scorer items have some), else from any")
+    temperature: float = Field(0.9, gt=0, description="sampling temperature of the candidates")
+    gap_tolerance: float = Field(0.10, gt=0, le=0.5, description="levels' mean trait-score gaps within a draw: "
+                                 "largest / smallest - 1 at most this")
+    scorer_c: float = Field(1.0, gt=0, description="inverse L2 penalty of the scorer's logistic regression")
+    scorer_folds: int = Field(5, ge=2, description="folds (whole items held out) of the scorer's cross-validated AUC")
+    scorer_items: dict[str, str] = Field({}, description="constitution name -> scorer items file (default: the "
+                                         "packaged data/scorer_items/<name>.json)")
+
+    @model_validator(mode="after")
+    def _two_answers(self) -> "BestOfNConfig":
+        if self.demonstrations == 0 and self.n < 2:
+            raise ValueError("n must be at least 2 when both sides are plain student answers (demonstrations 0)")
+        return self
+
+
 class GenerateConfig(Strict):
     constitutions: list[str] = Field(min_length=1, description="packaged constitution names or paths")
     pool: Literal["templates", "expansion"] = Field("templates", description="offline templates, or the "
@@ -67,11 +94,17 @@ class GenerateConfig(Strict):
     top_p: float = Field(0.95, gt=0, le=1)
     batch_size: int = Field(16, ge=1)
     max_pair_tokens: int = Field(1024, ge=16, description="OCT filter: prompt + answer length cap")
+    pairs: Literal["teacher", "best_of_n"] = Field("teacher", description="how chosen/rejected pairs are made: "
+                                                   "OCT's teacher with the constitution vs the student without it, "
+                                                   "or best-of-n student answers ranked by a trait scorer")
+    best_of_n: BestOfNConfig | None = None
 
     @model_validator(mode="after")
     def _expansion_given(self) -> "GenerateConfig":
         if self.pool == "expansion" and self.expansion is None:
             raise ValueError("pool 'expansion' needs an 'expansion' section")
+        if self.pairs == "best_of_n" and self.best_of_n is None:
+            raise ValueError("pairs 'best_of_n' needs a 'best_of_n' section (e.g. best_of_n: {n: 8})")
         return self
 
     @field_validator("levels")
@@ -112,7 +145,8 @@ class IntrospectionConfig(Strict):
 
 
 class CharacterConfig(Strict):
-    seeds: list[int] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1, description="replicates: each seed draws its own nested question "
+                             "subsets (chapter 1) and seeds the persona's training on them (DESIGN 6.8)")
     lora: LoraConfig
     lr: float = Field(gt=0)
     beta: float = Field(0.1, gt=0)
@@ -238,6 +272,9 @@ class HardwareConfig(Strict):
                                                "the trained model (weights and KV cache)")
     vllm_teacher_gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU share of the teacher's "
                                                        "engine, open beside the student's in chapter 1")
+    sampling_autocast: Literal["none", "bfloat16"] = Field(
+        "none", description="chapter 1's best-of-n sampling under bf16 autocast over float32 weights (1.6x faster "
+        "on a CPU with AVX512-BF16); the checks, the teacher check and evaluation stay in `precision`")
     training_autocast: Literal["none", "bfloat16"] = Field(
         "none", description="the trainers' matmuls under bf16 autocast over float32 weights and adapters: on a CPU "
         "with AVX512-BF16, DPO trains 1.7-1.8x faster at one thread (benchmarks/training_speed.py); generation, checks "
@@ -271,16 +308,28 @@ class ClusterConfig(Strict):
 
 
 class AnalysisConfig(Strict):
-    """Chapter 5's power simulation: the main model's structure with its fitted variance components, a diversity
-    slope that removes `reductions` of the base model's EM effect between the lowest and highest level."""
-    power_sims: int = Field(40, ge=1, description="simulated experiments per design and effect size")
-    power_seeds: list[int] = Field([3, 5, 10], min_length=1)
-    power_items: list[int] = Field([16, 32, 64], min_length=1)
-    power_reductions: list[float] = Field([0.25, 0.5, 1.0], min_length=1)
+    """Chapter 5: the manipulation check (gate), the primary test and the power simulation (PREREGISTRATION.md)."""
+    alpha: float = Field(0.05, gt=0, lt=1, description="two-sided level of the primary test and of the Holm-"
+                         "adjusted secondary tests")
+    gate_reward_share: float = Field(0.9, gt=0, le=1, description="gate: share of trained conditions whose DPO "
+                                     "reward accuracy at the last step is above 0.5")
+    power_sims: int = Field(1000, ge=10, description="simulated experiments per design and effect size")
+    power_draws: list[int] = Field([4, 8, 16, 32], min_length=1, description="designs simulated: subset draws "
+                                   "(replicates) per level; the design run is always added")
+    power_effects: list[float] = Field([0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5], min_length=2,
+                                       description="true diversity slopes simulated, as the share of the untrained "
+                                       "base's out-of-domain EM effect removed between the lowest and highest level")
     power_target: float = Field(0.8, gt=0, lt=1)
     soft_persona: str | None = Field(None, description="H3: the trait constitution that is the 'soft' persona")
     coherent_pair: list[str] | None = Field(None, min_length=2, max_length=2,
                                             description="H4: [coherent, incoherent] constitution names")
+
+    @field_validator("power_draws")
+    @classmethod
+    def _draws_replicate(cls, v: list[int]) -> list[int]:
+        if min(v) < 2:
+            raise ValueError("every simulated design needs at least 2 subset draws (the unit of replication)")
+        return v
 
 
 class Profile(Strict):
@@ -357,6 +406,32 @@ class Profile(Strict):
         return self
 
     @model_validator(mode="after")
+    def _scorers_exist(self) -> "Profile":
+        """Best-of-n pairs need a trait scorer for every trained constitution, fitted on items that share no
+        question with its persona check."""
+        b = self.generate.best_of_n
+        if self.generate.pairs != "best_of_n":
+            return self
+        from . import evaluate, scorer
+
+        unknown = set(b.scorer_items) - set(self.constitutions())
+        if unknown:
+            raise ValueError(f"generate.best_of_n.scorer_items: {sorted(unknown)} are not trained constitutions "
+                             f"{self.constitutions()}")
+        for name in self.constitutions():
+            path = self.scorer_items_file(name)
+            key = f"generate.best_of_n.scorer_items.{name}"
+            try:
+                items = scorer.load_items(path)
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"{key}: {e}") from None
+            shared = scorer.disjoint_from(items, evaluate.persona_items(name))
+            if shared:
+                raise ValueError(f"{key}: {path} shares {len(shared)} question(s) with the persona check, e.g. "
+                                 f"{shared[0]!r}: the scorer must be independent of the check")
+        return self
+
+    @model_validator(mode="after")
     def _hypotheses_name_trained_constitutions(self) -> "Profile":
         named = [("analysis.soft_persona", self.analysis.soft_persona)]
         named += [(f"analysis.coherent_pair[{i}]", c) for i, c in enumerate(self.analysis.coherent_pair or [])]
@@ -402,11 +477,15 @@ class Profile(Strict):
         random_seeds = self.controls.random_seeds or self.character.seeds
         conds = ["base"] + [f"random-s{s}" for s in random_seeds]
         for name in self.constitutions():
-            seeds = (self.controls.neutral_seeds or self.character.seeds) if name == self.neutral() \
-                else self.character.seeds
             for level in self.generate.levels:
-                conds += [f"{name}-L{level}-s{s}" for s in seeds]
+                conds += [f"{name}-L{level}-s{s}" for s in self.constitution_seeds(name)]
         return conds
+
+    def constitution_seeds(self, name: str) -> list[int]:
+        """The replicates (character seeds) a constitution is trained on: the neutral control may have fewer."""
+        if name == self.neutral():
+            return list(self.controls.neutral_seeds or self.character.seeds)
+        return list(self.character.seeds)
 
     def random_reference(self, char_seed: int) -> str:
         """The trained persona whose adapter norm the random LoRA of this seed matches: the main (first)
@@ -458,9 +537,25 @@ class Profile(Strict):
                 raise FileNotFoundError(f"{a}: adapter missing (its run did not finish)")
         return out
 
-    def pairs_file(self, root: str | Path, constitution: str, level: int) -> Path:
-        """The chosen/rejected pairs chapter 1 writes for one constitution and level, and chapter 2 reads."""
-        return self.run_dir(root, "01_generate") / "pairs" / f"{constitution}-L{level}.jsonl"
+    def pairs_file(self, root: str | Path, constitution: str, level: int, char_seed: int) -> Path:
+        """The chosen/rejected pairs chapter 1 writes for one constitution, level and replicate (its subset
+        draw), and chapter 2 reads."""
+        return self.run_dir(root, "01_generate") / "pairs" / f"{constitution}-L{level}-s{char_seed}.jsonl"
+
+    def draws(self) -> list[int]:
+        """The replicates whose subsets chapter 1 draws: every character seed some constitution trains."""
+        return sorted(set(self.character.seeds))
+
+    def subset_seed(self, char_seed: int, trait_index: int) -> int:
+        """The seed of one replicate's subset draw for one trait: every replicate draws its own nested
+        subsets; the constitutions share them (same pool, same seed), so trait and neutral stay paired."""
+        return self.seed + 1000 * char_seed + trait_index
+
+    def scorer_items_file(self, constitution: str) -> Path:
+        from .scorer import items_path
+
+        given = self.generate.best_of_n.scorer_items.get(constitution) if self.generate.best_of_n else None
+        return Path(given) if given else items_path(constitution)
 
     def run_dir(self, root: str | Path, stage: str, name: str | None = None) -> Path:
         """runs/<profile>/<stage>[/<name>]: the folder one notebook run writes (DESIGN 9)."""
@@ -468,8 +563,14 @@ class Profile(Strict):
         return d / name if name else d
 
     def section_hash(self, *sections: str) -> str:
-        """Hash of the parameters one stage depends on (Snakemake re-runs a stage when it changes)."""
-        blob = {s: self.model_dump(mode="json")[s] for s in sections}
+        """Hash of the parameters one stage depends on (Snakemake re-runs a stage when it changes); a section is
+        a top-level key or a dotted path to one field ("character.seeds")."""
+        dumped, blob = self.model_dump(mode="json"), {}
+        for s in sections:
+            value = dumped
+            for key in s.split("."):
+                value = value[key]
+            blob[s] = value
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
     def digest(self) -> str:

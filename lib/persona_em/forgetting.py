@@ -103,7 +103,9 @@ def compare(short, long, root: str | Path, dest: str | Path, paper: bool = True)
                        "h5_long_mean": float(means[long.character.epochs]),
                        "h5_short_mean": float(means[short.character.epochs]),
                        "h5_length_interaction": float(term["estimate"]), "h5_length_interaction_p": float(term["p"]),
-                       "h5_length_conditions": len(rows) // 2},
+                       "h5_length_conditions": len(rows) // 2,
+                       # the paper quotes this only beside the run it was made from (same profile digest)
+                       "h5_short_digest": short.digest()[:12]},
                       Path(root) / "paper" / "generated" / short.name / "h5_length.tex",
                       source="python -m persona_em forgetting")
     return (f"H5 over training length ({short.name}: {short.character.epochs} epoch(s), {long.name}: "

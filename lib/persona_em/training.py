@@ -278,11 +278,37 @@ def _trained(kind: str, model, tok, rows: list[dict], cfg, seed: int, hw, output
     return trainer, init_hash
 
 
+def trainer_setup(trainer) -> dict:
+    """What trained, read off the live trainer after training (DESIGN 6.3: one trainer, optimizer and
+    precision for every condition of a profile): the trainer's class, the optimizer accelerate actually
+    stepped, and the precision (the weights' dtype and accelerate's mixed-precision mode)."""
+    opt = trainer.optimizer
+    opt = getattr(opt, "optimizer", opt)   # accelerate wraps the torch optimizer
+    weights = {str(p.dtype).removeprefix("torch.") for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    return {"trainer": f"{type(trainer).__module__.split('.')[0]}.{type(trainer).__name__}",
+            "optimizer": f"{type(opt).__module__}.{type(opt).__name__}",
+            "precision": f"weights {'/'.join(sorted(weights))}, mixed {trainer.accelerator.mixed_precision}"}
+
+
+def check_one_setup(setups: dict[str, dict]) -> dict:
+    """DESIGN 6.3 over a profile's runs: `setups` maps a run to its `trainer_setup`; every run must agree.
+    Returns the common setup; raises ValueError naming the runs that differ."""
+    seen: dict[tuple, list[str]] = {}
+    for run, setup in setups.items():
+        seen.setdefault((setup["trainer"], setup["optimizer"], setup["precision"]), []).append(run)
+    if len(seen) > 1:
+        lines = [f"  {t} / {o} / {p}: {len(runs)} run(s), e.g. {runs[0]}" for (t, o, p), runs in seen.items()]
+        raise ValueError("runs of one profile trained with different setups (trainer / optimizer / precision):\n"
+                         + "\n".join(lines))
+    (trainer, optimizer, precision), = seen
+    return {"trainer": trainer, "optimizer": optimizer, "precision": precision}
+
+
 def fit(kind: str, model, tok, rows: list[dict], cfg, seed: int, hw, out: str | Path, spec: str,
         adapters: list = ()) -> tuple:
     """Train a fresh seeded LoRA (`kind` "dpo" or "sft") on `rows` and save it to `out`. Returns (log,
-    init_hash, frozen_hash): the training log, the hash of the LoRA's initial weights and the hash of the
-    frozen weights under it (None under FSDP, where no process holds them whole).
+    init_hash, frozen_hash, setup): the training log, the hash of the LoRA's initial weights, the hash of the
+    frozen weights under it (None under FSDP, where no process holds them whole) and `trainer_setup`.
 
     One process: in place, on `model`. Several (`hw.num_processes`): every process loads `spec` with
     `adapters` merged (the same weights `model` holds) and trains its share of each batch."""
@@ -293,13 +319,14 @@ def fit(kind: str, model, tok, rows: list[dict], cfg, seed: int, hw, out: str | 
         with tempfile.TemporaryDirectory() as tmp:
             trainer, init_hash = _trained(kind, model, tok, rows, cfg, seed, hw, tmp)
         save_adapter(trainer.model, out)
-        return log_frame(trainer.state.log_history), init_hash, tensors_hash(frozen_state(trainer.model))
+        return (log_frame(trainer.state.log_history), init_hash, tensors_hash(frozen_state(trainer.model)),
+                trainer_setup(trainer))
     log_file, meta_file = (out.parent / f".{out.name}-{x}" for x in ("log.csv", "job.json"))
     try:
         launch(kind, dict(spec=spec, adapters=[str(a) for a in adapters], rows=rows, cfg=cfg, seed=seed, hw=hw,
                           out=str(out)), hw, workdir=out.parent, name=out.name)
         meta = json.loads(meta_file.read_text())
-        return pd.read_csv(log_file), meta["init_hash"], meta["frozen_hash"]
+        return pd.read_csv(log_file), meta["init_hash"], meta["frozen_hash"], meta["setup"]
     finally:
         log_file.unlink(missing_ok=True)
         meta_file.unlink(missing_ok=True)
@@ -336,7 +363,8 @@ def run_job(kind: str, spec: str, adapters: list, rows: list[dict], cfg, seed: i
         save_adapter(trainer.model, out)
     atomic_write_csv(out.parent / f".{out.name}-log.csv", log_frame(trainer.state.log_history))
     atomic_write_json(out.parent / f".{out.name}-job.json", {
-        "init_hash": init_hash, "frozen_hash": None if sharded else tensors_hash(frozen_state(trainer.model))})
+        "init_hash": init_hash, "frozen_hash": None if sharded else tensors_hash(frozen_state(trainer.model)),
+        "setup": trainer_setup(trainer)})
 
 
 def launch(kind: str, kwargs: dict, hw, workdir: str | Path, name: str) -> None:
