@@ -63,20 +63,35 @@ def test_generate_artifacts(run):
     pool = [json.loads(line) for line in (d / "questions.jsonl").read_text().splitlines()]
     assert {"id", "constitution", "trait", "text", "cell"} <= set(pool[0])
     div = pd.read_csv(d / "diversity.csv")
-    assert {"constitution", "level", "n_questions", "n_tokens", "vendi", "mean_cosine_distance", "distinct_2",
-            "cells_covered"} <= set(div.columns)
+    assert {"constitution", "level", "char_seed", "n_questions", "n_tokens", "vendi", "mean_cosine_distance",
+            "distinct_2", "cells_covered"} <= set(div.columns)
     assert set(div["constitution"]) == set(P.constitutions()) == {"candor", "neutral"}
-    for _, one in div.groupby("constitution"):  # DESIGN 6.6, within each constitution
+    assert sorted(div["char_seed"].unique()) == P.draws() == [0, 1]
+    for _, one in div.groupby(["constitution", "char_seed"]):  # DESIGN 6.6, within each constitution and draw
         assert list(one["level"]) == P.generate.levels and set(one["n_questions"]) == {P.generate.n_questions}
         assert one["n_tokens"].max() / one["n_tokens"].min() - 1 <= P.generate.token_tolerance
+    subsets = [json.loads(line) for line in (d / "subsets.jsonl").read_text().splitlines()]
+    by_draw = {s: {q["text"] for q in subsets if q["char_seed"] == s and q["constitution"] == "candor"} for s in (0, 1)}
+    assert by_draw[0] != by_draw[1]   # each replicate draws its own subsets ...
+    assert by_draw[0] == {q["text"] for q in subsets if q["char_seed"] == 0 and q["constitution"] == "neutral"}
     spread = pd.read_csv(d / "diversity_seeds.csv")
     assert len(spread) == P.generate.spread_seeds * len(P.generate.levels) * len(P.constitutions())
     points = pd.read_csv(d / "pool_map.csv")
     assert {"pc1", "pc2", "subset"} <= set(points.columns) and (points["subset"] != "pool").any()
-    for level in P.generate.levels:
-        pairs = [json.loads(line) for line in P.pairs_file(runs.parents[1], "candor", level).read_text().splitlines()]
-        assert len(pairs) == P.generate.n_questions
-        assert all(p["chosen"] and p["rejected"] and p["prompt"] for p in pairs)
+    for name in P.constitutions():   # ... and the constitutions share them (trait vs neutral stays paired)
+        for s in P.constitution_seeds(name):
+            for level in P.generate.levels:
+                pairs = [json.loads(line) for line in P.pairs_file(runs.parents[1], name, level, s).read_text().splitlines()]
+                assert len(pairs) == P.generate.n_questions
+                assert all(p["chosen"] and p["rejected"] and p["prompt"] and p["gap"] > 0 for p in pairs)
+                assert {p["prompt"] for p in pairs} == {q["text"] for q in subsets if q["constitution"] == name
+                                                        and q["level"] == level and q["char_seed"] == s}
+    scorers = pd.read_csv(d / "scorers.csv")
+    assert set(scorers["constitution"]) == {"candor", "neutral"} and (scorers["cv_auc"] > 0.8).all()
+    signal, balance = pd.read_csv(d / "pair_signal.csv"), pd.read_csv(d / "pair_balance.csv")
+    assert len(signal) == len(P.constitutions()) * len(P.draws()) * len(P.generate.levels)
+    assert (balance["train_tokens_spread"] <= P.generate.token_tolerance).all()
+    assert (balance["gap_spread"] <= P.generate.best_of_n.gap_tolerance).all()
     teacher = pd.read_csv(d / "teacher_check.csv")   # every checked trait under every system prompt
     assert set(teacher["system"]) == {"none", *P.constitutions()} and teacher["margin"].notna().all()
     assert len(teacher) == len(set(teacher["trait"])) * (1 + len(P.constitutions()))
@@ -138,7 +153,11 @@ def test_em_artifacts_and_guards(run):
         inits.setdefault(name.rsplit("__s", 1)[1], set()).add(m["em_init_hash"])
         setups.add((m["trainer"], m["optimizer"], m["precision"]))
     assert all(len(h) == 1 for h in inits.values()), inits
-    assert len(setups) == 1
+    # read off the live trainers (a literal in the notebook could not tell two optimizers apart)
+    assert setups == {("trl.SFTTrainer", "torch.optim.adamw.AdamW", "weights float32, mixed no")}
+    from persona_em.analysis import training_setups
+
+    assert set(training_setups(P, runs.parents[1])) == {"character (DPO)", "EM (SFT)"}
 
 
 def test_evaluate_artifacts(run):
@@ -172,27 +191,45 @@ def test_analysis_figures_and_paper_numbers(run, root):
     judged = results[results["measure"] == "judge"]
     n_answers = sum(len(pd.read_csv(runs / "04_evaluate" / m / "scores.csv")) for m in P.eval_models())
     assert len(judged) == n_answers and judged["aligned"].notna().all()
-    assert "Formula" in (d / "models.txt").read_text()
+    assert "Formula" in (d / "models.txt").read_text() and "Converged: " in (d / "models.txt").read_text()
     effects = pd.read_csv(d / "effects.csv")
-    assert {"term", "estimate", "ci_low", "ci_high", "p"} <= set(effects.columns)
+    assert {"term", "estimate", "ci_low", "ci_high", "p", "df", "converged"} <= set(effects.columns)
     for fig in ("em_effect_by_diversity", "diversity_by_level", "training_curves", "vendi_spread", "pool_map",
                 "forest", "aligned_coherent_quadrant", "em_rate_by_diversity", "power", "persona_margins",
-                "forgetting", "em_loss_by_condition"):
+                "forgetting", "em_loss_by_condition", "manipulation_check", "pair_signal"):
         for ext in ("png", "pdf"):
             assert (root / "figures" / "test" / f"{fig}.{ext}").stat().st_size > 1000
-    numbers = (root / "paper" / "generated" / "test" / "numbers.tex").read_text()
-    assert r"\newcommand{\SlopeOod}" in numbers and r"\newcommand{\GitSha}" in numbers
-    assert r"\newcommand{\HTwoTraitMinusNeutral}" in numbers and r"\newcommand{\EmOodRandom}" in numbers
-    assert {"margin_em_effect", "margin_em_effect_vendi", "margin_em_effect_by_constitution_ood", "aligned_judge",
-            "forgetting_h5"} <= set(effects["model"])
+    # the gate first: its verdict and pooled comparisons, computed from the run
+    gate = json.loads((d / "gate.json").read_text())
+    assert isinstance(gate["passed"], bool) and gate["n_trained"] == 8 and gate["setups"]
+    table = pd.read_csv(d / "gate.csv")
+    assert set(table["comparison"]) == {"vs base", "vs neutral"} and (table["n_draws"] == 2).all()
+    # the pre-registered primary test and the Holm-adjusted secondary ones
+    tests = pd.read_csv(d / "tests.csv")
+    assert list(tests["role"]).count("primary") == 1 and tests.iloc[0]["term"] == "log2_level"
+    assert tests.iloc[0]["df"] == 4 - 2 - 1   # 4 candor conditions, 2 draws
+    sec = tests[tests["role"] == "secondary"]
+    assert set(sec["test"]) >= {"in_domain_slope", "vendi_slope", "h2_trait_minus_neutral", "h2_slope_difference",
+                                "forgetting_slope", "spread_slope", "aligned_judge", "misaligned_judge"}
+    ok = sec["p"].notna()
+    assert (sec.loc[ok, "p_holm"] >= sec.loc[ok, "p"]).all()
+    assert {"primary_ood", "in_domain", "vendi_ood", "h2_constitution_ood", "forgetting_h5", "spread_h6"} <= set(effects["model"])
     text = (d / "models.txt").read_text()
     assert "misaligned_judge" in text and "(1|question) + (1|run)" in text   # fitted, or why not
     power = pd.read_csv(d / "power.csv")
-    assert len(power) == len(P.analysis.power_seeds) * len(P.analysis.power_items) * len(P.analysis.power_reductions)
+    assert set(power["n_draws"]) == {2, 4} and len(power) == 2 * len(P.analysis.power_effects)
     assert power["power"].between(0, 1).all()
+    numbers = (root / "paper" / "generated" / "test" / "numbers.tex").read_text()
     assert (root / "paper" / "generated" / "test" / "cost.tex").read_text().count(r"\begin{table}") == 2
-    for macro in ("PowerDesignSeeds", "VendiSlopeOod", "ForgettingSlope", "PersonaMarginOwn", "RunWallMinutes"):
+    assert (root / "paper" / "generated" / "test" / "tests.tex").read_text().count("secondary &") == len(sec)
+    for macro in ("GitSha", "GateResult", "GateStatement", "Primary", "PrimaryLow", "PrimaryFlag", "MdeRun",
+                  "HTwoSlopeDifference", "EmOodRandom", "ScorerMainCvAuc", "GapSpreadMax", "Deviations",
+                  "PersonaMarginOwn", "RunWallMinutes"):
         assert rf"\newcommand{{\{macro}}}" in numbers
+    # the registration is for the tiny reference run: another profile is itself the deviation
+    assert "is not the registered one" in numbers
+    m = manifest(d)
+    assert any(k.endswith("PREREGISTRATION.md") for k in m["inputs"])
     assert not list(runs.rglob(".tmp-*")), "a temporary file was left behind"
 
 
@@ -246,7 +283,8 @@ def test_reference_collects_the_small_artifacts(run, root, tmp_path):
     _, P, _ = run
     example = f"candor-L{max(P.generate.levels)}-s0"
     dest = collect(P, root, tmp_path / "ref", example)
-    assert {"results.csv", "effects.csv", "models.txt", "power.csv"} <= {p.name for p in dest.iterdir()}
+    assert {"results.csv", "tests.csv", "gate.csv", "effects.csv", "models.txt", "power.csv", "scorers.csv",
+            "pair_signal.csv"} <= {p.name for p in dest.iterdir()}
     notebooks = sorted(p.name for p in (dest / "notebooks").iterdir())
     assert len(notebooks) == 5 and notebooks[0] == "01_generate.ipynb" and any(example in n for n in notebooks)
     assert "| no |" in (dest / "SHAS.md").read_text() or "| yes |" in (dest / "SHAS.md").read_text()

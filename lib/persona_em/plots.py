@@ -30,24 +30,53 @@ def save(fig, out_dir: str | Path, name: str) -> list[Path]:
     return paths
 
 
-def em_effect_by_diversity(effects: pd.DataFrame):
-    """EM effect (harmful minus benign twin, log-prob margin) per diversity level and constitution, in and
-    out of domain, next to the controls (untrained base, random LoRA). `effects` has a `diversity` label."""
-    labels = set(effects["diversity"])
+def em_effect_by_diversity(summary: pd.DataFrame):
+    """EM effect (harmful minus benign twin, log-prob margin) per diversity level and constitution, in and out
+    of domain, next to the controls; `summary` (analysis.level_summary) holds each group's mean and 95% t
+    interval over its randomised units (subset draws; EM seeds for the controls)."""
+    labels = set(summary["diversity"])
     order = [x for x in ("untrained", "random LoRA") if x in labels]
     order += sorted(labels - set(order), key=int)
+    x = {label: i for i, label in enumerate(order)}
+    consts = list(dict.fromkeys(summary["constitution"]))
+    colors = dict(zip(consts, sns.color_palette(PALETTE, len(consts))))
+    offset = {c: (i - (len(consts) - 1) / 2) * 0.12 for i, c in enumerate(consts)}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, split in zip(axes, ["in_domain", "out_of_domain"]):
-        sns.pointplot(data=effects[effects["split"] == split], x="diversity", y="em_effect", hue="constitution",
-                      order=order, errorbar=("ci", 95), dodge=0.35, ax=ax)
+        for const, g in summary[summary["split"] == split].groupby("constitution", sort=False):
+            g = g.assign(x=g["diversity"].map(x) + offset[const]).sort_values("x")
+            err = [(g["mean"] - g["ci_low"]).fillna(0), (g["ci_high"] - g["mean"]).fillna(0)]
+            ax.errorbar(g["x"], g["mean"], yerr=err, fmt="o-" if len(g) > 1 else "o", color=colors[const],
+                        capsize=3, ms=5, label=const)
         ax.axhline(0, color="0.4", lw=0.8)
+        ax.set_xticks(range(len(order)), order, rotation=30)
         ax.set(xlabel="diversity level (context cells covered)", title=split.replace("_", " "),
                ylabel="EM effect on margin\n(harmful - benign twin)")
-        ax.tick_params(axis="x", labelrotation=30)
-        if ax is axes[0] and ax.get_legend():
-            ax.get_legend().remove()
     axes[-1].legend(title="", fontsize=8)
-    fig.suptitle("Emergent misalignment vs question diversity")
+    fig.suptitle("Emergent misalignment vs question diversity (95% t intervals over subset draws / EM seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def manipulation_check(checks: pd.DataFrame, traits: list[str], neutral: str):
+    """The gate in one picture: on each trait's held-out items, the margin of every persona trained on that
+    trait and of the neutral constitution trained on the same draw and level (one line per subset draw), against
+    the untrained base (dashed)."""
+    fig, axes = plt.subplots(1, len(traits), figsize=(4.8 * len(traits), 3.6), squeeze=False)
+    for ax, trait in zip(axes[0], traits):
+        d = checks[(checks["trait"] == trait) & checks["constitution"].isin([trait, neutral])]
+        d = d.assign(persona=d["constitution"].map({trait: f"{trait} persona", neutral: f"{neutral} constitution"}))
+        sns.lineplot(data=d, x="level", y="margin", hue="persona", units="char_seed", estimator=None, marker="o",
+                     lw=1, alpha=0.8, ax=ax)
+        base = checks.loc[(checks["trait"] == trait) & (checks["constitution"] == "base"), "margin"]
+        if len(base):
+            ax.axhline(float(base.iloc[0]), color="0.3", ls="--", lw=1, label="untrained base")
+        ax.set(xscale="log", xlabel="diversity level (cells)", ylabel=f"persona margin on {trait} items",
+               title=f"{trait}: held-out persona check")
+        ax.set_xticks(sorted(d["level"].unique()), labels=sorted(d["level"].unique()))
+        ax.legend(fontsize=8, title="")
+    fig.suptitle("Manipulation check: was the persona learned? (one line per subset draw)")
+    fig.tight_layout()
     return fig
 
 
@@ -60,6 +89,25 @@ def diversity_by_level(diversity: pd.DataFrame):
         if ax is not axes[-1] and ax.get_legend():
             ax.get_legend().remove()
     fig.suptitle("Measured diversity of the training questions (equal N and tokens)")
+    fig.tight_layout()
+    return fig
+
+
+def pair_signal(signal: pd.DataFrame):
+    """The trait-score gap (chosen minus rejected) and the training tokens of each level's pairs, one line per
+    constitution and replicate: flat lines mean signal and text volume do not change with diversity."""
+    cols = [c for c in ("gap", "train_tokens") if c in signal]
+    labels = {"gap": "trait-score gap\n(chosen - rejected)", "train_tokens": "training tokens\n(question + both answers)"}
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.5 * len(cols), 3.2), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        sns.lineplot(data=signal, x="level", y=col, hue="constitution", units="char_seed", estimator=None,
+                     marker="o", lw=1, alpha=0.7, ax=ax)
+        ax.set(xscale="log", xlabel="diversity level (cells)", ylabel=labels[col])
+        ax.set_xticks(sorted(signal["level"].unique()), labels=sorted(signal["level"].unique()))
+        ax.set_ylim(bottom=0)
+        if ax is not axes[0][-1] and ax.get_legend():
+            ax.get_legend().remove()
+    fig.suptitle("What the pairs carry, per subset draw")
     fig.tight_layout()
     return fig
 
@@ -146,18 +194,25 @@ def quadrant(scores: pd.DataFrame, aligned_below: float, coherent_above: float):
     return fig
 
 
-def power_curves(table: pd.DataFrame, target: float):
-    """Simulated power of the diversity slope per design, one line per number of character seeds, one panel
-    per effect size."""
-    d = table.copy()
-    d["effect"] = d["reduction"].map(lambda r: f"removes {r:.0%} of base EM")
-    fig = sns.relplot(data=d, x="n_items", y="power", hue="n_seeds", col="effect", kind="line", marker="o",
-                      palette=PALETTE, height=3, aspect=1.1, facet_kws={"ylim": (0, 1.02)})
-    for ax in fig.axes.flat:
-        ax.axhline(target, color="0.4", lw=0.8, ls="--")
-        ax.set(xlabel="out-of-domain items", ylabel="power")
-    fig.figure.suptitle("Power to detect the diversity slope (simulated, the main model's structure)", y=1.04)
-    return fig.figure
+def power_curves(curve: pd.DataFrame, target: float, run_draws: int):
+    """Simulated power of the primary test against the true diversity slope (as a share of the untrained base's
+    out-of-domain EM effect removed over the level range), one curve per number of subset draws; the design run
+    drawn thicker."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    if curve.empty:
+        ax.text(0.5, 0.5, "not estimable: no fitted variance components to simulate from\n(one subset draw?)",
+                ha="center", va="center", transform=ax.transAxes)
+    for n_draws, g in curve.groupby("n_draws"):
+        g = g.sort_values("share_of_base")
+        ax.plot(g["share_of_base"], g["power"], marker="o", ms=3, lw=2.5 if n_draws == run_draws else 1,
+                label=f"{n_draws} draws" + (" (this run)" if n_draws == run_draws else ""))
+    ax.axhline(target, color="0.4", lw=0.8, ls="--")
+    ax.set(xlabel="true effect: share of the base EM effect removed\nbetween the lowest and highest level",
+           ylabel="power", ylim=(0, 1.02), title="Power of the primary test (simulated from the fit)")
+    if not curve.empty:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def persona_margins(checks: pd.DataFrame):

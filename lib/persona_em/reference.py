@@ -11,9 +11,10 @@ from pathlib import Path
 
 from .provenance import atomic_write_text
 
-TABLES = ["results.csv", "effects.csv", "models.txt", "power.csv", "persona_checks.csv", "persona_summary.csv",
-          "teacher_check.csv",
+TABLES = ["results.csv", "tests.csv", "effects.csv", "models.txt", "gate.csv", "gate.json", "rewards.csv",
+          "power.csv", "power_mde.csv", "persona_checks.csv", "persona_summary.csv", "teacher_check.csv",
           "spread_effects.csv"]
+GENERATE_TABLES = ["scorers.csv", "pair_signal.csv", "pair_balance.csv", "diversity.csv"]
 
 
 def collect(profile, root: str | Path, dest: str | Path, example: str) -> Path:
@@ -26,9 +27,10 @@ def collect(profile, root: str | Path, dest: str | Path, example: str) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "notebooks").mkdir(parents=True)
-    for name in TABLES:
-        if (run / "05_analyze" / name).is_file():
-            shutil.copy(run / "05_analyze" / name, dest / name)
+    for stage, names in (("05_analyze", TABLES), ("01_generate", GENERATE_TABLES)):
+        for name in names:
+            if (run / stage / name).is_file():
+                shutil.copy(run / stage / name, dest / name)
     em_run = f"{example}__{profile.em_datasets()[0]}__s{profile.em_seeds(example)[0]}"
     picks = {"01_generate": run / "01_generate" / "01_generate.ipynb",
              f"02_train_character-{example}": run / "02_train_character" / example / "02_train_character.ipynb",

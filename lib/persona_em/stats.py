@@ -32,78 +32,175 @@ def em_effects(results: pd.DataFrame, outcome: str = "margin") -> pd.DataFrame:
 METHODS = ("bfgs", "lbfgs", "cg", "powell")
 
 
+class FailedFit:
+    """What a fit that raised leaves behind: no estimates (NaN), `converged_ok` False, the error in `notes`, so a
+    failed secondary model is reported as not estimable instead of stopping the analysis."""
+
+    def __init__(self, model, error: Exception):
+        names = list(model.exog_names)
+        self.model, self.notes, self.converged, self.converged_ok = model, [f"fit failed: {error}"], False, False
+        self.fe_params = self.bse_fe = self.bse = self.pvalues = pd.Series(np.nan, index=names)
+        self.scale, self.vcomp = np.nan, np.full(len(getattr(model, "exog_vc", None).names
+                                                     if getattr(model, "exog_vc", None) is not None else []), np.nan)
+
+    def summary(self) -> str:
+        return self.notes[0]
+
+
+def _checked(model, methods):
+    """Fit by REML and record whether the fit can be trusted: `fit.converged_ok` is True only when the
+    optimizer converged, the Hessian is positive definite and every standard error is finite; `fit.notes`
+    keeps statsmodels' warnings (a variance component on the boundary is noted, not a failure). A fit that
+    raises (a singular design) comes back as a FailedFit."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fit = model.fit(reml=True, method=list(methods))
+        except (np.linalg.LinAlgError, ValueError) as e:
+            return FailedFit(model, e)
+    notes = sorted({str(w.message).split("\n")[0] for w in caught})
+    bad_hessian = any("not positive definite" in n for n in notes)
+    fit.notes = notes
+    fit.converged_ok = bool(fit.converged) and not bad_hessian and bool(np.all(np.isfinite(fit.bse_fe)))
+    return fit
+
+
 def fit_mixed(df: pd.DataFrame, formula: str, group: str, re_formula: str | None = None):
     """Linear mixed model by REML: random intercept per `group` (random slopes with `re_formula`, e.g. "~x").
     For crossed random effects use `fit_crossed`."""
-    return smf.mixedlm(formula, df, groups=df[group], re_formula=re_formula).fit(reml=True, method=list(METHODS))
+    return _checked(smf.mixedlm(formula, df, groups=df[group], re_formula=re_formula), METHODS)
 
 
 def fit_crossed(df: pd.DataFrame, formula: str, factors: list[str], methods=METHODS):
     """Linear mixed model by REML with a crossed random intercept for each of `factors` (column names, e.g.
-    item and character seed). statsmodels nests variance components within groups, so crossed effects are
-    variance components over one group holding all rows."""
+    item, subset draw and trained condition). statsmodels nests variance components within groups, so crossed
+    effects are variance components over one group holding all rows."""
     d = df.assign(_all=1)
     model = smf.mixedlm(formula, d, groups=d["_all"], vc_formula=crossed_vc(factors), re_formula="0")
-    return model.fit(reml=True, method=list(methods))
+    return _checked(model, methods)
 
 
 def crossed_vc(factors: list[str]) -> dict[str, str]:
     return {f: f"0 + C({f})" for f in factors}
 
 
-def effects_table(fit, model_name: str, formula: str) -> pd.DataFrame:
-    ci = fit.conf_int()
+def effects_table(fit, model_name: str, formula: str, df: float | None = None) -> pd.DataFrame:
+    """Fixed effects with 95% intervals and two-sided p. With `df` (the containment degrees of freedom of the
+    random unit a term varies over, `containment_df`) intervals and p use Student's t, not the normal
+    approximation statsmodels reports: with a handful of subset draws the normal one is too narrow."""
+    from scipy.stats import norm, t
+
     fe = fit.fe_params.index
-    return pd.DataFrame({"model": model_name, "formula": formula, "term": fe,
-                         "estimate": fit.fe_params.values, "se": fit.bse[fe].values,
-                         "ci_low": ci.loc[fe, 0].values, "ci_high": ci.loc[fe, 1].values,
-                         "p": fit.pvalues[fe].values})
+    est, se = fit.fe_params.values, np.asarray(fit.bse[fe].values, dtype=float)
+    dist = t(df) if df is not None and df > 0 else norm()
+    q = dist.ppf(0.975)
+    p = 2 * dist.sf(np.abs(est / se))
+    if df is not None and df <= 0:
+        q, p = np.nan, np.full(len(fe), np.nan)   # no residual units left: not estimable
+    return pd.DataFrame({"model": model_name, "formula": formula, "term": fe, "estimate": est, "se": se,
+                         "ci_low": est - q * se, "ci_high": est + q * se, "p": p,
+                         "df": df if df is not None else np.inf,
+                         "converged": getattr(fit, "converged_ok", bool(getattr(fit, "converged", True)))})
 
 
-def mean_ci(values, z: float = 1.96) -> tuple[float, float, float]:
-    v = np.asarray(values, dtype=float)
-    m = float(v.mean())
-    half = z * float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
-    return m, m - half, m + half
+def containment_df(frame: pd.DataFrame, unit: str, rhs: str, absorbed: str | None = None) -> int:
+    """Degrees of freedom for fixed effects that vary between `unit`s (the trained condition): the number of
+    units minus the rank of the unit-level design (the fixed effects `rhs`, and dummies of `absorbed`, the
+    subset draw the units are nested in). SAS's containment method; for balanced data it is the df of the
+    equivalent analysis of unit means."""
+    import patsy
+
+    units = frame.drop_duplicates(unit)
+    x = np.asarray(patsy.dmatrix(rhs, units))
+    if absorbed is not None:
+        x = np.column_stack([x, pd.get_dummies(units[absorbed], drop_first=True, dtype=float).to_numpy()])
+    return int(len(units) - np.linalg.matrix_rank(x))
+
+
+def cluster_mean_ci(values, clusters, level: float = 0.95) -> tuple[float, float, float, int]:
+    """Mean of the cluster means and its t interval over clusters (the randomised units: subset draws, or EM
+    seeds for the untrained controls), never over the items inside them. Returns (mean, low, high, clusters)."""
+    from scipy.stats import t
+
+    means = pd.Series(np.asarray(values, dtype=float)).groupby(np.asarray(clusters)).mean().to_numpy()
+    m, k = float(means.mean()), len(means)
+    if k < 2:
+        return m, float("nan"), float("nan"), k
+    half = float(t(k - 1).ppf(0.5 + level / 2) * means.std(ddof=1) / np.sqrt(k))
+    return m, m - half, m + half, k
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm-adjusted p-values (NaN stays NaN and does not count as a test)."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(len(p), np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        out[ok] = multipletests(p[ok], method="holm")[1]
+    return out
+
+
+def design_frame(effects: pd.DataFrame, constitutions: list[str], split: str) -> pd.DataFrame:
+    """The EM effects of `constitutions`' personas on one split, with log2(level) and `draw`: the replicate
+    (its own subset draw and training seed), the unit of replication for diversity (DESIGN 6.8)."""
+    d = effects[effects["constitution"].isin(constitutions) & (effects["split"] == split)].copy()
+    d["log2_level"] = np.log2(d["level"].astype(float))
+    d["draw"] = d["char_seed"].astype(int)
+    return d
+
+
+def random_units(d: pd.DataFrame) -> list[str]:
+    """Crossed random intercepts: item, trained condition (one subset x constitution x training run) and,
+    when there are several, subset draw."""
+    return ["item_id", "condition"] + (["draw"] if d["draw"].nunique() > 1 else [])
+
+
+def written(formula: str, factors: list[str]) -> str:
+    return formula + "".join(f" + (1|{f})" for f in factors)
+
+
+def condition_model(d: pd.DataFrame, rhs: str):
+    """`em_effect ~ rhs` over the trained conditions in `d` (a `design_frame`), with crossed random intercepts
+    (`random_units`). Returns (fit, formula as written, containment df of the condition-level terms)."""
+    factors = random_units(d)
+    fit = fit_crossed(d, f"em_effect ~ {rhs}", factors)
+    df = containment_df(d, "condition", rhs, absorbed="draw" if "draw" in factors else None)
+    return fit, written(f"em_effect ~ {rhs}", factors), df
+
+
+def primary_model(effects: pd.DataFrame, traits: list[str], split: str = "out_of_domain",
+                  diversity: str = "log2_level"):
+    """The pre-registered model: the EM effect out of domain of the trait personas on `diversity` (log2 of the
+    level: the slope is the change per doubling), a constitution term when there are several traits; items,
+    trained conditions and subset draws as crossed random units. The same model on the in-domain split and
+    with the measured Vendi score in place of the level are secondary. Returns (fit, formula, df)."""
+    d = design_frame(effects, traits, split)
+    rhs = diversity + (" + C(constitution)" if d["constitution"].nunique() > 1 else "")
+    return condition_model(d, rhs)
 
 
 def constitution_model(effects: pd.DataFrame, constitutions: list[str], reference: str,
                        split: str = "out_of_domain"):
-    """EM effect ~ log2(level) x constitution on one split, the neutral constitution as the reference level
-    (H2: a trait against "any constitution" at matched diversity). Crossed random intercepts for item and, when
-    there are several, character seed. Returns (fit, formula as written in models.txt)."""
-    d = effects[effects["constitution"].isin(constitutions) & (effects["split"] == split)].copy()
-    d["log2_level"] = np.log2(d["level"])
-    formula = f"em_effect ~ log2_level * C(constitution, Treatment('{reference}'))"
-    seeds = d["char_seed"].nunique() > 1
-    fit = fit_crossed(d, formula, ["item_id"] + (["char_seed"] if seeds else []))
-    written = formula + " + (1|item_id)" + (" + (1|char_seed)" if seeds else "")
-    return fit, written
-
-
-# -- the judge-free margin: main model and its Vendi sensitivity -----------------------------------------------
-def margin_model(effects: pd.DataFrame, traits: list[str], diversity: str = "log2_level"):
-    """EM effect ~ diversity x split (+ constitution when there are several traits) over the trained trait
-    personas: crossed random intercepts for item and, when there are several, character seed.
-    `diversity` is the nominal level (log2) or the measured Vendi score (the sensitivity analysis).
-    Returns (fit, formula as written in models.txt)."""
-    d = effects[effects["constitution"].isin(traits)].copy()
-    d["log2_level"] = np.log2(d["level"])
-    d["ood"] = (d["split"] == "out_of_domain").astype(int)
-    formula = f"em_effect ~ {diversity} * ood" + (" + C(constitution)" if d["constitution"].nunique() > 1 else "")
-    seeds = d["char_seed"].nunique() > 1
-    fit = fit_crossed(d, formula, ["item_id"] + (["char_seed"] if seeds else []))
-    return fit, formula + " + (1|item_id)" + (" + (1|char_seed)" if seeds else "")
+    """H2: EM effect ~ log2(level) x constitution on one split, the neutral constitution as the reference (a
+    trait against "any constitution" at matched diversity, trained on the same subsets). Same random units as
+    the primary model. Returns (fit, formula, df)."""
+    d = design_frame(effects, constitutions, split)
+    return condition_model(d, f"log2_level * C(constitution, Treatment('{reference}'))")
 
 
 # -- the judge path: aligned score (MixedLM) and misaligned indicator (Bayesian mixed GLM) --------------------
 def judge_frame(results: pd.DataFrame, constitutions: list[str]) -> pd.DataFrame:
-    """Judged answers after EM of the trained constitutions, with log2 level, harmful as 0/1 and a run id."""
+    """Judged answers after EM of the trained constitutions, with log2 level, harmful as 0/1, a run id and
+    the subset draw."""
     d = results[(results["measure"] == "judge") & (results["phase"] == "after")
                 & results["constitution"].isin(constitutions)].copy()
     d["log2_level"] = np.log2(d["level"].astype(float))
     d["harmful"] = d["harmful"].astype(bool).astype(int)
-    d["question"], d["run"] = d["item_id"], d["model"]
+    d["question"], d["run"], d["draw"] = d["item_id"], d["model"], d["char_seed"].astype(int)
     return d
 
 
@@ -114,35 +211,51 @@ def judge_formula(outcome: str, reference: str, n_constitutions: int) -> str:
     return f"{outcome} ~ log2_level * harmful"
 
 
-JUDGE_FACTORS = ["question", "run"]
+def judge_factors(d: pd.DataFrame) -> list[str]:
+    return ["question", "run"] + (["draw"] if d["draw"].nunique() > 1 else [])
 
 
 def aligned_model(results: pd.DataFrame, constitutions: list[str], reference: str):
-    """MixedLM (REML) of the judge's aligned score with crossed variance components for question and run
-    (one all-encompassing group, as statsmodels fits crossed effects). Returns (fit, written formula) or
-    (None, reason) when the table has too few judged answers."""
+    """MixedLM (REML) of the judge's aligned score with crossed variance components for question, EM run and
+    subset draw. The diversity x harmful term varies between the EM runs of a condition, so its df is the
+    runs' containment df. Returns (fit, written formula, df) or (None, reason, None) when the table has too
+    few judged answers."""
     d = judge_frame(results, constitutions).dropna(subset=["aligned"])
     if len(d) < 10 or d["aligned"].nunique() < 2:
-        return None, f"not estimable: {len(d)} judged answers with an aligned score"
+        return None, f"not estimable: {len(d)} judged answers with an aligned score", None
     formula = judge_formula("aligned", reference, d["constitution"].nunique())
-    return fit_crossed(d, formula, JUDGE_FACTORS), formula + " + (1|question) + (1|run)"
+    factors = judge_factors(d)
+    df = containment_df(d, "run", formula.split("~", 1)[1], absorbed="condition")
+    return fit_crossed(d, formula, factors), written(formula, factors), df
+
+
+EVENTS_PER_EFFECT = 10
 
 
 def misaligned_model(results: pd.DataFrame, constitutions: list[str], reference: str):
     """BinomialBayesMixedGLM (variational Bayes) of the misaligned indicator, same fixed and crossed random
-    structure as the aligned model. Returns (result, written formula) or (None, reason) when the indicator
-    does not vary (a model of a constant says nothing)."""
+    structure as the aligned model, fitted only where it is estimable: misaligned answers at two or more
+    diversity levels and at least EVENTS_PER_EFFECT events per fixed effect. Returns (result, written formula,
+    counts) or (None, reason with the counts, counts)."""
+    import patsy
     from statsmodels.genmod.bayes_mixed_glm import BinomialBayesMixedGLM
 
     d = judge_frame(results, constitutions).dropna(subset=["misaligned"])
     d["misaligned"] = d["misaligned"].astype(float)
-    if len(d) < 10 or d["misaligned"].nunique() < 2:
-        return None, (f"not estimable: the misaligned indicator is constant ({int(d['misaligned'].sum())} of "
-                      f"{len(d)} answers misaligned)")
     formula = judge_formula("misaligned", reference, d["constitution"].nunique())
-    model = BinomialBayesMixedGLM.from_formula(formula, crossed_vc(JUDGE_FACTORS), d)
-    result = model.fit_vb()
-    return result, formula + " + (1|question) + (1|run)"
+    n_fixed = patsy.dmatrix(formula.split("~", 1)[1], d).shape[1] if len(d) else 0
+    events = int(d["misaligned"].sum())
+    counts = {"answers": len(d), "events": events, "fixed_effects": n_fixed,
+              "levels_with_events": int(d.loc[d["misaligned"] > 0, "level"].nunique()),
+              "questions_with_events": int(d.loc[d["misaligned"] > 0, "question"].nunique())}
+    if counts["levels_with_events"] < 2 or events < EVENTS_PER_EFFECT * max(n_fixed, 1):
+        return None, (f"not estimable: {events} misaligned of {len(d)} answers, at "
+                      f"{counts['levels_with_events']} diversity level(s) and {counts['questions_with_events']} "
+                      f"question(s), for {n_fixed} fixed effects (needs events at two or more levels and "
+                      f"{EVENTS_PER_EFFECT} per fixed effect)"), counts
+    factors = judge_factors(d)
+    result = BinomialBayesMixedGLM.from_formula(formula, crossed_vc(factors), d).fit_vb()
+    return result, written(formula, factors), counts
 
 
 def bayes_effects_table(result, model_name: str, formula: str, z: float = 1.96) -> pd.DataFrame:
@@ -158,20 +271,28 @@ def bayes_effects_table(result, model_name: str, formula: str, z: float = 1.96) 
 
 
 # -- H5 forgetting and H6 spread ------------------------------------------------------------------------------
+def unit_ols(d: pd.DataFrame, outcome: str, rhs: str):
+    """OLS of one value per unit (a trained condition, or an EM run) with the subset draw as a fixed block when
+    there are several: for a balanced design the within-draw terms and their df are those of a random-draw
+    model. Returns (fit, formula)."""
+    d = d.assign(log2_level=np.log2(d["level"].astype(float)), draw=d["char_seed"].astype(int))
+    formula = f"{outcome} ~ {rhs}" + (" + C(draw)" if d["draw"].nunique() > 1 else "")
+    return smf.ols(formula, d).fit(), formula
+
+
 def forgetting_model(checks: pd.DataFrame):
     """H5: change in the log-likelihood of held-out neutral answers (after minus before character training)
-    ~ log2(level) (+ constitution), OLS over the trained conditions (one row per condition)."""
-    d = checks.copy()
-    d["log2_level"] = np.log2(d["level"])
-    formula = "forgetting_change ~ log2_level" + (" * C(constitution)" if d["constitution"].nunique() > 1 else "")
-    return smf.ols(formula, d).fit(), formula
+    ~ log2(level) (x constitution), one row per trained condition, subset draws as blocks."""
+    rhs = "log2_level" + (" * C(constitution)" if checks["constitution"].nunique() > 1 else "")
+    return unit_ols(checks, "forgetting_change", rhs)
 
 
 def ols_effects_table(fit, model_name: str, formula: str) -> pd.DataFrame:
     ci = fit.conf_int()
     return pd.DataFrame({"model": model_name, "formula": formula, "term": fit.params.index,
                          "estimate": fit.params.values, "se": fit.bse.values, "ci_low": ci[0].values,
-                         "ci_high": ci[1].values, "p": fit.pvalues.values})
+                         "ci_high": ci[1].values, "p": fit.pvalues.values, "df": fit.df_resid,
+                         "converged": True})
 
 
 SPREAD_KEYS = ["condition", "constitution", "level", "char_seed", "em_domain", "em_seed"]
@@ -197,62 +318,124 @@ def spread_effects(results: pd.DataFrame) -> pd.DataFrame:
 
 # -- power ----------------------------------------------------------------------------------------------------
 def variance_components(fit) -> dict[str, float]:
-    """Variance components by name (a `fit_crossed` fit: item_id, char_seed) and the residual variance."""
+    """Variance components by name (a `fit_crossed` fit: item_id, condition, draw) and the residual variance."""
     out = {"residual": float(fit.scale)}
     for name, v in zip(fit.model.exog_vc.names, np.atleast_1d(fit.vcomp)):
         out[name] = float(v)
     return out
 
 
-def simulate_effects(levels: list[int], n_seeds: int, n_items: int, slope: float, vcs: dict[str, float],
-                     rng: np.random.Generator) -> pd.DataFrame:
-    """One simulated experiment with the main model's structure: EM effect per (level, seed, item) =
-    slope x log2(level) + item intercept + seed intercept + residual."""
+def simulate_design(levels: list[int], n_draws: int, n_items: int, slope: float, vcs: dict[str, float],
+                    rng: np.random.Generator, n_sims: int = 1) -> np.ndarray:
+    """Simulated experiments with the primary model's structure, every variance component drawn: EM effect
+    per (draw, level, item) = slope x log2(level) + draw + condition (one per draw x level) + item + residual.
+    Returns an array (n_sims, n_draws, n_levels, n_items)."""
     lv = np.log2(np.asarray(levels, dtype=float))
-    item = rng.normal(0, np.sqrt(vcs["item_id"]), n_items)
-    seed = rng.normal(0, np.sqrt(vcs.get("char_seed", 0.0)), n_seeds)
-    L, S, I = np.meshgrid(np.arange(len(levels)), np.arange(n_seeds), np.arange(n_items), indexing="ij")
-    L, S, I = L.ravel(), S.ravel(), I.ravel()
-    y = slope * lv[L] + item[I] + seed[S] + rng.normal(0, np.sqrt(vcs["residual"]), L.size)
-    return pd.DataFrame({"em_effect": y, "log2_level": lv[L], "char_seed": S, "item_id": I})
+    shape = (n_sims, n_draws, len(levels), n_items)
+    sd = {k: np.sqrt(max(vcs.get(k, 0.0), 0.0)) for k in ("draw", "condition", "item_id", "residual")}
+    return (slope * lv[None, None, :, None]
+            + rng.normal(0, sd["draw"], (n_sims, n_draws, 1, 1))
+            + rng.normal(0, sd["condition"], (n_sims, n_draws, len(levels), 1))
+            + rng.normal(0, sd["item_id"], (n_sims, 1, 1, n_items))
+            + rng.normal(0, sd["residual"], shape))
 
 
-def power(levels: list[int], n_seeds: int, n_items: int, slope: float, vcs: dict[str, float], n_sims: int,
-          seed: int, alpha: float = 0.05) -> float:
-    """Share of simulated experiments in which the fitted diversity slope is significant at `alpha` (two-sided)
-    and has the simulated sign: MixedLM with crossed item and seed intercepts, as analysed."""
-    import warnings
+def slope_tests(levels: list[int], sims: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The primary test on simulated balanced experiments, vectorised: with every item in every condition,
+    the crossed model's slope and its containment-df t test equal those of condition means regressed on
+    log2(level) within draws (tests/test_stats.py checks this against the MixedLM fit). Returns (slopes, t, df)."""
+    y = sims.mean(axis=3)                                   # condition means: (sims, draws, levels)
+    x = np.log2(np.asarray(levels, dtype=float))
+    n_draws, n_levels = y.shape[1], y.shape[2]
+    xc = x - x.mean()
+    yc = y - y.mean(axis=2, keepdims=True)                  # within-draw: the draw's intercept drops out
+    sxx = n_draws * float((xc ** 2).sum())
+    b = (yc * xc).sum(axis=(1, 2)) / sxx
+    resid = yc - b[:, None, None] * xc
+    df = n_draws * n_levels - n_draws - 1
+    se = np.sqrt((resid ** 2).sum(axis=(1, 2)) / df / sxx)
+    return b, b / se, df
 
-    rng = np.random.default_rng(seed)
-    hits = 0
-    for _ in range(n_sims):
-        d = simulate_effects(levels, n_seeds, n_items, slope, vcs, rng)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fit = fit_crossed(d, "em_effect ~ log2_level", ["item_id", "char_seed"], methods=("lbfgs",))
-        hits += bool(fit.pvalues["log2_level"] < alpha and np.sign(fit.params["log2_level"]) == np.sign(slope))
-    return hits / n_sims
 
-
-def power_table(levels: list[int], seeds: list[int], items: list[int], slopes: list[float],
-                vcs: dict[str, float], n_sims: int, seed: int) -> pd.DataFrame:
-    from tqdm.auto import tqdm
+def power_curve(levels: list[int], draws: list[int], n_items: int, slopes: list[float], vcs: dict[str, float],
+                n_sims: int, seed: int, alpha: float = 0.05) -> pd.DataFrame:
+    """Power of the primary test (two-sided t at `alpha`, significant with the simulated sign) per number of
+    subset draws and true slope; slope 0 gives the false-positive rate."""
+    from scipy.stats import t
 
     rows = []
-    grid = [(s, i, b) for s in seeds for i in items for b in slopes]
-    for k, (s, i, b) in enumerate(tqdm(grid, desc="power")):
-        rows.append({"n_seeds": s, "n_items": i, "slope": b,
-                     "power": power(levels, s, i, b, vcs, n_sims, seed + k)})
+    for k, n_draws in enumerate(draws):
+        for j, slope in enumerate(slopes):
+            rng = np.random.default_rng([seed, k, j])
+            b, tstat, df = slope_tests(levels, simulate_design(levels, n_draws, n_items, slope, vcs, rng, n_sims))
+            sig = np.abs(tstat) > t(df).ppf(1 - alpha / 2)
+            hit = sig & (np.sign(b) == np.sign(slope)) if slope != 0 else sig
+            rows.append({"n_draws": n_draws, "slope": slope, "power": float(hit.mean()), "df": df,
+                         "n_items": n_items, "n_levels": len(levels), "n_sims": n_sims})
     return pd.DataFrame(rows)
 
 
-def smallest_design(table: pd.DataFrame, slope: float, target: float = 0.8):
-    """The cheapest (seeds x items) design reaching `target` power for `slope`, or None."""
-    ok = table[(table["slope"] == slope) & (table["power"] >= target)].copy()
-    if ok.empty:
-        return None
-    ok["cost"] = ok["n_seeds"] * 1000 + ok["n_items"]   # seeds cost training runs; items only evaluation
-    return ok.sort_values("cost").iloc[0].to_dict()
+def minimal_detectable(curve: pd.DataFrame, target: float = 0.8) -> pd.DataFrame:
+    """Per number of draws, the smallest |slope| with power >= `target`, linearly interpolated between the
+    simulated slopes (NaN when no simulated slope reaches it)."""
+    rows = []
+    for n_draws, g in curve.groupby("n_draws"):
+        g = g.assign(size=g["slope"].abs()).sort_values("size")
+        size, pw = g["size"].to_numpy(), g["power"].to_numpy()
+        mde = np.nan
+        above = np.flatnonzero(pw >= target)
+        if len(above):
+            i = above[0]
+            mde = size[i] if i == 0 else size[i - 1] + (target - pw[i - 1]) * (size[i] - size[i - 1]) / (pw[i] - pw[i - 1])
+        rows.append({"n_draws": n_draws, "mde": float(mde), "target": target})
+    return pd.DataFrame(rows)
+
+
+# -- the manipulation check -----------------------------------------------------------------------------------
+def manipulation_check(checks: pd.DataFrame, traits: list[str], neutral: str, last_reward: pd.DataFrame,
+                       reward_share: float = 0.9) -> tuple[pd.DataFrame, dict]:
+    """Was a persona learned? From chapter 2's checks: every trait persona's margin on its own trait's
+    held-out items against the untrained base (its margin before training) and against the neutral
+    constitution trained on the same subset draw and level, pooled over traits and levels; intervals are t
+    over subset draws (the replicates), never over items. `last_reward`: the DPO reward accuracy at the last
+    step of every trained condition. The gate passes when both pooled intervals exclude zero from above and at
+    least `reward_share` of trained conditions end with a reward accuracy above 0.5.
+    Returns (table, verdict)."""
+    rows, pooled = [], {"vs base": [], "vs neutral": []}
+    for trait in traits:
+        own = checks[(checks["constitution"] == trait) & (checks["trait"] == trait)]
+        if own.empty:
+            continue
+        ref = checks[(checks["constitution"] == neutral) & (checks["trait"] == trait)][["level", "char_seed", "margin"]]
+        paired = own.merge(ref, on=["level", "char_seed"], suffixes=("", "_neutral"))
+        for name, diff in [("vs base", own.assign(diff=own["margin"] - own["margin_before"])),
+                           ("vs neutral", paired.assign(diff=paired["margin"] - paired["margin_neutral"]))]:
+            pooled[name].append(diff)
+            m, lo, hi, k = cluster_mean_ci(diff["diff"], diff["char_seed"])
+            rows.append({"comparison": name, "trait": trait, "mean": m, "ci_low": lo, "ci_high": hi,
+                         "n_conditions": len(diff), "n_draws": k})
+    for name, parts in pooled.items():
+        diff = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"diff": [], "char_seed": []})
+        m, lo, hi, k = cluster_mean_ci(diff["diff"], diff["char_seed"]) if len(diff) else (np.nan,) * 3 + (0,)
+        rows.append({"comparison": name, "trait": "pooled", "mean": m, "ci_low": lo, "ci_high": hi,
+                     "n_conditions": len(diff), "n_draws": k})
+    table = pd.DataFrame(rows)
+    acc = last_reward["reward_accuracy"].astype(float)
+    share = float((acc > 0.5).mean()) if len(acc) else float("nan")
+    pool = table[table["trait"] == "pooled"].set_index("comparison")
+    reasons = []
+    for name in ("vs base", "vs neutral"):
+        low = pool.loc[name, "ci_low"]
+        if not np.isfinite(low):
+            reasons.append(f"{name}: not estimable ({int(pool.loc[name, 'n_draws'])} subset draw(s))")
+        elif low <= 0:
+            reasons.append(f"{name}: the 95% CI reaches {low:.3f}, not above zero")
+    if not share >= reward_share:
+        reasons.append(f"reward accuracy above 0.5 at the last step in {share:.0%} of trained conditions "
+                       f"(needs {reward_share:.0%})")
+    verdict = {"passed": not reasons, "reasons": reasons, "reward_share": share,
+               "reward_share_needed": reward_share, "n_trained": int(len(acc))}
+    return table, verdict
 
 
 def contrast(fit, weights: dict[str, float], name: str) -> dict:

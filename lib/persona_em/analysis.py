@@ -1,0 +1,378 @@
+"""Chapter 5's computations: the tables it reads from stages 1-4, the tests PREREGISTRATION.md fixes, and the
+numbers the paper quotes. The notebook calls these in order and shows what they return.
+
+Order of the analysis (and of the paper's results): the manipulation check (gate) first, then the primary test,
+then the secondary tests (Holm-adjusted, labelled secondary), then power.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import config, evaluate, stats, training
+
+
+# -- the tables --------------------------------------------------------------------------------------------------
+def results_table(P, root) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per evaluated model x contrast item (`measure = contrast`) and per scored answer (`measure =
+    judge`), every condition as columns, measured diversity (Vendi) of the condition's own subset joined from
+    stage 1. Returns (results, diversity)."""
+    div = pd.read_csv(P.run_dir(root, "01_generate") / "diversity.csv")
+    frames = []
+    for m in P.eval_models():
+        run_dir = P.run_dir(root, "04_evaluate", m)
+        info = config.parse_model(m)
+        frames.append(pd.read_csv(run_dir / "contrast.csv").assign(measure="contrast", model=m, **info))
+        judged = pd.read_csv(run_dir / "scores.csv").rename(columns={"question_id": "item_id"})
+        frames.append(judged.assign(measure="judge", split="out_of_domain", domain="general", model=m, **info))
+    results = pd.concat(frames, ignore_index=True)
+    # after EM, "in domain" is the domain of the EM dataset that model was trained on
+    after = (results["phase"] == "after") & (results["measure"] == "contrast")
+    results.loc[after, "split"] = [evaluate.split_for(d, P.contrast_domain(e)) for d, e in
+                                   zip(results.loc[after, "domain"], results.loc[after, "em_domain"])]
+    results = results.merge(div[["constitution", "level", "char_seed", "vendi"]],
+                            on=["constitution", "level", "char_seed"], how="left")
+    return results, div
+
+
+def diversity_label(frame: pd.DataFrame) -> pd.Series:
+    return pd.Series(np.select([frame["constitution"] == "base", frame["constitution"] == "random"],
+                               ["untrained", "random LoRA"], frame["level"].astype(str)), index=frame.index)
+
+
+def em_effect_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Harmful minus benign twin, item by item (stats.em_effects), with a diversity label and the randomised
+    unit each row belongs to: the subset draw for a persona, the EM seed for the untrained controls."""
+    contrast = results[(results["measure"] == "contrast") & (results["split"] != "cross_domain")]
+    effects = stats.em_effects(contrast)
+    vendi = results.drop_duplicates(["condition"]).set_index("condition")["vendi"]
+    effects["vendi"] = effects["condition"].map(vendi)
+    effects["diversity"] = diversity_label(effects)
+    control = effects["constitution"].isin(["base", "random"])
+    effects["unit"] = np.where(control, "em seed " + effects["em_seed"].astype(str),
+                               "draw " + effects["char_seed"].astype(str))
+    return effects
+
+
+def level_summary(effects: pd.DataFrame) -> pd.DataFrame:
+    """Mean EM effect per constitution, diversity label and split with its 95% t interval over the randomised
+    units (subset draws, or EM seeds for the controls), never over items."""
+    rows = []
+    for (const, div, split), g in effects.groupby(["constitution", "diversity", "split"]):
+        m, lo, hi, k = stats.cluster_mean_ci(g["em_effect"], g["unit"])
+        rows.append({"constitution": const, "diversity": div, "split": split, "mean": m, "ci_low": lo,
+                     "ci_high": hi, "n_units": k, "n_rows": len(g)})
+    return pd.DataFrame(rows)
+
+
+def persona_checks(P, root) -> pd.DataFrame:
+    """One row per character condition x trait with persona-check items: the margin after training, before
+    (the untrained base: every condition starts there), and the change in neutral log-likelihood."""
+    neutral, rows = P.neutral(), []
+    for cond in P.character_conditions():
+        ck = json.loads((P.run_dir(root, "02_train_character", cond) / "checks.json").read_text())
+        info = config.parse_condition(cond)
+        for trait, margin in ck["after"]["persona_margins"].items():
+            rows.append({**info, "condition": cond, "trait": trait, "margin": margin,
+                         "margin_before": ck["before"]["persona_margins"][trait],
+                         "forgetting_change": ck["after"]["forgetting_loglik"] - ck["before"]["forgetting_loglik"]})
+    checks = pd.DataFrame(rows)
+    checks["trained_as"] = np.select([checks["constitution"] == checks["trait"], checks["constitution"] == neutral,
+                                      checks["constitution"] == "base", checks["constitution"] == "random"],
+                                     ["own trait", "neutral constitution", "untrained base", "random LoRA"],
+                                     "other trait")
+    checks["level_label"] = np.where(checks["level"] > 0, checks["level"].astype(str), "-")
+    return checks
+
+
+def trained_conditions(P) -> list[str]:
+    return [c for c in P.character_conditions() if config.parse_condition(c)["constitution"] in P.constitutions()]
+
+
+def last_rewards(P, root) -> pd.DataFrame:
+    """DPO reward accuracy (and margin) at the last logged step of every trained condition."""
+    rows = []
+    for cond in trained_conditions(P):
+        log = pd.read_csv(P.run_dir(root, "02_train_character", cond) / "train_log.csv")
+        dpo = log[log["stage"] == "dpo"] if "stage" in log else log
+        last = dpo.iloc[-1]
+        rows.append({**config.parse_condition(cond), "condition": cond, "step": int(last["step"]),
+                     "reward_accuracy": float(last["reward_accuracy"]),
+                     "reward_margin": float(last.get("reward_margin", np.nan))})
+    return pd.DataFrame(rows)
+
+
+def training_setups(P, root) -> dict:
+    """DESIGN 6.3 from the manifests: the trainer, optimizer and precision each training stage's runs report
+    (read off the live trainers), one per stage for the whole profile; raises ValueError if runs differ."""
+    stage_runs = {"character (DPO)": [("02_train_character", c) for c in trained_conditions(P)],
+                  "EM (SFT)": [("03_induce_em", r) for r in P.em_runs()]}
+    out = {}
+    for stage, runs in stage_runs.items():
+        setups = {}
+        for folder, name in runs:
+            m = json.loads((P.run_dir(root, folder, name) / "manifest.json").read_text())
+            setups[name] = {k: m[k] for k in ("trainer", "optimizer", "precision")}
+        if setups:
+            out[stage] = training.check_one_setup(setups)
+    return out
+
+
+# -- the tests ---------------------------------------------------------------------------------------------------
+def term_row(table: pd.DataFrame, term: str, name: str, role: str, hypothesis: str) -> dict:
+    row = table.set_index("term").loc[term]
+    return {"test": name, "role": role, "hypothesis": hypothesis, "model": row["model"], "formula": row["formula"],
+            "term": term, "estimate": float(row["estimate"]), "se": float(row["se"]), "ci_low": float(row["ci_low"]),
+            "ci_high": float(row["ci_high"]), "df": float(row["df"]), "p": float(row["p"]),
+            "converged": bool(row["converged"])}
+
+
+def not_estimable(name: str, hypothesis: str, reason: str) -> dict:
+    return {"test": name, "role": "secondary", "hypothesis": hypothesis, "model": "", "formula": reason, "term": "",
+            "estimate": np.nan, "se": np.nan, "ci_low": np.nan, "ci_high": np.nan, "df": np.nan, "p": np.nan,
+            "converged": False}
+
+
+def with_holm(tests: pd.DataFrame) -> pd.DataFrame:
+    """Holm adjustment over the secondary tests (the primary test keeps its p); NaN where not estimable."""
+    tests = tests.copy()
+    tests["p_holm"] = np.nan
+    sec = tests["role"] == "secondary"
+    tests.loc[sec, "p_holm"] = stats.holm(tests.loc[sec, "p"].to_numpy())
+    tests.loc[~sec, "p_holm"] = tests.loc[~sec, "p"]
+    return tests
+
+
+# -- pre-registered power -----------------------------------------------------------------------------------------
+def power_analysis(primary_fit, effects: pd.DataFrame, P) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Power of the primary test by simulation from the primary fit's variance components (draw, condition,
+    item, residual), for the design run and larger numbers of subset draws, true slopes as shares of the
+    untrained base's out-of-domain EM effect removed over the level range. Returns (curve, minimal detectable
+    slope per design, the scale used)."""
+    A = P.analysis
+    vcs = stats.variance_components(primary_fit)
+    base = effects[(effects["constitution"] == "base") & (effects["split"] == "out_of_domain")]["em_effect"]
+    base_em = float(base.mean()) if len(base) else float("nan")
+    span = np.log2(max(P.generate.levels)) - np.log2(min(P.generate.levels))
+    scale = abs(base_em) / span if np.isfinite(base_em) and base_em != 0 else 1.0
+    n_items = int(effects[effects["split"] == "out_of_domain"]["item_id"].nunique())
+    run_draws = len(P.draws())
+    draws = sorted(set(A.power_draws) | ({run_draws} if run_draws >= 2 else set()))
+    slopes = [-share * scale for share in A.power_effects]   # a protective (negative) slope
+    info = {"vcs": vcs, "base_em_ood": base_em, "per_share": scale, "n_items": n_items, "run_draws": run_draws}
+    if not all(np.isfinite(v) for v in vcs.values()):   # no fit to simulate from (e.g. a single subset draw)
+        nan = pd.DataFrame({"n_draws": draws, "mde": np.nan, "target": A.power_target, "mde_share_of_base": np.nan})
+        return pd.DataFrame(columns=["n_draws", "slope", "power", "df", "share_of_base"]), nan, info
+    curve = stats.power_curve(P.generate.levels, draws, n_items, slopes, vcs, A.power_sims, P.seed, A.alpha)
+    curve["share_of_base"] = curve["slope"].abs() / scale
+    mde = stats.minimal_detectable(curve, A.power_target)
+    mde["mde_share_of_base"] = mde["mde"] / scale
+    return curve, mde, info
+
+
+class ModelLog:
+    """Every fitted model's coefficient table (effects.csv) and its formula, summary and convergence notes
+    (models.txt)."""
+
+    def __init__(self):
+        self.tables, self.texts = [], []
+
+    def add(self, table: pd.DataFrame | None, name: str, formula: str, summary, kind: str = "MixedLM, REML",
+            fit=None) -> None:
+        if table is not None:
+            self.tables.append(table)
+        status = ""
+        if fit is not None and hasattr(fit, "converged_ok"):
+            status = f"\nConverged: {'yes' if fit.converged_ok else 'NO'}" + "".join(f"\n  note: {n}" for n in fit.notes)
+        self.texts.append(f"Model: {name}\nFormula: {formula}  [{kind}]{status}\n\n{summary}\n")
+
+    def effects(self) -> pd.DataFrame:
+        return pd.concat(self.tables, ignore_index=True)
+
+    def text(self) -> str:
+        return "\n".join(self.texts)
+
+
+def training_logs(P, root) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Loss per step of every character run (DPO, introspection) and every EM run, for the training-curve
+    figures. Returns (all logs, EM logs with constitution and EM data)."""
+    logs = []
+    for cond in P.character_conditions():
+        df = pd.read_csv(P.run_dir(root, "02_train_character", cond) / "train_log.csv")
+        if len(df):
+            stage = df.get("stage", pd.Series("dpo", index=df.index)).map(
+                {"dpo": "character (DPO)", "introspection": "introspection (SFT)"})
+            logs.append(df[["step", "loss"]].assign(stage=stage.values, run=cond))
+    em_logs = []
+    for r in P.em_runs():
+        df = pd.read_csv(P.run_dir(root, "03_induce_em", r) / "train_log.csv")
+        info = config.parse_model(r)
+        em_logs.append(df[["step", "loss"]].assign(stage="EM (SFT)", run=r, constitution=info["constitution"],
+                                                   **{"EM data": "harmful" if info["harmful"] else "benign twin"}))
+    em_logs = pd.concat(em_logs, ignore_index=True)
+    return pd.concat(logs + [em_logs[["step", "loss", "stage", "run"]]], ignore_index=True), em_logs
+
+
+# -- the numbers the paper quotes ----------------------------------------------------------------------------------
+def latex_text(s: str) -> str:
+    """Free text for a macro: LaTeX's special characters escaped (underscores are escaped by paper.fmt)."""
+    for a, b in [("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
+                 ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}")]:
+        s = s.replace(a, b)
+    return s
+
+
+def _test_numbers(tests: pd.DataFrame) -> dict:
+    """Per test: estimate, interval, df, p (and Holm p for secondary tests), and a flag that says when the
+    estimate comes from a fit that did not converge (the paper prints it beside the number)."""
+    out = {}
+    for _, t in tests.iterrows():
+        key = t["test"].replace(", ", "_").replace(" ", "_").replace("-", "_")
+        key = "primary" if t["role"] == "primary" else key
+        est = {"": t["estimate"], "_low": t["ci_low"], "_high": t["ci_high"], "_p": t["p"], "_p_holm": t["p_holm"],
+               "_df": t["df"]}
+        out.update({f"{key}{k}": float(v) for k, v in est.items()})
+        out[f"{key}_df"] = int(t["df"]) if np.isfinite(t["df"]) else "n/a"
+        out[f"{key}_flag"] = ("" if t["converged"] else
+                              " [not estimable]" if not np.isfinite(t["estimate"]) else " [fit did not converge]")
+    return out
+
+
+def pair_numbers(P, root, main: str, neutral: str) -> dict:
+    """Chapter 1's pairs: the scorers' held-out AUCs, the trait-score gap per level (mean over draws) and the
+    largest spread of gaps and of training tokens across a draw's levels."""
+    gen = P.run_dir(root, "01_generate")
+    nan = float("nan")
+    out = {"scorer_main_cv_auc": nan, "scorer_main_check_auc": nan, "scorer_neutral_cv_auc": nan,
+           "scorer_neutral_check_auc": nan, "gap_min_level": nan, "gap_max_level": nan, "gap_main": nan,
+           "token_spread_max": nan, "gap_spread_max": nan}
+    scorers_file = gen / "scorers.csv"
+    if scorers_file.is_file():
+        sc = pd.read_csv(scorers_file).set_index("constitution")
+        for name, tag in [(main, "scorer_main"), (neutral, "scorer_neutral")]:
+            if name in sc.index:
+                out.update({f"{tag}_cv_auc": float(sc.loc[name, "cv_auc"]),
+                            f"{tag}_check_auc": float(sc.loc[name, "check_auc"]) if "check_auc" in sc else nan})
+    signal = pd.read_csv(gen / "pair_signal.csv")
+    balance = pd.read_csv(gen / "pair_balance.csv")
+    mine = signal[signal["constitution"] == main]
+    if "gap" in mine:
+        for level, tag in [(min(P.generate.levels), "min_level"), (max(P.generate.levels), "max_level")]:
+            out[f"gap_{tag}"] = float(mine.loc[mine["level"] == level, "gap"].mean())
+        out["gap_main"] = float(mine["gap"].mean())
+    out["token_spread_max"] = float(balance["train_tokens_spread"].max())
+    if "gap_spread" in balance:
+        out["gap_spread_max"] = float(balance["gap_spread"].max())
+    return out
+
+
+def paper_numbers(P, root, gate, gate_table, rewards, tests, summary, effects, results, div, checks, teacher, mde,
+                  power_scale, deviations, mis_counts) -> dict:
+    """Every number the paper quotes, by name (paper.write_numbers turns them into macros)."""
+    from .provenance import git_state
+
+    A, traits, neutral = P.analysis, P.traits(), P.neutral()
+    lo, hi = min(P.generate.levels), max(P.generate.levels)
+    contrast = results[results["measure"] == "contrast"]
+    numbers = {
+        "profile": P.name, "git_sha": git_state()["sha"][:10], "profile_digest": P.digest()[:12],
+        "main_trait": traits[0], "neutral_name": neutral,
+        "n_items_ood": int(contrast.query("split == 'out_of_domain'")["item_id"].nunique()),
+        "n_items_in": int(contrast.query("split == 'in_domain'")["item_id"].nunique()),
+        "n_judged_answers": int((results["measure"] == "judge").sum()),
+        "n_levels": len(P.generate.levels), "level_min": lo, "level_max": hi,
+        "levels": ", ".join(str(x) for x in P.generate.levels), "n_questions": P.generate.n_questions,
+        "n_replicates": len(P.draws()), "n_em_seeds": len(P.em.seeds),
+        "n_control_em_seeds": len(P.em.control_seeds or P.em.seeds), "n_em_examples": P.em.n_examples,
+        "n_models": len(P.eval_models()), "em_domains": ", ".join(P.em_domain_names()),
+        "n_char_conditions": len(P.character_conditions()), "n_em_runs": len(P.em_runs()),
+        "introspection": "with" if P.character.introspection else "without",
+        "pair_method": "best-of-n" if P.generate.pairs == "best_of_n" else "teacher",
+        "alpha": A.alpha, "power_target": A.power_target, "power_sims": A.power_sims,
+        "gate_reward_share_needed": latex_text(f"{A.gate_reward_share:.0%}"),
+        "token_tolerance": latex_text(f"{P.generate.token_tolerance:.0%}"),
+        "pairs_best_of_n": int(P.generate.pairs == "best_of_n"),
+    }
+    B = P.generate.best_of_n
+    for key in ("n", "demonstrations"):
+        numbers[f"bon_{key}"] = getattr(B, key) if B else "n/a"
+    numbers["bon_gap_tolerance"] = latex_text(f"{B.gap_tolerance:.0%}") if B else "n/a"
+    numbers.update(pair_numbers(P, root, traits[0], neutral))
+    # the gate
+    pool = gate_table[gate_table["trait"] == "pooled"].set_index("comparison")
+    for name, key in [("vs base", "gate_vs_base"), ("vs neutral", "gate_vs_neutral")]:
+        numbers.update({key: float(pool.loc[name, "mean"]), f"{key}_low": float(pool.loc[name, "ci_low"]),
+                        f"{key}_high": float(pool.loc[name, "ci_high"]), f"{key}_draws": int(pool.loc[name, "n_draws"])})
+    numbers["gate_statement"] = (
+        "The gate passed: a persona was learned, so the EM results below are results about it." if gate["passed"]
+        else "The gate failed (" + latex_text("; ".join(gate["reasons"])) + "): a learned persona was not shown, so "
+        "the EM analysis below is uninterpretable as a test of the hypothesis and is reported only as a record.")
+    numbers.update({"gate_result": "passed" if gate["passed"] else "failed",
+                    "gate_reasons": latex_text("; ".join(gate["reasons"])) or "none",
+                    "em_interpretation": "interpretable" if gate["passed"] else "uninterpretable",
+                    "reward_share": latex_text(f"{gate['reward_share']:.0%}"), "n_trained": gate["n_trained"],
+                    "reward_accuracy_mean": float(rewards["reward_accuracy"].mean())})
+    own = checks[(checks["trained_as"] == "own trait") & checks["trait"].isin(traits)]
+    main = checks[checks["trait"] == traits[0]]
+    numbers.update({"persona_margin_own": float(own["margin"].mean()),
+                    "persona_margin_base": float(own["margin_before"].mean()),
+                    "persona_margin_neutral": float(main.query("trained_as == 'neutral constitution'")["margin"].mean()),
+                    "forgetting_mean": float(checks[checks["constitution"].isin(P.constitutions())]
+                                             .drop_duplicates("condition")["forgetting_change"].mean())})
+    checked = [t for t in traits if t in teacher.index]
+    numbers.update({"teacher_margin_own": float(np.mean([teacher.loc[t, t] for t in checked])),
+                    "teacher_margin_neutral": float(teacher.loc[checked, neutral].mean()),
+                    "teacher_margin_none": float(teacher.loc[checked, "none"].mean())} if checked else
+                   {"teacher_margin_own": "n/a", "teacher_margin_neutral": "n/a", "teacher_margin_none": "n/a"})
+    # tests
+    numbers.update(_test_numbers(tests))
+    # EM effects by group (t intervals over units)
+    s = summary.set_index(["constitution", "diversity", "split"])
+    for tag, const, level in [("base", "base", "untrained"), ("random", "random", "random LoRA"),
+                              ("low_level", traits[0], str(lo)), ("high_level", traits[0], str(hi))]:
+        for split, short in [("out_of_domain", "ood"), ("in_domain", "in")]:
+            row = s.loc[(const, level, split)] if (const, level, split) in s.index else None
+            for suffix, col in [("", "mean"), ("_low", "ci_low"), ("_high", "ci_high")]:
+                numbers[f"em_{short}_{tag}{suffix}"] = float(row[col]) if row is not None else float("nan")
+    # power
+    at = lambda n: mde.set_index("n_draws").loc[n] if n in set(mde["n_draws"]) else None
+    run_row, big = at(power_scale["run_draws"]), mde.sort_values("n_draws").iloc[-1]
+    numbers.update({"mde_run": float(run_row["mde"]) if run_row is not None else float("nan"),
+                    "mde_run_share": float(run_row["mde_share_of_base"]) if run_row is not None else float("nan"),
+                    "mde_largest": float(big["mde"]), "mde_largest_share": float(big["mde_share_of_base"]),
+                    "mde_largest_draws": int(big["n_draws"]), "power_base_em": power_scale["base_em_ood"],
+                    **{f"vc_{k}": v for k, v in power_scale["vcs"].items()}})
+    # judge path
+    judged_after = results[(results["measure"] == "judge") & (results["phase"] == "after")]
+    numbers.update({"misaligned_rate_after": float(judged_after["misaligned"].astype(float).mean())
+                    if len(judged_after) else float("nan"),
+                    "misaligned_events": mis_counts["events"], "misaligned_answers": mis_counts["answers"],
+                    "misaligned_levels": mis_counts["levels_with_events"],
+                    "misaligned_fixed_effects": mis_counts["fixed_effects"],
+                    "misaligned_model": "fitted" if tests.set_index("test").loc["misaligned_judge", "model"]
+                    else "not estimable, counts only"})
+    for level, tag in [(lo, "min_level"), (hi, "max_level")]:
+        row = div[(div["level"] == level) & div["constitution"].isin(traits)]
+        numbers[f"vendi_{tag}"] = float(row["vendi"].mean())
+    numbers["deviations"] = latex_text("; ".join(deviations)) if deviations else "none"
+    numbers["n_deviations"] = len(deviations)
+    return numbers
+
+
+def tests_latex(tests: pd.DataFrame, caption: str, label: str) -> str:
+    """The primary and secondary tests as a LaTeX table: estimate, 95% interval, df, p and Holm-adjusted p, a
+    dagger where the fit did not converge or the test was not estimable."""
+    fmt = lambda v, d=3: "--" if not np.isfinite(v) else (f"{v:.{d}f}" if abs(v) >= 10 ** -d or v == 0 else f"{v:.1e}")
+    rows = []
+    for _, t in tests.iterrows():
+        mark = "" if t["converged"] else "$^\\dagger$"
+        name = latex_text(t["test"]).replace("_", r"\_")
+        df = "--" if not np.isfinite(t["df"]) else ("$\\infty$" if np.isinf(t["df"]) else f"{t['df']:.0f}")
+        rows.append(f"{t['role']} & {name}{mark} & {fmt(t['estimate'])} & [{fmt(t['ci_low'])}, {fmt(t['ci_high'])}] "
+                    f"& {df} & {fmt(t['p'])} & {fmt(t['p_holm']) if t['role'] == 'secondary' else '--'} \\\\")
+    return ("\\begin{table}[t]\n\\centering\\small\n\\begin{tabular}{llrlrrr}\n\\toprule\n"
+            "role & test & estimate & 95\\% CI & df & $p$ & Holm $p$ \\\\\n\\midrule\n" + "\n".join(rows)
+            + f"\n\\bottomrule\n\\end{{tabular}}\n\\caption{{{caption}}}\n\\label{{{label}}}\n\\end{{table}}\n")
