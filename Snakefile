@@ -55,6 +55,8 @@ rule all:
 rule generate:
     input:
         "notebooks/01_generate.ipynb",
+        # the trait scorers' items (best-of-n pairs and the pairs' signal): editing one re-makes the pairs
+        [str(P.scorer_items_file(n)) for n in P.constitutions() if P.scorer_items_file(n).is_file()],
     output:
         f"{RUNS}/01_generate/manifest.json",
     params:

@@ -35,14 +35,14 @@ def _judged(interaction: float, seed: int = 0, misaligned_rate: float | None = N
 
 def test_aligned_model_recovers_diversity_by_harmful():
     fit, formula, df = stats.aligned_model(_judged(interaction=3.0), ["candor", "neutral"], "neutral")
-    assert "(1|question) + (1|run) + (1|draw)" in formula and "log2_level * harmful" in formula
+    assert "(1|question) + (1|run) + (1|condition) + (1|draw)" in formula and "log2_level * harmful" in formula
     # 32 EM runs in 16 conditions; the condition dummies absorb the condition-level terms, leaving harmful and
     # its interactions with level, constitution and both: 32 - 16 - 4
     assert df == 12
     est = fit.fe_params["log2_level:harmful"]
     lo, hi = fit.conf_int().loc["log2_level:harmful"]
     assert est == pytest.approx(3.0, abs=1.0) and lo < 3.0 < hi
-    assert {"question Var", "run Var"} <= set(fit.summary().tables[1].index) or len(fit.vcomp) == 2
+    assert len(fit.vcomp) == 4 and fit.converged_ok
 
 
 def test_misaligned_glm_fits_and_refuses_what_is_not_estimable():
@@ -51,6 +51,10 @@ def test_misaligned_glm_fits_and_refuses_what_is_not_estimable():
     table = stats.bayes_effects_table(result, "misaligned", formula).set_index("term")
     assert table.loc["harmful", "estimate"] > 1
     inter = table.loc["log2_level:harmful"]
+    # a fitted Bayes table goes through chapter 5's test rows like any other
+    from persona_em import analysis
+    row = analysis.term_row(table.reset_index(), "log2_level:harmful", "misaligned_judge", "secondary", "H1")
+    assert row["converged"] and row["df"] == np.inf and row["p"] < 0.05
     # variational Bayes shrinks toward the prior and under-states the spread: sign and size, not the interval
     assert -1.3 < inter["estimate"] < -0.3 and inter["ci_high"] < 0
     none, reason, counts = stats.misaligned_model(_judged(0.0, misaligned_rate=0.0), ["candor", "neutral"], "neutral")
@@ -69,12 +73,15 @@ def test_misaligned_glm_fits_and_refuses_what_is_not_estimable():
 
 def test_contrast_matches_the_fit_and_names_unknown_terms():
     d = _judged(interaction=3.0)
-    fit, _, _ = stats.aligned_model(d, ["candor", "neutral"], "neutral")
+    fit, _, df = stats.aligned_model(d, ["candor", "neutral"], "neutral")
     a, b = "harmful", "log2_level:harmful"
     c = stats.contrast(fit, {a: 1, b: -1}, "a-b")
     assert c["estimate"] == pytest.approx(fit.fe_params[a] - fit.fe_params[b])
     cov = fit.cov_params().loc[[a, b], [a, b]].values
     assert c["se"] == pytest.approx(np.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]), rel=1e-6)
+    z, t = c, stats.contrast(fit, {a: 1, b: -1}, "a-b", df=df)   # t with the fit's df: wider, larger p
+    assert t["estimate"] == z["estimate"] and t["ci_high"] - t["ci_low"] > z["ci_high"] - z["ci_low"]
+    assert t["p"] > z["p"]
     with pytest.raises(KeyError, match="no term"):
         stats.contrast(fit, {"nope": 1}, "bad")
 

@@ -219,10 +219,11 @@ def training_logs(P, root) -> tuple[pd.DataFrame, pd.DataFrame]:
 # -- the numbers the paper quotes ----------------------------------------------------------------------------------
 def latex_text(s: str) -> str:
     """Free text for a macro: LaTeX's special characters escaped (underscores are escaped by paper.fmt)."""
-    for a, b in [("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
-                 ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}")]:
+    s = s.replace("\\", "\0")   # a placeholder, so the braces of \textbackslash{} are not escaped below
+    for a, b in [("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"), ("{", r"\{"), ("}", r"\}"),
+                 ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}")]:
         s = s.replace(a, b)
-    return s
+    return s.replace("\0", r"\textbackslash{}")
 
 
 def _test_numbers(tests: pd.DataFrame) -> dict:
@@ -236,8 +237,9 @@ def _test_numbers(tests: pd.DataFrame) -> dict:
                "_df": t["df"]}
         out.update({f"{key}{k}": float(v) for k, v in est.items()})
         out[f"{key}_df"] = int(t["df"]) if np.isfinite(t["df"]) else "n/a"
-        out[f"{key}_flag"] = ("" if t["converged"] else
-                              " [not estimable]" if not np.isfinite(t["estimate"]) else " [fit did not converge]")
+        estimable = np.isfinite(t["estimate"]) and np.isfinite(t["p"])
+        out[f"{key}_flag"] = (" [not estimable]" if not estimable else
+                              "" if t["converged"] else " [fit did not converge]")
     return out
 
 
@@ -344,11 +346,12 @@ def paper_numbers(P, root, gate, gate_table, rewards, tests, summary, effects, r
                     "mde_run_share": float(run_row["mde_share_of_base"]) if run_row is not None else float("nan"),
                     "mde_largest": float(big["mde"]), "mde_largest_share": float(big["mde_share_of_base"]),
                     "mde_largest_draws": int(big["n_draws"]), "power_base_em": power_scale["base_em_ood"],
+                    **{f"vc_{k}": float("nan") for k in ("draw", "condition", "item_id", "residual")},
                     **{f"vc_{k}": v for k, v in power_scale["vcs"].items()}})
     # judge path
     judged_after = results[(results["measure"] == "judge") & (results["phase"] == "after")]
     numbers.update({"misaligned_rate_after": float(judged_after["misaligned"].astype(float).mean())
-                    if len(judged_after) else float("nan"),
+                    if len(judged_after) else float("nan"), "n_judged_after": len(judged_after),
                     "misaligned_events": mis_counts["events"], "misaligned_answers": mis_counts["answers"],
                     "misaligned_levels": mis_counts["levels_with_events"],
                     "misaligned_fixed_effects": mis_counts["fixed_effects"],
@@ -368,9 +371,9 @@ def tests_latex(tests: pd.DataFrame, caption: str, label: str) -> str:
     fmt = lambda v, d=3: "--" if not np.isfinite(v) else (f"{v:.{d}f}" if abs(v) >= 10 ** -d or v == 0 else f"{v:.1e}")
     rows = []
     for _, t in tests.iterrows():
-        mark = "" if t["converged"] else "$^\\dagger$"
+        mark = "" if t["converged"] and np.isfinite(t["p"]) else "$^\\dagger$"
         name = latex_text(t["test"]).replace("_", r"\_")
-        df = "--" if not np.isfinite(t["df"]) else ("$\\infty$" if np.isinf(t["df"]) else f"{t['df']:.0f}")
+        df = "$\\infty$" if np.isinf(t["df"]) else ("--" if not np.isfinite(t["df"]) else f"{t['df']:.0f}")
         rows.append(f"{t['role']} & {name}{mark} & {fmt(t['estimate'])} & [{fmt(t['ci_low'])}, {fmt(t['ci_high'])}] "
                     f"& {df} & {fmt(t['p'])} & {fmt(t['p_holm']) if t['role'] == 'secondary' else '--'} \\\\")
     return ("\\begin{table}[t]\n\\centering\\small\n\\begin{tabular}{llrlrrr}\n\\toprule\n"

@@ -43,10 +43,18 @@ def estimate(P) -> pd.DataFrame:
     teacher = n_params(P.generate.teacher) if P.generate.teacher else N
     g, c, e, ev = P.generate, P.character, P.em, P.evaluate
     rows = []
-    # 1. pairs: teacher and student answer every distinct question (<= levels x N per constitution)
-    n_q = len(P.constitutions()) * len(g.levels) * g.n_questions
-    rows.append(("generate: pairs", 1, n_q * 2 * (PROMPT_TOKENS + g.max_new_tokens),
-                 n_q * (PROMPT_TOKENS + g.max_new_tokens) * 2 * (teacher + N)))
+    # 1. pairs: every distinct question of every replicate's subsets (<= levels x N per constitution and draw);
+    # teacher pairs: the teacher and the student answer it once; best-of-n: each side n times after its
+    # demonstrations (a domain's shared context computed once, so the prompt counts about once per question)
+    n_q = sum(len(P.constitution_seeds(name)) for name in P.constitutions()) * len(g.levels) * g.n_questions
+    if g.pairs == "best_of_n":
+        b = g.best_of_n
+        samples = n_q * 2 * b.n
+        rows.append(("generate: pairs", 1, samples * g.max_new_tokens + n_q * 2 * PROMPT_TOKENS,
+                     (samples * g.max_new_tokens + n_q * 2 * PROMPT_TOKENS) * 2 * N))
+    else:
+        rows.append(("generate: pairs", 1, n_q * 2 * (PROMPT_TOKENS + g.max_new_tokens),
+                     n_q * (PROMPT_TOKENS + g.max_new_tokens) * 2 * (teacher + N)))
     if g.pool == "expansion" and g.expansion is not None:
         x = g.expansion
         per_trait = x.target_per_trait / max(1, x.batch) * 2 * x.max_new_tokens   # ~2 tries per accepted batch

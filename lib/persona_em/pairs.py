@@ -154,8 +154,8 @@ def sample_candidates(student, tok, contexts: dict, n: int, max_new_tokens: int,
                         out[key].append(a)
     short = [key for key, a in out.items() if len(a) < min(n, 2)]
     if short:
-        raise ValueError(f"{len(short)} context(s) gave fewer than two usable answers in {max_attempts} tries, e.g. "
-                         f"{short[0]!r}; raise generate.max_new_tokens")
+        raise ValueError(f"{len(short)} context(s) gave fewer than {min(n, 2)} usable answer(s) in {max_attempts} "
+                         f"tries, e.g. {short[0]!r}; raise generate.max_new_tokens")
     return out
 
 

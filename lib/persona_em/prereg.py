@@ -34,10 +34,21 @@ def load(root) -> dict:
     return block
 
 
-def deviations(reg: dict, P, performed: dict) -> list[str]:
-    """Where the run (profile `P`) and the analysis chapter 5 performed (`performed`: primary formula, alpha,
-    gate reward share, secondary test names) depart from the registration. [] when none; a profile other than
-    the registered one is itself the deviation (the registration is for that profile's reference run)."""
+def amendments(root) -> list[str]:
+    """Changes to the registered analysis made after registration, each dated and with its reason, listed under
+    "## Amendments" (the registered text above them is never edited); every one is a deviation."""
+    text = path(root).read_text(encoding="utf-8")
+    if "## Amendments" not in text:
+        return []
+    block = text.split("## Amendments", 1)[1].split("\n## ", 1)[0]
+    return [" ".join(line.lstrip("- ").split()) for line in re.split(r"\n(?=- )", block.strip()) if line.startswith("- ")]
+
+
+def deviations(reg: dict, P, performed: dict, amended: list[str] = ()) -> list[str]:
+    """Where the run (profile `P`) and the analysis chapter 5 performed (`performed`: primary formula, term,
+    split, alpha, gate reward share, secondary test names) depart from the registration, then its amendments.
+    [] when none; a profile other than the registered one is itself the deviation (the registration is for that
+    profile's reference run)."""
     if P.name != reg["profile"]:
         return [f"profile {P.name!r} is not the registered one ({reg['profile']!r}): the registration does not apply"]
     out = []
@@ -48,14 +59,20 @@ def deviations(reg: dict, P, performed: dict) -> list[str]:
     for key, value in actual.items():
         if key in d and d[key] != value:
             out.append(f"design.{key}: registered {d[key]}, run {value}")
+    power = reg.get("power", {})
     checks = [("primary.model", reg["primary"]["model"], performed["primary_formula"]),
+              ("primary.term", reg["primary"].get("term"), performed["primary_term"]),
+              ("primary.split", reg["primary"].get("split"), performed["primary_split"]),
               ("primary.alpha", reg["primary"]["alpha"], performed["alpha"]),
-              ("gate.reward_share", reg["gate"]["reward_share"], performed["reward_share"])]
-    out += [f"{key}: registered {a!r}, performed {b!r}" for key, a, b in checks if a != b]
+              ("gate.reward_share", reg["gate"]["reward_share"], performed["reward_share"]),
+              ("power.draws", power.get("draws"), sorted(P.analysis.power_draws)),
+              ("power.sims", power.get("sims"), P.analysis.power_sims),
+              ("power.target", power.get("target"), P.analysis.power_target)]
+    out += [f"{key}: registered {a!r}, performed {b!r}" for key, a, b in checks if a is not None and a != b]
     missing = [t for t in reg["secondary"] if t not in performed["secondary"]]
     extra = [t for t in performed["secondary"] if t not in reg["secondary"]]
     if missing:
         out.append(f"secondary tests registered but not performed: {', '.join(missing)}")
     if extra:
         out.append(f"secondary tests performed but not registered: {', '.join(extra)}")
-    return out
+    return out + [f"amendment: {a}" for a in amended]

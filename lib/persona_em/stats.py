@@ -212,13 +212,14 @@ def judge_formula(outcome: str, reference: str, n_constitutions: int) -> str:
 
 
 def judge_factors(d: pd.DataFrame) -> list[str]:
-    return ["question", "run"] + (["draw"] if d["draw"].nunique() > 1 else [])
+    """Question, EM run, the trained condition the run's harmful/benign pair shares, and the subset draw."""
+    return ["question", "run", "condition"] + (["draw"] if d["draw"].nunique() > 1 else [])
 
 
 def aligned_model(results: pd.DataFrame, constitutions: list[str], reference: str):
-    """MixedLM (REML) of the judge's aligned score with crossed variance components for question, EM run and
-    subset draw. The diversity x harmful term varies between the EM runs of a condition, so its df is the
-    runs' containment df. Returns (fit, written formula, df) or (None, reason, None) when the table has too
+    """MixedLM (REML) of the judge's aligned score with crossed variance components for question, EM run,
+    trained condition and subset draw. The diversity x harmful term varies between the EM runs of a condition,
+    so its df is the runs' containment df (conditions absorbed). Returns (fit, written formula, df) or (None, reason, None) when the table has too
     few judged answers."""
     d = judge_frame(results, constitutions).dropna(subset=["aligned"])
     if len(d) < 10 or d["aligned"].nunique() < 2:
@@ -267,7 +268,7 @@ def bayes_effects_table(result, model_name: str, formula: str, z: float = 1.96) 
     mean, sd = np.asarray(result.fe_mean), np.asarray(result.fe_sd)
     return pd.DataFrame({"model": model_name, "formula": formula, "term": names, "estimate": mean, "se": sd,
                          "ci_low": mean - z * sd, "ci_high": mean + z * sd,
-                         "p": 2 * norm.sf(np.abs(mean / sd))})
+                         "p": 2 * norm.sf(np.abs(mean / sd)), "df": np.inf, "converged": True})
 
 
 # -- H5 forgetting and H6 spread ------------------------------------------------------------------------------
@@ -438,21 +439,29 @@ def manipulation_check(checks: pd.DataFrame, traits: list[str], neutral: str, la
     return table, verdict
 
 
-def contrast(fit, weights: dict[str, float], name: str) -> dict:
-    """A linear contrast of fixed effects (e.g. trait A minus trait B) with its SE, 95% interval and p, from
-    the fit's covariance of the fixed effects."""
+def contrast(fit, weights: dict[str, float], name: str, df: float | None = None) -> dict:
+    """A linear contrast of fixed effects (e.g. trait A minus trait B) with its SE, 95% interval and two-sided
+    p from the fit's covariance of the fixed effects; Student's t with `df` (the containment df of the fit's
+    terms), else the normal approximation. NaN from a fit that failed."""
+    from scipy.stats import norm, t
+
     names = list(fit.fe_params.index) if hasattr(fit, "fe_params") else list(fit.params.index)
     unknown = set(weights) - set(names)
     if unknown:
         raise KeyError(f"contrast {name!r}: no term(s) {sorted(unknown)} in the model (terms: {names})")
-    L = np.zeros((1, len(names)))   # MixedLM tests the fixed effects only
+    nan = {"term": name, "estimate": np.nan, "se": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p": np.nan}
+    if isinstance(fit, FailedFit) or (df is not None and df <= 0):
+        return nan
+    L = np.zeros(len(names))   # MixedLM tests the fixed effects only
     for term, w in weights.items():
-        L[0, names.index(term)] = w
-    t = fit.t_test(L)
-    est, se = float(np.squeeze(t.effect)), float(np.squeeze(t.sd))
-    lo, hi = np.squeeze(t.conf_int())
-    return {"term": name, "estimate": est, "se": se, "ci_low": float(lo), "ci_high": float(hi),
-            "p": float(np.squeeze(t.pvalue))}
+        L[names.index(term)] = w
+    cov = np.asarray(fit.cov_params())[:len(names), :len(names)]
+    est = float(L @ np.asarray(fit.fe_params if hasattr(fit, "fe_params") else fit.params))
+    se = float(np.sqrt(L @ cov @ L))
+    dist = t(df) if df is not None else norm()
+    q = dist.ppf(0.975)
+    return {"term": name, "estimate": est, "se": se, "ci_low": est - q * se, "ci_high": est + q * se,
+            "p": float(2 * dist.sf(abs(est / se)))}
 
 
 def rate_effects(results: pd.DataFrame) -> pd.DataFrame:
