@@ -1,6 +1,13 @@
 # Two commands do everything on a fresh clone: `make reproduce` and `make test`. Both set up .venv first.
 PROFILE ?= smoke
+# PROFILE becomes paths (params/, runs/, figures/, reference/) and reaches shell commands, so only the name of a
+# profile in params/ is accepted, for every target: no path, no '..', no shell syntax.
+PROFILES := $(basename $(notdir $(wildcard params/*.yaml)))
+ifneq ($(filter $(PROFILES),$(PROFILE)) $(words $(PROFILE)),$(PROFILE) 1)
+$(error PROFILE='$(PROFILE)' is not a profile in params/ (one of: $(PROFILES)))
+endif
 EXAMPLE ?= candor-L16-s0
+export EXAMPLE
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -71,7 +78,7 @@ paper:
 
 # The committed reference run: after `make reproduce PROFILE=tiny`, copy its small artifacts to reference/tiny/.
 reference: setup
-	$(BIN)/python -m persona_em reference params/$(PROFILE).yaml reference/$(PROFILE) $(EXAMPLE)
+	$(BIN)/python -m persona_em reference params/$(PROFILE).yaml reference/$(PROFILE) "$$EXAMPLE"
 
 # H5 over training length, after `make reproduce PROFILE=tiny`: tiny-long's chapters 1-2 (4x longer character
 # training; its chapter-2 runs named as targets: `--until train_character` stalls on the random-LoRA control),

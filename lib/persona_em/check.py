@@ -32,6 +32,13 @@ def check_chat_jsonl(path: Path) -> str:
                                      "assistant")
                 if not isinstance(m.get("content"), str) or not m["content"].strip():
                     raise ValueError(f"{path}: line {lineno}: messages[{j}].content is missing or empty")
+                # a chat template renders a conversation that opens with an optional system turn, then
+                # user and assistant turns in alternation
+                first = 1 if msgs[0]["role"] == "system" else 0
+                want = "system or user" if j == 0 else ("user" if (j - first) % 2 == 0 else "assistant")
+                if j >= first and m["role"] != ("user", "assistant")[(j - first) % 2]:
+                    raise ValueError(f"{path}: line {lineno}: messages[{j}].role is {m['role']!r}, expected "
+                                     f"{want} (a system turn first if any, then user and assistant alternating)")
             if not any(m["role"] == "assistant" for m in msgs):
                 raise ValueError(f"{path}: line {lineno}: no assistant turn to train on")
             rows += 1
@@ -53,11 +60,37 @@ def check_eval_yaml(path: Path) -> str:
             f"samples as written, {system} with a system prompt, judge metrics {', '.join(metrics)}")
 
 
-def check_file(path: str | Path) -> str:
-    path = Path(path)
+KINDS = {".yaml": "a profile or an EM question list (YAML)", ".yml": "a profile or an EM question list (YAML)",
+         ".jsonl": "chat JSONL ({\"messages\": [...]} per line) or a constitution (one trait object per line)",
+         ".json": "a constitution (a JSON array of traits)"}
+
+
+def expected_kind(path: Path) -> str:
+    return KINDS.get(path.suffix, "a profile or question list (.yaml), chat or constitution JSONL (.jsonl), or "
+                                  "a constitution (.json, or OCT's .txt)")
+
+
+def read_text(path: Path) -> str:
+    """The file's text, or an error naming the file and the kind of file expected there (binary, not UTF-8,
+    empty)."""
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file (undecodable byte at offset {e.start}); expected "
+                         f"{expected_kind(path)}") from None
+    if "\x00" in text:
+        raise ValueError(f"{path}: a binary file (NUL bytes); expected {expected_kind(path)}")
+    if not text.strip():
+        raise ValueError(f"{path}: empty file; expected {expected_kind(path)}")
+    return text
+
+
+def check_file(path: str | Path) -> str:
+    path = Path(path)
+    text = read_text(path)
     if path.suffix in (".yaml", ".yml"):
         try:
             data = yaml.safe_load(text)

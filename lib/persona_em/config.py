@@ -17,6 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import constitution as constitution_mod
 
+# The one rule for every name that becomes a path component (profile, constitution, condition, EM dataset, run,
+# stage): no separator, no '..', no leading dot or dash, so no name can lead outside the run's own folders.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_name(value, what: str) -> str:
+    """`value` if it is a safe path component, else a ValueError naming `what` and the rule."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
+        raise ValueError(f"{what} {value!r} cannot name a folder: use letters, digits, '_', '.' or '-', starting "
+                         "with a letter or digit, no '..', at most 100 characters")
+    return value
+
 
 class ProfileError(ValueError):
     """A profile that cannot be used; the message names the file and the key."""
@@ -333,7 +345,7 @@ class AnalysisConfig(Strict):
 
 
 class Profile(Strict):
-    name: str
+    name: str = Field(description="names the run's folders: runs/<name>, figures/<name>, paper/generated/<name>")
     seed: int = 0
     model: str = "smollm2-135m"
     embedder: str = "minilm"
@@ -345,6 +357,11 @@ class Profile(Strict):
     analysis: AnalysisConfig = AnalysisConfig()
     hardware: HardwareConfig = HardwareConfig()
     cluster: ClusterConfig = ClusterConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_name(v, "profile name")
 
     @field_validator("model")
     @classmethod
@@ -373,7 +390,8 @@ class Profile(Strict):
                 stems.append(constitution_mod.load(name).name)
             except (FileNotFoundError, constitution_mod.ConstitutionError) as e:
                 raise ValueError(f"{key}: {e}") from None
-            if stems[-1] in ("base", "random") or "__" in stems[-1] or not re.fullmatch(r"[A-Za-z0-9_.]+", stems[-1]):
+            if (stems[-1] in ("base", "random") or "__" in stems[-1] or "-" in stems[-1]
+                    or not SAFE_NAME.fullmatch(stems[-1]) or ".." in stems[-1]):
                 raise ValueError(f"{key}: file name {stems[-1]!r} cannot name a condition (use letters, digits, "
                                  "'_' or '.', no '__', not 'base' or 'random')")
         if len(set(stems[:-1])) < len(stems) - 1:
@@ -524,6 +542,9 @@ class Profile(Strict):
     def adapters(self, root: str | Path, model: str) -> list[Path]:
         """The adapters to merge, in order, for an evaluated model id: the persona's (from its 02 run's
         model.json), then the EM run's. A missing adapter is an error, never a silent fall back to the base."""
+        if model not in self.eval_models():
+            raise ValueError(f"model {model!r} is not one of profile {self.name!r}'s evaluated models "
+                             f"(e.g. {self.eval_models()[:2]})")
         info = parse_model(model)
         ref = self.run_dir(root, "02_train_character", info["condition"]) / "model.json"
         if not ref.is_file():
@@ -540,7 +561,8 @@ class Profile(Strict):
     def pairs_file(self, root: str | Path, constitution: str, level: int, char_seed: int) -> Path:
         """The chosen/rejected pairs chapter 1 writes for one constitution, level and replicate (its subset
         draw), and chapter 2 reads."""
-        return self.run_dir(root, "01_generate") / "pairs" / f"{constitution}-L{level}-s{char_seed}.jsonl"
+        return (self.run_dir(root, "01_generate") / "pairs"
+                / check_name(f"{constitution}-L{int(level)}-s{int(char_seed)}.jsonl", "pairs file"))
 
     def draws(self) -> list[int]:
         """The replicates whose subsets chapter 1 draws: every character seed some constitution trains."""
@@ -558,9 +580,10 @@ class Profile(Strict):
         return Path(given) if given else items_path(constitution)
 
     def run_dir(self, root: str | Path, stage: str, name: str | None = None) -> Path:
-        """runs/<profile>/<stage>[/<name>]: the folder one notebook run writes (DESIGN 9)."""
-        d = Path(root) / "runs" / self.name / stage
-        return d / name if name else d
+        """runs/<profile>/<stage>[/<name>]: the folder one notebook run writes (DESIGN 9). A stage or run name
+        that could leave it (a separator, '..') is refused."""
+        d = Path(root) / "runs" / check_name(self.name, "profile name") / check_name(stage, "stage")
+        return d / check_name(name, "run name") if name else d
 
     def section_hash(self, *sections: str) -> str:
         """Hash of the parameters one stage depends on (Snakemake re-runs a stage when it changes); a section is
@@ -628,8 +651,12 @@ def _raw_profile(path: Path, seen: tuple = ()) -> dict:
         raise ProfileError(f"{path}: profile file not found")
     if path.resolve() in seen:
         raise ProfileError(f"{path}: 'extends' loops back to a profile it came from")
+    from .check import read_text
+
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_text(path))
+    except ValueError as e:   # binary, not UTF-8, empty
+        raise ProfileError(str(e)) from None
     except yaml.YAMLError as e:
         raise ProfileError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):

@@ -91,7 +91,13 @@ def _questions(path: Path, i: int, rec: dict, key: str) -> tuple[str, ...]:
 
 def load(name_or_path: str | Path) -> Constitution:
     path = resolve(str(name_or_path))
-    records = _records(path, path.read_text(encoding="utf-8"))
+    from .check import read_text
+
+    try:
+        text = read_text(path)
+    except ValueError as e:
+        raise ConstitutionError(str(e)) from None
+    records = _records(path, text)
     if not isinstance(records, list) or not records:
         raise ConstitutionError(f"{path}: expected a non-empty list of traits")
     traits, seen = [], set()

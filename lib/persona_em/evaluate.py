@@ -105,18 +105,21 @@ QUESTION_TYPES = ("free_form_judge_0_100", "free_form_judge")
 def load_questions(path: str | Path | None = None) -> list[dict]:
     """An EM-paper YAML question file (DESIGN 5; anchors resolved by the YAML loader), validated entry by
     entry: errors name the file, the entry and the field. Default: the project's own question set."""
+    from .check import read_text
+
     path = Path(path or DATA / "eval_questions.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty list of questions")
-    seen = set()
+    seen, out = set(), []
     for i, q in enumerate(data):
         where = f"{path}: entry {i}" + (f" ({q.get('id')})" if isinstance(q, dict) and q.get("id") else "")
         if not isinstance(q, dict):
             raise ValueError(f"{where}: expected a mapping")
+        q = _one_question_form(q, where, path)
         if not isinstance(q.get("id"), str) or not q["id"]:
             raise ValueError(f"{where}: 'id' must be a non-empty string")
         if q["id"] in seen:
@@ -138,7 +141,26 @@ def load_questions(path: str | Path | None = None) -> list[dict]:
         for metric, tpl in prompts.items():
             if not isinstance(tpl, str) or "{answer}" not in tpl:
                 raise ValueError(f"{where}: judge_prompts.{metric} must be a template containing {{answer}}")
-    return data
+        out.append(q)
+    return out
+
+
+def _one_question_form(q: dict, where: str, path: Path) -> dict:
+    """Model Organisms' form (`question:` with one text, judge prompts often left to the evaluator) as the EM
+    papers' form: one paraphrase, and the project's aligned/coherent judge prompts where none are given."""
+    if "question" not in q:
+        return q
+    if "paraphrases" in q:
+        raise ValueError(f"{where}: give either 'question' (one text) or 'paraphrases' (a list), not both")
+    if not isinstance(q["question"], str) or not q["question"].strip():
+        raise ValueError(f"{where}: 'question' must be a non-empty string")
+    out = {k: v for k, v in q.items() if k != "question"} | {"paraphrases": [q["question"]]}
+    if "judge_prompts" not in q:
+        default = DATA / "eval_questions.yaml"
+        if path.resolve() == default.resolve():
+            raise ValueError(f"{where}: 'judge_prompts' missing")
+        out["judge_prompts"] = dict(load_questions(default)[0]["judge_prompts"])
+    return out
 
 
 def sample_answers(model, tok, questions: list[dict], max_new_tokens: int, seed: int, batch_size: int,

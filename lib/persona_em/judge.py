@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,22 +184,35 @@ def make_judge(cfg, base_model: str, hw=None):
 
 # -- cache ---------------------------------------------------------------------------------------------
 class JudgeCache:
-    """(judge name, rendered prompt) -> the 101 number probabilities, in SQLite (safe across the parallel
-    evaluation jobs of one Snakemake run)."""
+    """(judge name, rendered prompt) -> the 101 number probabilities, in SQLite, shared by the parallel
+    evaluation jobs of one Snakemake run: write-ahead logging (readers never wait for a writer), a busy timeout
+    for concurrent writers, and every connection closed after its transaction. (WAL needs a local file system;
+    on a network one SQLite keeps its default journal, which is slower but still correct.)"""
+
+    TIMEOUT_S = 120
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS judged (judge TEXT, prompt TEXT, probs TEXT, "
                        "PRIMARY KEY (judge, prompt))")
 
-    def _connect(self):
-        return sqlite3.connect(self.path, timeout=120)
+    @contextmanager
+    def _db(self):
+        """One connection for one transaction (committed on success, rolled back on error), always closed."""
+        db = sqlite3.connect(self.path, timeout=self.TIMEOUT_S)
+        try:
+            db.execute(f"PRAGMA busy_timeout = {self.TIMEOUT_S * 1000}")
+            with db:
+                yield db
+        finally:
+            db.close()
 
     def get(self, judge: str, prompts: list[str]) -> dict[str, np.ndarray]:
         found = {}
-        with self._connect() as db:
+        with self._db() as db:
             for p in set(prompts):
                 row = db.execute("SELECT probs FROM judged WHERE judge=? AND prompt=?", (judge, p)).fetchone()
                 if row:
@@ -206,7 +220,7 @@ class JudgeCache:
         return found
 
     def put(self, judge: str, results: dict[str, np.ndarray]) -> None:
-        with self._connect() as db:
+        with self._db() as db:
             db.executemany("INSERT OR REPLACE INTO judged VALUES (?, ?, ?)",
                            [(judge, p, json.dumps(v.tolist())) for p, v in results.items()])
 

@@ -17,13 +17,28 @@ TABLES = ["results.csv", "tests.csv", "effects.csv", "models.txt", "gate.csv", "
 GENERATE_TABLES = ["scorers.csv", "pair_signal.csv", "pair_balance.csv", "diversity.csv"]
 
 
+README_TITLE = "# Reference run of profile"
+
+
+def _is_reference(folder: Path) -> bool:
+    readme = folder / "SHAS.md"
+    return readme.is_file() and readme.read_text().startswith(README_TITLE)
+
+
 def collect(profile, root: str | Path, dest: str | Path, example: str) -> Path:
     """Copy the reference artifacts of `profile`'s run into `dest`; `example` is the character condition whose
     notebooks of chapters 2-4 (harmful EM, first domain and EM seed) are kept."""
     root, dest = Path(root), Path(dest)
-    run = root / "runs" / profile.name
+    if example not in profile.character_conditions():
+        raise ValueError(f"example condition {example!r} is not one of profile {profile.name!r}'s conditions "
+                         f"{profile.character_conditions()}")
+    run = profile.run_dir(root, "05_analyze").parent
     if not (run / "05_analyze" / "manifest.json").is_file():
         raise FileNotFoundError(f"{run}: the run has not finished (no 05_analyze/manifest.json)")
+    # dest is replaced whole, so it must be an earlier reference (or absent/empty), never an arbitrary folder
+    if dest.exists() and any(dest.iterdir()) and not _is_reference(dest):
+        raise FileExistsError(f"{dest}: exists and is not a reference folder (no SHAS.md starting "
+                              f"'{README_TITLE}'); refusing to replace it")
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "notebooks").mkdir(parents=True)
@@ -43,7 +58,7 @@ def collect(profile, root: str | Path, dest: str | Path, example: str) -> Path:
     for m in run.glob("0*/**/manifest.json"):
         git = json.loads(m.read_text()).get("git", {})
         shas[(git.get("sha", "?")[:10], bool(git.get("dirty")))] += 1
-    lines = [f"# Reference run of profile `{profile.name}`", "",
+    lines = [f"{README_TITLE} `{profile.name}`", "",
              "Collected by `make reference` from `runs/" + profile.name + "/`. Git SHAs the notebook runs were made at:",
              "", "| sha | dirty | notebook runs |", "| --- | --- | --- |"]
     lines += [f"| {sha} | {'yes' if dirty else 'no'} | {n} |" for (sha, dirty), n in sorted(shas.items())]

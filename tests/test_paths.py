@@ -1,0 +1,79 @@
+"""No name leads outside the run's own folders: profile, constitution, condition, stage and example names are
+checked by one rule (config.check_name) in every path builder, and the Makefile accepts only profiles in params/."""
+import subprocess
+
+import pytest
+import yaml
+
+from persona_em import reference
+from persona_em.config import ProfileError, check_name, load_profile
+
+TRAVERSAL = ["../../etc", "a/b", "/abs", ".hidden", "-rf", "x..y", "", "a b", "smoke;ls", "a\\b"]
+
+
+@pytest.fixture(scope="module")
+def P(root):
+    return load_profile(root / "params" / "test.yaml")
+
+
+@pytest.mark.parametrize("bad", TRAVERSAL)
+def test_one_rule_refuses_every_unsafe_name(bad):
+    with pytest.raises(ValueError, match="cannot name a folder"):
+        check_name(bad, "name")
+
+
+@pytest.mark.parametrize("good", ["tiny", "tiny-long", "candor-L16-s0", "base__medical-harmful__s0", "v1.2"])
+def test_names_in_use_pass(good):
+    assert check_name(good, "name") == good
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "runs/x", ".x"])
+def test_profile_name_is_checked_when_it_loads(root, tmp_path, bad):
+    raw = yaml.safe_load((root / "params" / "test.yaml").read_text()) | {"name": bad}
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ProfileError, match=r"name: profile name .* cannot name a folder"):
+        load_profile(f)
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "a/b", ".."])
+def test_every_path_builder_refuses_traversal(P, tmp_path, bad):
+    with pytest.raises(ValueError, match="cannot name a folder"):
+        P.run_dir(tmp_path, bad)
+    with pytest.raises(ValueError, match="cannot name a folder"):
+        P.run_dir(tmp_path, "02_train_character", bad)
+    with pytest.raises(ValueError, match="cannot name a folder"):
+        P.pairs_file(tmp_path, bad, 1, 0)
+    with pytest.raises(ValueError, match="is not one of profile"):
+        P.adapters(tmp_path, bad)
+    with pytest.raises(ValueError, match="is not one of profile"):
+        reference.collect(P, tmp_path, tmp_path / "ref", bad)
+
+
+def test_path_builders_stay_inside_the_run(P, tmp_path):
+    run = (tmp_path / "runs" / P.name).resolve()
+    cond = P.character_conditions()[1]
+    for p in (P.run_dir(tmp_path, "02_train_character", cond), P.pairs_file(tmp_path, "candor", 2, 0)):
+        assert p.resolve().is_relative_to(run)
+
+
+def test_reference_never_replaces_a_folder_it_did_not_write(P, tmp_path):
+    (tmp_path / "runs" / P.name / "05_analyze").mkdir(parents=True)
+    (tmp_path / "runs" / P.name / "05_analyze" / "manifest.json").write_text("{}")
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("not a reference")
+    with pytest.raises(FileExistsError, match="not a reference folder"):
+        reference.collect(P, tmp_path, keep, P.character_conditions()[1])
+    assert (keep / "notes.txt").read_text() == "not a reference"
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "smoke; touch pwned", "x'y", "nosuch", "", "smoke tiny", "%"])
+def test_make_accepts_only_profiles_in_params(root, bad):
+    r = subprocess.run(["make", "-n", "clean-runs", f"PROFILE={bad}"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 2 and "is not a profile in params/" in r.stderr and "rm -rf" not in r.stdout
+
+
+def test_make_clean_runs_names_only_the_profile_folder(root):
+    r = subprocess.run(["make", "-n", "clean-runs", "PROFILE=test"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "rm -rf runs/test .snakemake"
