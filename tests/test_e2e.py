@@ -288,3 +288,74 @@ def test_reference_collects_the_small_artifacts(run, root, tmp_path):
     notebooks = sorted(p.name for p in (dest / "notebooks").iterdir())
     assert len(notebooks) == 5 and notebooks[0] == "01_generate.ipynb" and any(example in n for n in notebooks)
     assert "| no |" in (dest / "SHAS.md").read_text() or "| yes |" in (dest / "SHAS.md").read_text()
+
+
+def _copy_repository(root: Path, dest: Path) -> None:
+    """The working tree as a clone would have it (tracked and not-ignored files, modification times kept), with
+    this checkout's .venv, so `make` sees set-up as done."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for f in filter(None, files):
+        if (root / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / f, dest / f)
+    (dest / ".venv").symlink_to(root / ".venv")
+
+
+def _wait_for(pattern: str, where: Path, proc: subprocess.Popen, timeout: float = 1800) -> Path:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        hits = sorted(where.glob(pattern))
+        if hits:
+            return hits[0]
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {pattern} appeared"
+        time.sleep(0.5)
+    raise AssertionError(f"{pattern} did not appear in {timeout} s")
+
+
+def test_killed_runs_resume_by_themselves_and_match_an_uninterrupted_run(run, root, tmp_path):
+    """`make reproduce` killed with SIGKILL in the middle of chapter 2 and again in chapter 3 resumes with the
+    same command (no manual unlock), refuses a second run while one is alive, leaves no partial file, and ends
+    with tables byte-identical to the uninterrupted run of the `run` fixture."""
+    import signal
+    import time
+
+    repo = tmp_path / "repo"
+    _copy_repository(root, repo)
+    runs = repo / "runs" / "test"
+    make = ["make", "-o", ".venv/.setup-done", "reproduce", "PROFILE=test", "CORES=2", "THREADS=1"]
+
+    def start(log: str) -> subprocess.Popen:
+        return subprocess.Popen(make, cwd=repo, stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def kill_during(stage: str, log: str, also=None) -> None:
+        proc = start(log)
+        tmp = _wait_for(f"{stage}/*/.tmp-{stage}.ipynb", runs, proc)
+        if also:
+            also()
+        time.sleep(5)   # well into the job: model loaded, training under way
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (tmp.parent / "manifest.json").exists() and not (tmp.parent / f"{stage}.ipynb").exists()
+
+    def second_run_is_refused():
+        r = subprocess.run(make, cwd=repo, capture_output=True, text=True)
+        assert r.returncode != 0 and "another run of this folder is in progress" in r.stderr, r.stderr[-2000:]
+
+    kill_during("02_train_character", "kill1.log")
+    kill_during("03_induce_em", "kill2.log", also=second_run_is_refused)
+    final = start("final.log")
+    assert final.wait() == 0, (tmp_path / "final.log").read_text()[-4000:]
+    assert "cleared" in (tmp_path / "final.log").read_text()
+    assert not list(runs.rglob(".tmp-*")) and not list(runs.rglob("*.tmp"))   # nothing partial survives
+    for nb in runs.rglob("0*.ipynb"):
+        assert (nb.parent / "manifest.json").is_file(), nb
+    reference = root / "runs" / "test"
+    tables = ["01_generate/diversity.csv", "01_generate/pair_signal.csv", "05_analyze/results.csv",
+              "05_analyze/effects.csv", "05_analyze/tests.csv", "05_analyze/gate.csv"]
+    tables += [str(p.relative_to(reference)) for p in sorted(reference.glob("04_evaluate/*/scores.csv"))]
+    differ = [t for t in tables if (runs / t).read_bytes() != (reference / t).read_bytes()]
+    assert not differ, f"tables that differ from the uninterrupted run: {differ}"

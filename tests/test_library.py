@@ -90,3 +90,22 @@ def test_check_cli_on_other_inputs(tmp_path, shared):
     bad.write_text(good.read_text() + json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
     with pytest.raises(ValueError, match="line 2: no assistant turn"):
         check.check_file(bad)
+
+
+def test_a_write_that_runs_out_of_space_leaves_no_file(tmp_path):
+    """A full disk, simulated by a file-size limit in a child process: the artifact write fails with the system's
+    error, and neither the artifact nor its temporary file remains."""
+    import subprocess
+    import sys
+
+    code = ("import resource, signal, sys\n"
+            "from persona_em.provenance import atomic_write_text\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "try:\n"
+            f"    atomic_write_text({str(tmp_path / 'results.csv')!r}, 'x' * 100_000)\n"
+            "except OSError as e:\n"
+            "    print(e); sys.exit(7)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 7 and "too large" in r.stdout.lower(), r.stdout + r.stderr
+    assert list(tmp_path.iterdir()) == []

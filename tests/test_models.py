@@ -47,3 +47,16 @@ def test_bf16_embedder_stays_close_to_float32():
     fp32, bf16 = (models.load_embedder(s).encode(texts, normalize_embeddings=True) for s in ("minilm", "minilm-bf16"))
     assert bf16.dtype == np.float32 and bf16.shape == fp32.shape == (3, 384)
     assert np.all(np.sum(fp32 * bf16, axis=1) > 0.999) and not np.array_equal(fp32, bf16)
+
+
+def test_a_missing_model_cache_is_rebuilt_from_the_package(monkeypatch, tmp_path):
+    """An empty cache (a fresh machine, a deleted ~/.cache) rebuilds the float32 weights from the packaged GGUF:
+    the same tensors as the cache the other tests use, written under a temporary name first."""
+    from safetensors.torch import load_file
+
+    main = models.embedded_path() / "model.safetensors"
+    monkeypatch.setenv("PERSONA_EM_CACHE", str(tmp_path))
+    rebuilt = models.embedded_path()
+    assert rebuilt.parent == tmp_path and not list(tmp_path.glob(".*.tmp"))
+    a, b = load_file(main), load_file(rebuilt / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

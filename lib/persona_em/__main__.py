@@ -4,11 +4,16 @@ from .check import main
 
 USAGE = ("usage: python -m persona_em check FILE...\n"
          "       python -m persona_em reference PROFILE.yaml DEST EXAMPLE_CONDITION\n"
-         "       python -m persona_em forgetting SHORT.yaml LONG.yaml DEST   (H5 over training length)")
+         "       python -m persona_em forgetting SHORT.yaml LONG.yaml DEST   (H5 over training length)\n"
+         "       python -m persona_em run SNAKEMAKE_ARGS...   (Snakemake, resuming after any interruption)")
 
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "check":
         sys.exit(main(sys.argv[2:]))
+    if len(sys.argv) >= 2 and sys.argv[1] == "run":
+        from .runner import main as run
+
+        sys.exit(run(sys.argv[2:]))
     if len(sys.argv) == 5 and sys.argv[1] == "reference":
         from .config import load_profile
         from .reference import collect

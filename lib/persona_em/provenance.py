@@ -32,8 +32,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:   # a full disk, a kill signal: leave neither a partial file nor the temporary one
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
