@@ -57,6 +57,8 @@ def test_misaligned_glm_fits_and_refuses_what_is_not_estimable():
     assert row["converged"] and row["df"] == np.inf and row["p"] < 0.05
     # variational Bayes shrinks toward the prior and under-states the spread: sign and size, not the interval
     assert -1.3 < inter["estimate"] < -0.3 and inter["ci_high"] < 0
+    again = stats.misaligned_model(_judged(interaction=3.0), ["candor", "neutral"], "neutral")[0]
+    assert np.array_equal(result.fe_mean, again.fe_mean) and np.array_equal(result.vcp_mean, again.vcp_mean)
     none, reason, counts = stats.misaligned_model(_judged(0.0, misaligned_rate=0.0), ["candor", "neutral"], "neutral")
     assert none is None and "not estimable: 0 misaligned" in reason and counts["events"] == 0
     # events at one level only, or too few per fixed effect: counts, no fit

@@ -233,11 +233,12 @@ def aligned_model(results: pd.DataFrame, constitutions: list[str], reference: st
 EVENTS_PER_EFFECT = 10
 
 
-def misaligned_model(results: pd.DataFrame, constitutions: list[str], reference: str):
+def misaligned_model(results: pd.DataFrame, constitutions: list[str], reference: str, seed: int = 0):
     """BinomialBayesMixedGLM (variational Bayes) of the misaligned indicator, same fixed and crossed random
     structure as the aligned model, fitted only where it is estimable: misaligned answers at two or more
     diversity levels and at least EVENTS_PER_EFFECT events per fixed effect. Returns (result, written formula,
-    counts) or (None, reason with the counts, counts)."""
+    counts) or (None, reason with the counts, counts). The variational fit starts from a random point, drawn
+    from `seed` so that the same table gives the same estimates bit for bit."""
     import patsy
     from statsmodels.genmod.bayes_mixed_glm import BinomialBayesMixedGLM
 
@@ -255,7 +256,8 @@ def misaligned_model(results: pd.DataFrame, constitutions: list[str], reference:
                       f"question(s), for {n_fixed} fixed effects (needs events at two or more levels and "
                       f"{EVENTS_PER_EFFECT} per fixed effect)"), counts
     factors = judge_factors(d)
-    result = BinomialBayesMixedGLM.from_formula(formula, crossed_vc(factors), d).fit_vb()
+    result = BinomialBayesMixedGLM.from_formula(formula, crossed_vc(factors), d).fit_vb(
+        rng=np.random.default_rng(seed))
     return result, written(formula, factors), counts
 
 
