@@ -86,9 +86,9 @@ reference: setup
 # then one model of both runs' forgetting, into reference/tiny-long/.
 h5: setup
 	$(BIN)/python -m persona_em check params/tiny.yaml params/tiny-long.yaml
-	$(BIN)/snakemake --cores $(CORES) --config profile=params/tiny-long.yaml threads_per_job=$(THREADS) --rerun-incomplete --printshellcmds \
+	$(BIN)/python -m persona_em run --cores $(CORES) --config profile=params/tiny-long.yaml threads_per_job=$(THREADS) --rerun-incomplete --printshellcmds \
 	  $$($(BIN)/python -c "from persona_em.config import load_profile; P = load_profile('params/tiny-long.yaml'); print(*(P.run_dir('.', '02_train_character', c) / 'manifest.json' for c in P.character_conditions()))")
 	$(BIN)/python -m persona_em forgetting params/tiny.yaml params/tiny-long.yaml reference/tiny-long
 
-clean-runs:
-	rm -rf runs/$(PROFILE) .snakemake
+clean-runs: setup
+	$(BIN)/python -m persona_em clean $(PROFILE)

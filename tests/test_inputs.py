@@ -36,7 +36,7 @@ MALFORMED = [
     ("dup.yaml", "- id: a\n  question: q?\n- id: a\n  question: r?\n", "entry 1 (a): duplicate id"),
     ("not_yaml.yaml", "- id: [\n", "not valid YAML"),
     ("trait.json", '[{"questions": ["q?"]}]', "trait 0: missing or empty 'trait'"),
-    ("profile.yaml", "name: ../../etc\n", "invalid profile"),
+    ("scalar.yaml", "just a sentence\n", "expected a mapping of keys at the top level, got str"),
 ]
 
 

@@ -47,3 +47,29 @@ def test_eight_processes_write_and_read_one_cache(tmp_path):
     got = JudgeCache(path).get("judge", sorted(expected))
     assert len(got) == len(expected) and all(np.allclose(v, value(p)) for p, v in got.items())
 
+
+
+def test_wal_only_on_a_local_disk(tmp_path, monkeypatch):
+    """A network mount (a cluster's shared runs/ folder) keeps the rollback journal: WAL needs one host."""
+    from persona_em import judge
+
+    assert judge.on_local_disk(tmp_path)
+    monkeypatch.setattr(judge, "on_local_disk", lambda path: False)
+    JudgeCache(tmp_path / "shared.sqlite")
+    with sqlite3.connect(tmp_path / "shared.sqlite") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_mount_table_decides_local_or_network(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from persona_em import judge
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\nserver:/export /work/shared nfs4 rw 0 0\n")
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: real(mounts) if str(self) == "/proc/mounts"
+                        else real(self, *a, **k))
+    assert judge.on_local_disk(Path("/work/main"))
+    assert not judge.on_local_disk(Path("/work/shared/runs"))
+    assert judge.on_local_disk(Path("/work/sharedx"))

@@ -109,3 +109,19 @@ def test_a_write_that_runs_out_of_space_leaves_no_file(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 7 and "too large" in r.stdout.lower(), r.stdout + r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_clears_what_a_killed_attempt_was_writing(root, tmp_path):
+    """Temporaries of a killed attempt (an atomic write or an adapter folder cut short) go when the run starts
+    again; everything else in the folder stays."""
+    from persona_em.config import load_profile
+    from persona_em.provenance import Run
+
+    d = tmp_path / "run"
+    (d / "pairs").mkdir(parents=True)
+    (d / ".adapter.1a2b3c4d.tmp").mkdir()
+    (d / ".adapter.1a2b3c4d.tmp" / "weights").write_text("half")
+    (d / "pairs" / ".x.jsonl.5e6f7a8b.tmp").write_text("half")
+    (d / "keep.csv").write_text("a\n")
+    Run("01_generate", load_profile(root / "params" / "test.yaml"), d)
+    assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*")) == ["keep.csv", "pairs"]

@@ -1,5 +1,6 @@
 """No name leads outside the run's own folders: profile, constitution, condition, stage and example names are
 checked by one rule (config.check_name) in every path builder, and the Makefile accepts only profiles in params/."""
+import os
 import subprocess
 
 import pytest
@@ -8,6 +9,8 @@ import yaml
 from persona_em import reference
 from persona_em.config import ProfileError, check_name, load_profile
 
+# make as a user types it, not as a sub-make of `make test` (which would print "Entering directory")
+MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
 TRAVERSAL = ["../../etc", "a/b", "/abs", ".hidden", "-rf", "x..y", "", "a b", "smoke;ls", "a\\b"]
 
 
@@ -58,22 +61,50 @@ def test_path_builders_stay_inside_the_run(P, tmp_path):
 
 
 def test_reference_never_replaces_a_folder_it_did_not_write(P, tmp_path):
-    (tmp_path / "runs" / P.name / "05_analyze").mkdir(parents=True)
-    (tmp_path / "runs" / P.name / "05_analyze" / "manifest.json").write_text("{}")
+    example = P.character_conditions()[1]
+    em_run = f"{example}__{P.em_datasets()[0]}__s{P.em_seeds(example)[0]}"
+    for stage, name in (("01_generate", ""), ("02_train_character", example), ("03_induce_em", em_run),
+                        ("04_evaluate", em_run), ("05_analyze", "")):
+        d = P.run_dir(tmp_path, stage, name or None)
+        d.mkdir(parents=True)
+        (d / f"{stage}.ipynb").write_text("{}")
+    (P.run_dir(tmp_path, "05_analyze") / "manifest.json").write_text("{}")
     keep = tmp_path / "mine"
     keep.mkdir()
     (keep / "notes.txt").write_text("not a reference")
     with pytest.raises(FileExistsError, match="not a reference folder"):
-        reference.collect(P, tmp_path, keep, P.character_conditions()[1])
+        reference.collect(P, tmp_path, keep, example)
     assert (keep / "notes.txt").read_text() == "not a reference"
+    dest = reference.collect(P, tmp_path, tmp_path / "ref", example)   # a new folder, then its replacement
+    assert reference.collect(P, tmp_path, dest, example) == dest and len(list((dest / "notebooks").iterdir())) == 5
 
 
 @pytest.mark.parametrize("bad", ["../../etc", "smoke; touch pwned", "x'y", "nosuch", "", "smoke tiny", "%"])
 def test_make_accepts_only_profiles_in_params(root, bad):
-    r = subprocess.run(["make", "-n", "clean-runs", f"PROFILE={bad}"], cwd=root, capture_output=True, text=True)
+    r = subprocess.run(["make", "-n", "clean-runs", f"PROFILE={bad}"], cwd=root, capture_output=True, text=True,
+                       env=MAKE_ENV)
     assert r.returncode == 2 and "is not a profile in params/" in r.stderr and "rm -rf" not in r.stdout
 
 
-def test_make_clean_runs_names_only_the_profile_folder(root):
-    r = subprocess.run(["make", "-n", "clean-runs", "PROFILE=test"], cwd=root, capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.strip() == "rm -rf runs/test .snakemake"
+def test_clean_removes_one_profile_and_never_under_a_live_run(tmp_path):
+    import fcntl
+    import sys
+
+    for d in ("runs/test/02_train_character", "runs/tiny/01_generate", ".snakemake/locks", ".snakemake/metadata"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / ".snakemake" / "locks" / "0.output.lock").write_text("x")
+    clean = [sys.executable, "-m", "persona_em", "clean", "test"]
+    with open(tmp_path / ".snakemake" / "persona-em.lock", "w") as held:   # a live run holds the folder's lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 1, started now")
+        held.flush()
+        r = subprocess.run(clean, cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 3 and "another run of this folder is in progress (pid 1" in r.stderr
+        assert (tmp_path / "runs" / "test").is_dir()
+    r = subprocess.run(clean, cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "runs" / "test").exists() and (tmp_path / "runs" / "tiny" / "01_generate").is_dir()
+    assert [p.name for p in (tmp_path / ".snakemake").iterdir()] == ["persona-em.lock"]
+    r = subprocess.run([sys.executable, "-m", "persona_em", "clean", "../x"], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode == 3 and "cannot name a folder" in r.stderr

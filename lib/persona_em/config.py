@@ -19,14 +19,14 @@ from . import constitution as constitution_mod
 
 # The one rule for every name that becomes a path component (profile, constitution, condition, EM dataset, run,
 # stage): no separator, no '..', no leading dot or dash, so no name can lead outside the run's own folders.
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 
 
 def check_name(value, what: str) -> str:
     """`value` if it is a safe path component, else a ValueError naming `what` and the rule."""
     if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
         raise ValueError(f"{what} {value!r} cannot name a folder: use letters, digits, '_', '.' or '-', starting "
-                         "with a letter or digit, no '..', at most 100 characters")
+                         "with a letter or digit, no '..', at most 200 characters")
     return value
 
 
@@ -393,7 +393,8 @@ class Profile(Strict):
             if (stems[-1] in ("base", "random") or "__" in stems[-1] or "-" in stems[-1]
                     or not SAFE_NAME.fullmatch(stems[-1]) or ".." in stems[-1]):
                 raise ValueError(f"{key}: file name {stems[-1]!r} cannot name a condition (use letters, digits, "
-                                 "'_' or '.', no '__', not 'base' or 'random')")
+                                 "'_' or '.', starting with a letter or digit; no '__' or '..'; not 'base' or "
+                                 "'random')")
         if len(set(stems[:-1])) < len(stems) - 1:
             raise ValueError(f"generate.constitutions: two files share a name {stems[:-1]}")
         return self
@@ -468,6 +469,14 @@ class Profile(Strict):
         if extra:
             raise ValueError(f"controls.neutral_seeds: {sorted(extra)} not in character.seeds "
                              f"{self.character.seeds}")
+        return self
+
+    @model_validator(mode="after")
+    def _names_fit_folders(self) -> "Profile":
+        """Every run folder and pairs file the grid will name is a safe name, checked here rather than when a
+        chapter first writes it."""
+        for model in self.eval_models():
+            check_name(model, "run name")
         return self
 
     # -- the experimental grid -------------------------------------------------------------------------
@@ -654,10 +663,12 @@ def _raw_profile(path: Path, seen: tuple = ()) -> dict:
     from .check import read_text
 
     try:
-        raw = yaml.safe_load(read_text(path))
+        text = read_text(path)
     except ValueError as e:   # binary, not UTF-8, empty
         raise ProfileError(str(e)) from None
-    except yaml.YAMLError as e:
+    try:
+        raw = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as e:
         raise ProfileError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ProfileError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")

@@ -183,11 +183,28 @@ def make_judge(cfg, base_model: str, hw=None):
 
 
 # -- cache ---------------------------------------------------------------------------------------------
+NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.sshfs",
+              "9p", "afs", "glusterfs", "fuse.glusterfs", "panfs", "wekafs"}
+
+
+def on_local_disk(path: Path) -> bool:
+    """Whether `path` is on a local file system (Linux: its mount in /proc/mounts is not a network one)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return True   # no /proc: not Linux; SQLite's WAL is safe on a workstation's own disk
+    target = str(path.resolve())
+    best = max((m for m in mounts if target == m[0] or target.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best is None or best[1] not in NETWORK_FS
+
+
 class JudgeCache:
     """(judge name, rendered prompt) -> the 101 number probabilities, in SQLite, shared by the parallel
-    evaluation jobs of one Snakemake run: write-ahead logging (readers never wait for a writer), a busy timeout
-    for concurrent writers, and every connection closed after its transaction. (WAL needs a local file system;
-    on a network one SQLite keeps its default journal, which is slower but still correct.)"""
+    evaluation jobs of one Snakemake run: a busy timeout for concurrent writers, every connection closed after
+    its transaction, and write-ahead logging (readers never wait for a writer) where the file is on a local
+    disk. WAL needs every process on one host, so on a network file system (a cluster's shared runs/ folder)
+    the cache keeps SQLite's rollback journal: slower, and safe across nodes."""
 
     TIMEOUT_S = 120
 
@@ -195,7 +212,7 @@ class JudgeCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._db() as db:
-            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA journal_mode={'WAL' if on_local_disk(self.path.parent) else 'DELETE'}")
             db.execute("CREATE TABLE IF NOT EXISTS judged (judge TEXT, prompt TEXT, probs TEXT, "
                        "PRIMARY KEY (judge, prompt))")
 

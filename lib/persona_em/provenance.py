@@ -119,6 +119,11 @@ class Run:
         self.stage, self.profile, self.condition = stage, profile, condition
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        for tmp in sorted(self.dir.rglob(".*.tmp")):   # what a killed attempt of this run was writing
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            elif tmp.exists():
+                tmp.unlink()
         self.profile_path = str(profile_path) if profile_path else None
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.seeds: dict[str, int] = {"profile": profile.seed}

@@ -9,7 +9,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from .provenance import atomic_write_text
+from .provenance import atomic_dir
 
 TABLES = ["results.csv", "tests.csv", "effects.csv", "models.txt", "gate.csv", "gate.json", "rewards.csv",
           "power.csv", "power_mde.csv", "persona_checks.csv", "persona_summary.csv", "teacher_check.csv",
@@ -35,32 +35,35 @@ def collect(profile, root: str | Path, dest: str | Path, example: str) -> Path:
     run = profile.run_dir(root, "05_analyze").parent
     if not (run / "05_analyze" / "manifest.json").is_file():
         raise FileNotFoundError(f"{run}: the run has not finished (no 05_analyze/manifest.json)")
-    # dest is replaced whole, so it must be an earlier reference (or absent/empty), never an arbitrary folder
-    if dest.exists() and any(dest.iterdir()) and not _is_reference(dest):
-        raise FileExistsError(f"{dest}: exists and is not a reference folder (no SHAS.md starting "
-                              f"'{README_TITLE}'); refusing to replace it")
-    if dest.exists():
-        shutil.rmtree(dest)
-    (dest / "notebooks").mkdir(parents=True)
-    for stage, names in (("05_analyze", TABLES), ("01_generate", GENERATE_TABLES)):
-        for name in names:
-            if (run / stage / name).is_file():
-                shutil.copy(run / stage / name, dest / name)
     em_run = f"{example}__{profile.em_datasets()[0]}__s{profile.em_seeds(example)[0]}"
     picks = {"01_generate": run / "01_generate" / "01_generate.ipynb",
              f"02_train_character-{example}": run / "02_train_character" / example / "02_train_character.ipynb",
              f"03_induce_em-{em_run}": run / "03_induce_em" / em_run / "03_induce_em.ipynb",
              f"04_evaluate-{em_run}": run / "04_evaluate" / em_run / "04_evaluate.ipynb",
              "05_analyze": run / "05_analyze" / "05_analyze.ipynb"}
-    for name, src in picks.items():
-        shutil.copy(src, dest / "notebooks" / f"{name}.ipynb")
-    shas = Counter()
-    for m in run.glob("0*/**/manifest.json"):
-        git = json.loads(m.read_text()).get("git", {})
-        shas[(git.get("sha", "?")[:10], bool(git.get("dirty")))] += 1
-    lines = [f"{README_TITLE} `{profile.name}`", "",
-             "Collected by `make reference` from `runs/" + profile.name + "/`. Git SHAs the notebook runs were made at:",
-             "", "| sha | dirty | notebook runs |", "| --- | --- | --- |"]
-    lines += [f"| {sha} | {'yes' if dirty else 'no'} | {n} |" for (sha, dirty), n in sorted(shas.items())]
-    atomic_write_text(dest / "SHAS.md", "\n".join(lines) + "\n")
+    missing = [str(p) for p in picks.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"executed notebooks missing from the run: {missing}")
+    # dest is replaced whole, so it must be an earlier reference (or absent/empty), never an arbitrary folder;
+    # it is built aside and swapped in, so a failure leaves the earlier reference as it was
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not _is_reference(dest))):
+        raise FileExistsError(f"{dest}: exists and is not a reference folder (no SHAS.md starting "
+                              f"'{README_TITLE}'); refusing to replace it")
+    with atomic_dir(dest) as tmp:
+        (tmp / "notebooks").mkdir()
+        for stage, names in (("05_analyze", TABLES), ("01_generate", GENERATE_TABLES)):
+            for name in names:
+                if (run / stage / name).is_file():
+                    shutil.copy(run / stage / name, tmp / name)
+        for name, src in picks.items():
+            shutil.copy(src, tmp / "notebooks" / f"{name}.ipynb")
+        shas = Counter()
+        for m in run.glob("0*/**/manifest.json"):
+            git = json.loads(m.read_text()).get("git", {})
+            shas[(git.get("sha", "?")[:10], bool(git.get("dirty")))] += 1
+        lines = [f"{README_TITLE} `{profile.name}`", "",
+                 f"Collected by `make reference` from `runs/{profile.name}/`. Git SHAs the notebook runs were "
+                 "made at:", "", "| sha | dirty | notebook runs |", "| --- | --- | --- |"]
+        lines += [f"| {sha} | {'yes' if dirty else 'no'} | {n} |" for (sha, dirty), n in sorted(shas.items())]
+        (tmp / "SHAS.md").write_text("\n".join(lines) + "\n")
     return dest

@@ -1,18 +1,22 @@
-"""`python -m persona_em run SNAKEMAKE_ARGS...`: Snakemake in this folder, resumable after any interruption.
+"""`python -m persona_em run SNAKEMAKE_ARGS...`: Snakemake in this folder, resumable after any interruption;
+`python -m persona_em clean PROFILE`: delete a profile's runs, never under a live run.
 
 A killed run (SIGKILL, a closed laptop, a lost node) leaves Snakemake's lock behind, and the next run would stop
-with "Directory cannot be locked". This runner holds an OS lock (`flock` on `.snakemake/persona-em.lock`) for as
-long as Snakemake runs; the kernel drops it when the runner dies, however it dies. So holding it proves that no
-other run of this folder is alive: a Snakemake lock found then is stale and is cleared. Failing to get it means
-another run is alive, and this one is refused with a message instead of racing it. What an interrupted job left
-is never taken as done: notebooks execute under a temporary name, artifacts are written atomically, and
-`--rerun-incomplete` re-runs the jobs Snakemake had marked as started.
+with "Directory cannot be locked". The runner takes an OS lock (`flock` on `.snakemake/persona-em.lock`) and then
+becomes Snakemake (exec, same process, the lock's descriptor inherited), so the lock lives exactly as long as
+Snakemake does and the kernel drops it when Snakemake dies, however it dies. Holding it therefore proves that no
+run of this folder is alive: a Snakemake lock found then is stale and is cleared. Failing to get it means another
+run is alive, and this one is refused with a message instead of racing it. (Snakemake started by hand, not
+through `make`, takes no such lock; do not run it beside `make reproduce` in one folder.) What an interrupted job
+left is never taken as done: notebooks execute under a temporary name, artifacts are written atomically, a run
+clears its own temporaries when it starts again, and `--rerun-incomplete` re-runs the jobs Snakemake had marked
+as started.
 """
 from __future__ import annotations
 
 import fcntl
 import os
-import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,30 +25,63 @@ STATE = Path(".snakemake")
 LOCK = STATE / "persona-em.lock"
 
 
-def stale_locks() -> list[Path]:
-    return sorted((STATE / "locks").glob("*")) if (STATE / "locks").is_dir() else []
+class Busy(RuntimeError):
+    pass
 
 
-def main(args: list[str]) -> int:
+def acquire() -> int:
+    """The folder's run lock, as an open descriptor; Busy if a live run holds it."""
     STATE.mkdir(exist_ok=True)
     fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        os.close(fd)
         owner = LOCK.read_text().strip() or "unknown process"
-        print(f"error: another run of this folder is in progress ({owner}); wait for it to finish, or stop it "
-              "and run again (it resumes where it stopped)", file=sys.stderr)
+        raise Busy(f"another run of this folder is in progress ({owner}); wait for it to finish, or stop it and "
+                   "run again (it resumes where it stopped)") from None
+    return fd
+
+
+def clear_stale_locks() -> int:
+    stale = sorted((STATE / "locks").glob("*")) if (STATE / "locks").is_dir() else []
+    for f in stale:
+        f.unlink()
+    return len(stale)
+
+
+def run(args: list[str]) -> int:
+    try:
+        fd = acquire()
+    except Busy as e:
+        print(f"error: {e}", file=sys.stderr)
         return 3
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-    stale = stale_locks()
-    if stale:
-        for f in stale:
-            f.unlink()
-        print(f"run: cleared {len(stale)} Snakemake lock file(s) left by an interrupted run (no run of this "
-              "folder is alive); resuming", file=sys.stderr)
-    snakemake = Path(sys.executable).parent / "snakemake"
+    n = clear_stale_locks()
+    if n:
+        print(f"run: cleared {n} Snakemake lock file(s) left by an interrupted run (no run of this folder is "
+              "alive); resuming", file=sys.stderr, flush=True)
+    snakemake = str(Path(sys.executable).parent / "snakemake")
+    os.set_inheritable(fd, True)
+    os.execv(snakemake, [snakemake, *args])   # never returns
+
+
+def clean(profile: str) -> int:
+    from .config import check_name
+
     try:
-        return subprocess.run([str(snakemake), *args]).returncode
+        check_name(profile, "profile name")
+        fd = acquire()
+    except (ValueError, Busy) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    try:
+        shutil.rmtree(Path("runs") / profile, ignore_errors=True)
+        for entry in STATE.iterdir():   # Snakemake's records of every profile; the lock file stays
+            if entry != LOCK:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        print(f"removed runs/{profile} and Snakemake's records in {STATE}/")
+        return 0
     finally:
-        os.close(fd)   # releases the flock
+        os.close(fd)

@@ -1,0 +1,46 @@
+"""The runner `make reproduce` uses: a lock left by a dead run is cleared, a live run refuses a second one, and
+the lock lives as long as Snakemake itself (the runner becomes Snakemake)."""
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def test_stale_snakemake_lock_is_cleared_and_snakemake_runs(tmp_path):
+    (tmp_path / ".snakemake" / "locks").mkdir(parents=True)
+    (tmp_path / ".snakemake" / "locks" / "0.input.lock").write_text("left by a killed run")
+    r = subprocess.run([sys.executable, "-m", "persona_em", "run", "--version"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip()[0].isdigit(), r.stderr   # Snakemake's version
+    assert "cleared 1 Snakemake lock file(s)" in r.stderr
+    assert not list((tmp_path / ".snakemake" / "locks").iterdir())
+
+
+def test_a_live_run_keeps_the_lock_and_refuses_a_second(tmp_path):
+    (tmp_path / "Snakefile").write_text("rule all:\n    shell: 'sleep 30'\n")
+    first = subprocess.Popen([sys.executable, "-m", "persona_em", "run", "--cores", "1"], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lock = tmp_path / ".snakemake" / "persona-em.lock"
+        for _ in range(200):   # until the first run holds the lock
+            if lock.exists() and lock.read_text().startswith("pid"):
+                break
+            time.sleep(0.1)
+        assert lock.read_text().startswith(f"pid {first.pid},")   # the runner's pid is Snakemake's (exec)
+        second = subprocess.run([sys.executable, "-m", "persona_em", "run", "--cores", "1"], cwd=tmp_path,
+                                capture_output=True, text=True)
+        assert second.returncode == 3 and "another run of this folder is in progress" in second.stderr
+        with open(lock) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = False
+            except BlockingIOError:
+                held = True
+        assert held
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)   # Snakemake and its job, as a kill of `make reproduce` does
+        first.wait()
+    with open(lock) as f:   # the kernel dropped it with the process
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
