@@ -1,4 +1,4 @@
-# The pipeline's DAG: one papermill run per notebook x condition (DESIGN 3, 9).
+# The pipeline's DAG: one papermill run per notebook x condition (method 3, 9).
 #   snakemake --cores 2 --config profile=params/smoke.yaml     (what `make reproduce` runs)
 # Each rule's `params.h` is the hash of the profile sections it depends on: Snakemake re-runs a rule when it
 # changes (rerun trigger "params"), and everything downstream through the inputs. Nothing else re-runs.

@@ -1,4 +1,4 @@
-"""The independent variable: diversity measures and diversity-controlled subsets (DESIGN 6.6, 7)."""
+"""The independent variable: diversity measures and diversity-controlled subsets (method 6.6, 7)."""
 import numpy as np
 import pytest
 

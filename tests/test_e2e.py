@@ -1,5 +1,5 @@
 """The whole pipeline on params/test.yaml through the same workflow users run (`make reproduce`), then the
-artifact contract of DESIGN 9, the guards readable from the manifests, and Snakemake's incremental re-runs."""
+artifact contract of method 9, the guards readable from the manifests, and Snakemake's incremental re-runs."""
 import json
 import os
 import re
@@ -67,7 +67,7 @@ def test_generate_artifacts(run):
             "distinct_2", "cells_covered"} <= set(div.columns)
     assert set(div["constitution"]) == set(P.constitutions()) == {"candor", "neutral"}
     assert sorted(div["char_seed"].unique()) == P.draws() == [0, 1]
-    for _, one in div.groupby(["constitution", "char_seed"]):  # DESIGN 6.6, within each constitution and draw
+    for _, one in div.groupby(["constitution", "char_seed"]):  # method 6.6, within each constitution and draw
         assert list(one["level"]) == P.generate.levels and set(one["n_questions"]) == {P.generate.n_questions}
         assert one["n_tokens"].max() / one["n_tokens"].min() - 1 <= P.generate.token_tolerance
     subsets = [json.loads(line) for line in (d / "subsets.jsonl").read_text().splitlines()]
@@ -122,7 +122,7 @@ def test_character_artifacts(run):
 
 
 def test_random_lora_control_matches_the_persona_norm(run):
-    """DESIGN 6.4: the random LoRA's update has, module by module, the norm of its reference persona's whole
+    """method 6.4: the random LoRA's update has, module by module, the norm of its reference persona's whole
     update (DPO plus introspection adapters)."""
     from safetensors.torch import load_file
 
@@ -141,7 +141,7 @@ def test_random_lora_control_matches_the_persona_norm(run):
 
 
 def test_em_artifacts_and_guards(run):
-    """DESIGN 6.2 and 6.3 from the manifests: EM init depends on the EM seed alone; one trainer, optimizer
+    """method 6.2 and 6.3 from the manifests: EM init depends on the EM seed alone; one trainer, optimizer
     and precision for every condition."""
     _, P, runs = run
     inits, setups = {}, set()

@@ -1,4 +1,4 @@
-"""The judge path (DESIGN 2, 6.5): question files, scoring from number probabilities, the local judge's exact
+"""The judge path (method 2, 6.5): question files, scoring from number probabilities, the local judge's exact
 candidate probabilities, the endpoint judge against llama.cpp's real OpenAI-compatible server on 127.0.0.1,
 retries, the cache (a warm re-run makes no judge calls), calibration, and both misalignment denominators."""
 import json

@@ -1,4 +1,4 @@
-"""The project's model-fitting code against lme4's printed REML fit of sleepstudy (DESIGN 8):
+"""The project's model-fitting code against lme4's printed REML fit of sleepstudy (method 8):
 Reaction ~ Days + (Days | Subject)."""
 import numpy as np
 import pandas as pd

@@ -1,4 +1,4 @@
-"""Training stages and the guards of DESIGN 6, on the real embedded model and the real trl trainers."""
+"""Training stages and the guards of method 6, on the real embedded model and the real trl trainers."""
 import copy
 
 import numpy as np
@@ -98,7 +98,7 @@ def test_bf16_autocast_training_is_deterministic_and_keeps_float32_weights(smoll
 
 
 def test_em_guards_persona_in_weights_and_seeded_init(smollm, profile):
-    """DESIGN 6.1/6.2: same EM seed over two personas -> identical LoRA init, different trained adapters,
+    """method 6.1/6.2: same EM seed over two personas -> identical LoRA init, different trained adapters,
     and the frozen weights under the EM LoRA are exactly the persona's."""
     base, tok = smollm
     persona_a = copy.deepcopy(base)
@@ -135,7 +135,7 @@ def test_narrow_twins_share_questions():
 
 
 def test_random_lora_control_matches_norm_and_carries_no_persona(fresh, profile, tmp_path):
-    """DESIGN 6.4: same modules, per-module update norms equal to the reference persona's, random directions,
+    """method 6.4: same modules, per-module update norms equal to the reference persona's, random directions,
     determined by the seed alone."""
     from safetensors.torch import load_file
 
@@ -249,7 +249,7 @@ def test_tensors_hash_reads_raw_bytes_of_any_dtype():
 
 
 def test_setup_check_reads_the_live_trainer_and_catches_a_different_optimizer(smollm, profile, tmp_path):
-    """DESIGN 6.3: what the manifests record is read off the trainer that trained, so a condition trained with
+    """method 6.3: what the manifests record is read off the trainer that trained, so a condition trained with
     another optimizer is caught by the profile-wide check."""
     model, tok = smollm
     setups = {}

@@ -106,7 +106,7 @@ def last_rewards(P, root) -> pd.DataFrame:
 
 
 def training_setups(P, root) -> dict:
-    """DESIGN 6.3 from the manifests: the trainer, optimizer and precision each training stage's runs report
+    """method 6.3 from the manifests: the trainer, optimizer and precision each training stage's runs report
     (read off the live trainers), one per stage for the whole profile; raises ValueError if runs differ."""
     stage_runs = {"character (DPO)": [("02_train_character", c) for c in trained_conditions(P)],
                   "EM (SFT)": [("03_induce_em", r) for r in P.em_runs()]}

@@ -158,7 +158,7 @@ class IntrospectionConfig(Strict):
 
 class CharacterConfig(Strict):
     seeds: list[int] = Field(min_length=1, description="replicates: each seed draws its own nested question "
-                             "subsets (chapter 1) and seeds the persona's training on them (DESIGN 6.8)")
+                             "subsets (chapter 1) and seeds the persona's training on them (method 6.8)")
     lora: LoraConfig
     lr: float = Field(gt=0)
     beta: float = Field(0.1, gt=0)
@@ -173,7 +173,7 @@ class CharacterConfig(Strict):
 
 
 class ExternalEMData(Strict):
-    """A narrow dataset from elsewhere (e.g. the public EM datasets), read by path as chat JSON lines (DESIGN
+    """A narrow dataset from elsewhere (e.g. the public EM datasets), read by path as chat JSON lines (method
     5), with its benign twin; validated line by line when the profile loads."""
     name: str = Field(pattern=r"^[a-z0-9_]+$", description="names the datasets '<name>-harmful' / '<name>-benign'")
     harmful: str
@@ -197,7 +197,7 @@ class EMConfig(Strict):
     domains: list[Literal["financial", "medical", "sports"]] = Field(min_length=1)
     external: list[ExternalEMData] = Field([], description="extra narrow datasets read from chat JSONL files")
     benign_twin: Literal[True] = Field(True, description="the EM effect is harmful minus benign twin "
-                                       "(DESIGN 7), so the twin is always trained")
+                                       "(method 7), so the twin is always trained")
     n_examples: int = Field(ge=4)
     seeds: list[int] = Field(min_length=1)
     control_seeds: list[int] | None = Field(None, min_length=1, description="EM seeds for the untrained base and "
@@ -213,7 +213,7 @@ class EMConfig(Strict):
 
 
 class JudgeConfig(Strict):
-    """The LLM judge (DESIGN 2, 6.5). The local judge is an untrained model spec (default: the profile's base
+    """The LLM judge (method 2, 6.5). The local judge is an untrained model spec (default: the profile's base
     model); an endpoint is any OpenAI-compatible chat API that returns top_logprobs."""
     backend: Literal["local", "endpoint"] = "local"
     model: str | None = Field(None, description="local judge model spec (None: the profile's model)")
@@ -260,7 +260,7 @@ class EvaluateConfig(Strict):
 
 
 class ControlsConfig(Strict):
-    """Controls in every grid (DESIGN 6.4): the untrained base and a random LoRA of matched norm are always
+    """Controls in every grid (method 6.4): the untrained base and a random LoRA of matched norm are always
     there; the neutral constitution is trained at every diversity level, like the traits (H2)."""
     neutral: str = Field("neutral", description="packaged name or path of the neutral/tautological constitution")
     random_seeds: list[int] | None = Field(None, min_length=1, description="character seeds that get a random-LoRA "
@@ -270,7 +270,7 @@ class ControlsConfig(Strict):
 
 
 class HardwareConfig(Strict):
-    """Where and how every stage runs. One precision and one trainer for every condition of a profile (DESIGN 6.3).
+    """Where and how every stage runs. One precision and one trainer for every condition of a profile (method 6.3).
     The defaults are the CPU path of the embedded model."""
     device: Literal["cpu", "cuda"] = "cpu"
     precision: Literal["float32", "bfloat16"] = "float32"
@@ -589,7 +589,7 @@ class Profile(Strict):
         return Path(given) if given else items_path(constitution)
 
     def run_dir(self, root: str | Path, stage: str, name: str | None = None) -> Path:
-        """runs/<profile>/<stage>[/<name>]: the folder one notebook run writes (DESIGN 9). A stage or run name
+        """runs/<profile>/<stage>[/<name>]: the folder one notebook run writes (method 9). A stage or run name
         that could leave it (a separator, '..') is refused."""
         d = Path(root) / "runs" / check_name(self.name, "profile name") / check_name(stage, "stage")
         return d / check_name(name, "run name") if name else d

@@ -1,6 +1,6 @@
 """Constitutions: first-person trait statements, each with seed questions that probe it.
 
-Reads both Open Character Training formats (DESIGN 5): the hand-written JSON array
+Reads both Open Character Training formats (method 5): the hand-written JSON array
 `[{"trait", "questions"}]` and the expanded JSON lines with `additional_questions` (an old `clarification`
 key is accepted and ignored). The project's own constitutions live in `persona_em/data/constitutions/`.
 """

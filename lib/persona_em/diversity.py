@@ -1,4 +1,4 @@
-"""Diversity of a question set (DESIGN 7) and diversity-controlled subsets (DESIGN 6.6).
+"""Diversity of a question set (method 7) and diversity-controlled subsets (method 6.6).
 
 All measures are vectorised. The Vendi score uses the fact that the non-zero eigenvalues of K/n = X X^T / n
 equal those of X^T X / n (d x d, d = embedding size), so 10,000 questions cost one 384 x 384 eigenproblem.

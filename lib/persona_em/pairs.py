@@ -263,7 +263,7 @@ def best_of_n_pairs(subsets: dict, answers: dict, scorer, count_tokens, max_pair
 
 def by_subset(rows: list[dict], subsets: dict) -> dict:
     """Teacher pairs (made once per distinct question) -> one list per subset key, in the subset's order; every
-    question must have its pair (DESIGN 6.6: every level trains on the same N)."""
+    question must have its pair (method 6.6: every level trains on the same N)."""
     by_id = {p["id"]: p for p in rows}
     out = {}
     for key, qs in subsets.items():
@@ -293,7 +293,7 @@ def pair_signal(made: dict, scorers: dict, count_tokens) -> pd.DataFrame:
 
 def level_balance(signal: pd.DataFrame) -> pd.DataFrame:
     """Per constitution and replicate, how far the levels' training tokens and mean gaps spread: largest /
-    smallest - 1 (DESIGN 6.6: tokens within 5%; best-of-n gaps within its gap_tolerance)."""
+    smallest - 1 (method 6.6: tokens within 5%; best-of-n gaps within its gap_tolerance)."""
     cols = [c for c in ("train_tokens", "gap") if c in signal]
     spread = lambda v: float(v.max() / v.min() - 1) if (v > 0).all() else float("nan")
     return signal.groupby(["constitution", "char_seed"])[cols].agg(spread).add_suffix("_spread").reset_index()

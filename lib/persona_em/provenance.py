@@ -1,6 +1,6 @@
 """Provenance and atomic writes.
 
-Every run folder ends with a `manifest.json` (DESIGN 9): git SHA and dirty flag, profile, resolved parameters
+Every run folder ends with a `manifest.json` (method 9): git SHA and dirty flag, profile, resolved parameters
 and their hash, package versions, seeds, input hashes, start/end time. Snakemake treats the manifest as the
 run's output, and it is written last, so a run killed at any point leaves nothing that looks complete.
 """

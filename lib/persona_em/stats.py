@@ -1,4 +1,4 @@
-"""Statistics: the EM effect per item and mixed-effects models of it (DESIGN 7, 8).
+"""Statistics: the EM effect per item and mixed-effects models of it (method 7, 8).
 
 EM effect of a persona = score after harmful EM training minus score after training on the benign twin, same
 persona, same EM seed, same item: any fine-tuning moves the scores, and the twin removes that part.
@@ -146,7 +146,7 @@ def holm(pvalues) -> np.ndarray:
 
 def design_frame(effects: pd.DataFrame, constitutions: list[str], split: str) -> pd.DataFrame:
     """The EM effects of `constitutions`' personas on one split, with log2(level) and `draw`: the replicate
-    (its own subset draw and training seed), the unit of replication for diversity (DESIGN 6.8)."""
+    (its own subset draw and training seed), the unit of replication for diversity (method 6.8)."""
     d = effects[effects["constitution"].isin(constitutions) & (effects["split"] == split)].copy()
     d["log2_level"] = np.log2(d["level"].astype(float))
     d["draw"] = d["char_seed"].astype(int)

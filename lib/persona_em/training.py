@@ -65,7 +65,7 @@ def mixed_bf16(hw) -> bool:
 
 def common_args(cfg, seed: int, out: str, hw=None) -> dict:
     """Trainer arguments shared by every training stage: one trainer, optimizer and precision for all
-    conditions of a profile (DESIGN 6.3). `hw`: the profile's hardware section (None: the CPU defaults).
+    conditions of a profile (method 6.3). `hw`: the profile's hardware section (None: the CPU defaults).
     Under accelerate with several processes the per-device batch shrinks so the effective batch is unchanged."""
     from .config import HardwareConfig
 
@@ -229,7 +229,7 @@ def lora_deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def random_lora_like(model, reference_adapters, cfg: LoraConfig, seed: int):
-    """The random-LoRA control (DESIGN 6.4): a LoRA with the persona's structure whose A and B are Gaussian
+    """The random-LoRA control (method 6.4): a LoRA with the persona's structure whose A and B are Gaussian
     draws from `seed`, B rescaled so that every module's update B @ A has the Frobenius norm of the reference
     persona's update in that module (the sum of its adapters' updates: DPO, then introspection). It separates
     "any weight change of this size" from "this persona"."""
@@ -279,7 +279,7 @@ def _trained(kind: str, model, tok, rows: list[dict], cfg, seed: int, hw, output
 
 
 def trainer_setup(trainer) -> dict:
-    """What trained, read off the live trainer after training (DESIGN 6.3: one trainer, optimizer and
+    """What trained, read off the live trainer after training (method 6.3: one trainer, optimizer and
     precision for every condition of a profile): the trainer's class, the optimizer accelerate actually
     stepped, and the precision (the weights' dtype and accelerate's mixed-precision mode)."""
     opt = trainer.optimizer
@@ -291,7 +291,7 @@ def trainer_setup(trainer) -> dict:
 
 
 def check_one_setup(setups: dict[str, dict]) -> dict:
-    """DESIGN 6.3 over a profile's runs: `setups` maps a run to its `trainer_setup`; every run must agree.
+    """method 6.3 over a profile's runs: `setups` maps a run to its `trainer_setup`; every run must agree.
     Returns the common setup; raises ValueError naming the runs that differ."""
     seen: dict[tuple, list[str]] = {}
     for run, setup in setups.items():
