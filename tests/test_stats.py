@@ -244,3 +244,17 @@ def test_crossed_fit_separates_item_and_seed_variance():
     assert vcs["item_id"] == pytest.approx(items.var(ddof=1), rel=0.35)
     assert vcs["char_seed"] == pytest.approx(seeds.var(ddof=1), rel=0.5)
     assert vcs["residual"] == pytest.approx(0.0025, rel=0.3)
+
+
+def test_the_verdict_follows_the_gate_and_the_primary_test():
+    from persona_em.analysis import verdict
+
+    row = lambda est, p, converged=True: pd.Series({"estimate": est, "ci_low": est - 0.1, "ci_high": est + 0.1,
+                                                    "p": p, "converged": converged})
+    assert verdict(False, row(-0.3, 0.001), 0.05, 0.1).startswith("The manipulation check failed")
+    assert "not usable" in verdict(True, row(-0.3, 0.001, converged=False), 0.05, 0.1)
+    assert "not usable" in verdict(True, row(float("nan"), float("nan")), 0.05, 0.1)
+    assert "falls as diversity rises" in verdict(True, row(-0.3, 0.001), 0.05, 0.1)
+    assert "the opposite" in verdict(True, row(0.3, 0.001), 0.05, 0.1)
+    quiet = verdict(True, row(0.02, 0.4), 0.05, 0.25)
+    assert "no detectable change" in quiet and "-0.080 to 0.120" in quiet and "0.250 per doubling" in quiet

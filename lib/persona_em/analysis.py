@@ -362,7 +362,30 @@ def paper_numbers(P, root, gate, gate_table, rewards, tests, summary, effects, r
         numbers[f"vendi_{tag}"] = float(row["vendi"].mean())
     numbers["deviations"] = latex_text("; ".join(deviations)) if deviations else "none"
     numbers["n_deviations"] = len(deviations)
+    numbers["gate_passed"] = int(gate["passed"])
+    primary = tests[tests["role"] == "primary"].iloc[0]
+    numbers["verdict"] = verdict(gate["passed"], primary, A.alpha, numbers["mde_run"])
     return numbers
+
+
+def verdict(gate_passed: bool, primary, alpha: float, mde: float) -> str:
+    """What the primary test says about the hypothesis, computed from the gate and the test (the paper's
+    discussion opens with it; nothing in it is written by hand)."""
+    est, lo, hi, p = (float(primary[k]) for k in ("estimate", "ci_low", "ci_high", "p"))
+    if not gate_passed:
+        return ("The manipulation check failed, so this run cannot answer the question: without a learned "
+                "persona, a diversity slope of the EM effect says nothing about what protects a persona.")
+    if not (np.isfinite(est) and np.isfinite(p)) or not bool(primary["converged"]):
+        return ("A persona was learned, but the primary model's fit is not usable (it did not converge or its "
+                "test is not estimable), so the run does not answer the question.")
+    if p < alpha:
+        direction = ("falls as diversity rises, as the hypothesis predicts" if est < 0 else
+                     "rises with diversity, the opposite of what the hypothesis predicts")
+        return (f"A persona was learned, and its out-of-domain EM effect {direction} (p = {p:.3g} at alpha = "
+                f"{alpha:g}).")
+    return (f"A persona was learned, but the out-of-domain EM effect shows no detectable change with diversity "
+            f"(p = {p:.3g}); slopes outside {lo:.3f} to {hi:.3f} per doubling are unlikely, and the design "
+            f"detects {abs(mde):.3f} per doubling with 80\\% power, so smaller effects remain possible.")
 
 
 def tests_latex(tests: pd.DataFrame, caption: str, label: str) -> str:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,29 @@ def git_state(cwd: str | Path | None = None) -> dict:
         return {"sha": "unknown", "dirty": None}
 
 
+def machine() -> dict:
+    """What the run ran on: CPU model, logical cores, and the GPU if torch sees one."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    torch = sys.modules.get("torch")
+    gpu = torch.cuda.get_device_name(0) if torch is not None and torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu}
+
+
+def describe_machine(m: dict) -> str:
+    """'NVIDIA H200 (with a 16-core Intel Xeon ...)' or 'a 2-core AMD EPYC ... CPU, no GPU', in characters
+    that are safe in LaTeX."""
+    clean = lambda s: re.sub(r"[^A-Za-z0-9 .,@+/-]", "", re.sub(r"\((R|TM)\)", "", str(s))).strip()
+    return (f"{clean(m['gpu'])} (with a {m['cores']}-core {clean(m['cpu'])})" if m.get("gpu")
+            else f"a {m['cores']}-core {clean(m['cpu'])} CPU, no GPU")
+
+
 def package_versions() -> dict:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -143,6 +167,7 @@ class Run:
             "parameters_hash": self.profile.digest(),
             "git": git_state(),
             "packages": package_versions(),
+            "machine": machine(),
             "seeds": self.seeds,
             # CPU float reductions depend on the thread count: same seeds, same threads, same numbers
             "torch_threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None,
