@@ -194,6 +194,10 @@ def test_analysis_figures_and_paper_numbers(run, root):
     assert "Formula" in (d / "models.txt").read_text() and "Converged: " in (d / "models.txt").read_text()
     effects = pd.read_csv(d / "effects.csv")
     assert {"term", "estimate", "ci_low", "ci_high", "p", "df", "converged"} <= set(effects.columns)
+    # the executed chapters carry their figures inline (a reader of the committed notebooks sees them)
+    for nb in (d / "05_analyze.ipynb", runs / "01_generate" / "01_generate.ipynb"):
+        cells = json.loads(nb.read_text())["cells"]
+        assert any("image/png" in out.get("data", {}) for c in cells for out in c.get("outputs", [])), nb
     for fig in ("em_effect_by_diversity", "diversity_by_level", "training_curves", "vendi_spread", "pool_map",
                 "forest", "aligned_coherent_quadrant", "em_rate_by_diversity", "power", "persona_margins",
                 "forgetting", "em_loss_by_condition", "manipulation_check", "pair_signal"):

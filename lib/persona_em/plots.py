@@ -1,14 +1,13 @@
-"""Figures, one style for all, saved as PNG and PDF under figures/<profile>/."""
+"""Figures, one style for all, saved as PNG and PDF under figures/<profile>/ and shown inline in the chapter
+that made them (matplotlib's own backend choice: inline in a notebook kernel, a file-only one elsewhere)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
 
 PALETTE = "colorblind"
 
@@ -27,6 +26,11 @@ def save(fig, out_dir: str | Path, name: str) -> list[Path]:
         fig.savefig(tmp, dpi=150, bbox_inches="tight")
         tmp.replace(p)
         paths.append(p)
+    if "ipykernel" in sys.modules:   # executed notebooks, the reference run's included, carry their figures
+        from IPython.display import display
+
+        display(fig)
+    plt.close(fig)
     return paths
 
 
