@@ -1,41 +1,58 @@
+"""`python -m persona_em <command>`: validate inputs, run the workflow, collect the reference run."""
+import argparse
 import sys
 
-from .check import main
 
-USAGE = ("usage: python -m persona_em check FILE...\n"
-         "       python -m persona_em reference PROFILE.yaml DEST EXAMPLE_CONDITION\n"
-         "       python -m persona_em forgetting SHORT.yaml LONG.yaml DEST   (H5 over training length)\n"
-         "       python -m persona_em run SNAKEMAKE_ARGS...   (Snakemake, resuming after any interruption)\n"
-         "       python -m persona_em clean PROFILE_NAME   (delete runs/PROFILE_NAME; refused under a live run)")
+def _profile(path: str):
+    from .config import load_profile
 
-if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "check":
-        sys.exit(main(sys.argv[2:]))
-    if len(sys.argv) >= 2 and sys.argv[1] == "run":
+    return load_profile(path)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m persona_em")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="validate profiles, constitutions, question files and chat JSONL")
+    p.add_argument("files", nargs="+")
+    p = sub.add_parser("run", help="Snakemake in this folder, resuming after any interruption",
+                       description="All arguments go to Snakemake (`make reproduce` passes its own).")
+    p.add_argument("snakemake_args", nargs="*", metavar="SNAKEMAKE_ARG")
+    p = sub.add_parser("clean", help="delete runs/PROFILE_NAME and Snakemake's records; refused under a live run")
+    p.add_argument("profile_name")
+    p = sub.add_parser("reference", help="copy a finished run's small artifacts into DEST")
+    p.add_argument("profile"), p.add_argument("dest"), p.add_argument("example", help="condition whose notebooks to keep")
+    p = sub.add_parser("forgetting", help="H5 over training length: two profiles that differ only in it")
+    p.add_argument("short"), p.add_argument("long"), p.add_argument("dest")
+    if argv[:1] == ["run"]:   # everything after `run` is Snakemake's, options included
         from .runner import run
 
-        sys.exit(run(sys.argv[2:]))
-    if len(sys.argv) == 3 and sys.argv[1] == "clean":
+        return run(argv[1:])
+    args = parser.parse_args(argv)
+
+    from .config import ProfileError
+
+    if args.command == "check":
+        from .check import main as check
+
+        return check(args.files)
+    if args.command == "clean":
         from .runner import clean
 
-        sys.exit(clean(sys.argv[2]))
-    if len(sys.argv) == 5 and sys.argv[1] == "reference":
-        from .config import load_profile
-        from .reference import collect
+        return clean(args.profile_name)
+    try:
+        if args.command == "reference":
+            from .reference import collect
 
-        from .config import ProfileError
+            print(collect(_profile(args.profile), ".", args.dest, args.example))
+        else:
+            from .forgetting import compare
 
-        try:
-            print(collect(load_profile(sys.argv[2]), ".", sys.argv[3], sys.argv[4]))
-        except (ProfileError, ValueError, FileNotFoundError, FileExistsError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-        sys.exit(0)
-    if len(sys.argv) == 5 and sys.argv[1] == "forgetting":
-        from .config import load_profile
-        from .forgetting import compare
+            print(compare(_profile(args.short), _profile(args.long), ".", args.dest))
+    except (ProfileError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
-        print(compare(load_profile(sys.argv[2]), load_profile(sys.argv[3]), ".", sys.argv[4]))
-        sys.exit(0)
-    print(USAGE, file=sys.stderr)
-    sys.exit(2)
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
