@@ -198,7 +198,7 @@ def test_analysis_figures_and_paper_numbers(run, root):
     for nb in (d / "05_analyze.ipynb", runs / "01_generate" / "01_generate.ipynb"):
         cells = json.loads(nb.read_text())["cells"]
         assert any("image/png" in out.get("data", {}) for c in cells for out in c.get("outputs", [])), nb
-    for fig in ("em_effect_by_diversity", "diversity_by_level", "training_curves", "vendi_spread", "pool_map",
+    for fig in ("design", "em_effect_by_diversity", "diversity_by_level", "training_curves", "vendi_spread", "pool_map",
                 "forest", "aligned_coherent_quadrant", "em_rate_by_diversity", "power", "persona_margins",
                 "forgetting", "em_loss_by_condition", "manipulation_check", "pair_signal"):
         for ext in ("png", "pdf"):

@@ -282,3 +282,56 @@ def em_rate_by_diversity(rates: pd.DataFrame):
            title="Emergent misalignment (judge) vs question diversity")
     ax.tick_params(axis="x", labelrotation=30)
     return fig
+
+
+def design_overview(P):
+    """The study at a glance: the five chapters (what each reads and writes) over the design grid of profile
+    `P` (levels nested in a subset draw, x constitutions and controls, x EM dataset and benign twin, x EM
+    seeds)."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    fig, ax = plt.subplots(figsize=(11, 5.6))
+    ax.set_xlim(0, 11), ax.set_ylim(0, 5.6), ax.axis("off")
+    colors = sns.color_palette(PALETTE, 6)
+    stages = [("01 generate", "constitutions,\nquestion pool", "subsets per draw,\ndiversity, pairs"),
+              ("02 train character", "pairs", "persona LoRA,\npersona margins"),
+              ("03 induce EM", "merged persona,\nnarrow data", "EM LoRA\n(harmful / benign)"),
+              ("04 evaluate", "every model,\nbefore and after EM", "contrast margins,\njudge scores"),
+              ("05 analyze", "all tables", "gate, tests,\nfigures, paper")]
+    for i, (name, reads, writes) in enumerate(stages):
+        x = 0.2 + i * 2.18
+        ax.add_patch(FancyBboxPatch((x, 3.9), 1.8, 0.8, boxstyle="round,pad=0.05", fc=colors[0], alpha=0.25,
+                                    ec=colors[0]))
+        ax.text(x + 0.9, 4.3, name, ha="center", va="center", fontsize=10, weight="bold")
+        ax.text(x + 0.9, 5.25, "reads: " + reads, ha="center", va="center", fontsize=7.5, color="0.3")
+        ax.text(x + 0.9, 3.45, "writes: " + writes, ha="center", va="center", fontsize=7.5, color="0.3")
+        if i:
+            ax.add_patch(FancyArrowPatch((x - 0.36, 4.3), (x - 0.02, 4.3), arrowstyle="-|>", mutation_scale=12,
+                                         color="0.3"))
+    # the grid, as nested boxes: replicate > level; beside it the conditions and the EM factor
+    levels, draws = P.generate.levels, P.draws()
+    ax.text(0.2, 2.75, f"the design grid of profile '{P.name}'", fontsize=10, weight="bold")
+    ax.add_patch(FancyBboxPatch((0.2, 0.25), 3.3, 2.2, boxstyle="round,pad=0.03", fc="none", ec=colors[1], lw=1.5))
+    ax.text(1.85, 2.2, f"subset draw (replicate) x {len(draws)}", ha="center", fontsize=9, color=colors[1],
+            weight="bold")
+    ax.text(1.85, 1.95, "own cell order and seed, levels nested in it; the unit of replication", ha="center", fontsize=7.5, color="0.3")
+    width = 3.0 / len(levels)
+    for j, level in enumerate(levels):
+        ax.add_patch(FancyBboxPatch((0.35 + j * width, 0.45), width - 0.15, 1.25, boxstyle="round,pad=0.02",
+                                    fc=colors[1], alpha=0.15 + 0.5 * j / max(len(levels) - 1, 1), ec="none"))
+        ax.text(0.35 + j * width + (width - 0.15) / 2, 1.07, f"level {level}\n{P.generate.n_questions} questions\n"
+                f"from {level} domain{'s' if level > 1 else ''}", ha="center", va="center", fontsize=8)
+    ax.text(3.75, 1.35, "x", fontsize=16, va="center")
+    conds = [f"{c} (trait)" for c in P.traits()] + [f"{P.neutral()} (control)"]
+    ax.add_patch(FancyBboxPatch((4.1, 0.25), 2.6, 2.2, boxstyle="round,pad=0.03", fc="none", ec=colors[2], lw=1.5))
+    ax.text(5.4, 2.2, "constitutions, same questions", ha="center", fontsize=9, color=colors[2], weight="bold")
+    ax.text(5.4, 1.35, "\n".join(conds) + "\n\n+ untrained base\n+ random LoRA of the persona's norm",
+            ha="center", va="center", fontsize=8)
+    ax.text(6.95, 1.35, "x", fontsize=16, va="center")
+    ax.add_patch(FancyBboxPatch((7.3, 0.25), 3.5, 2.2, boxstyle="round,pad=0.03", fc="none", ec=colors[3], lw=1.5))
+    ax.text(9.05, 2.2, "narrow EM fine-tuning", ha="center", fontsize=9, color=colors[3], weight="bold")
+    ax.text(9.05, 1.3, "\n".join(f"{d}: harmful vs benign twin" for d in P.em_domain_names()) +
+            f"\nEM seeds: {len(P.em.seeds)} per persona, {len(P.em.control_seeds or P.em.seeds)} per control\n\n"
+            "EM effect = harmful - benign twin\n(same persona, seed and item)", ha="center", va="center", fontsize=8)
+    fig.tight_layout()
+    return fig
