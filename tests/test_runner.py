@@ -44,3 +44,17 @@ def test_a_live_run_keeps_the_lock_and_refuses_a_second(tmp_path):
         first.wait()
     with open(lock) as f:   # the kernel dropped it with the process
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_the_chapters_kernel_is_registered_for_this_python_when_missing(tmp_path, monkeypatch):
+    """A conda environment has no `persona-em` kernel until the runner registers one for its own Python."""
+    import json
+
+    from persona_em.runner import ensure_kernel
+
+    name = "persona-em-test-registration"
+    note = ensure_kernel(name, prefix=str(tmp_path))
+    spec = json.loads((tmp_path / "share" / "jupyter" / "kernels" / name / "kernel.json").read_text())
+    assert "registered the Jupyter kernel" in note and spec["argv"][0] == sys.executable
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    assert ensure_kernel(name, prefix=str(tmp_path)) is None   # found now: nothing to do

@@ -50,6 +50,28 @@ def clear_stale_locks() -> int:
     return len(stale)
 
 
+KERNEL = "persona-em"
+
+
+def ensure_kernel(name: str = KERNEL, prefix: str | None = None) -> str | None:
+    """The Jupyter kernel papermill runs the chapters in, registered for this Python if no kernel of that name is
+    found (`make setup` registers it in .venv; a conda environment made from environment.yml does not). Returns
+    a note when it registered one or when the kernel found runs another Python."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    specs = KernelSpecManager().find_kernel_specs()
+    if name in specs:
+        argv = KernelSpecManager().get_kernel_spec(name).argv
+        if argv and Path(argv[0]).resolve() != Path(sys.executable).resolve():
+            return (f"note: kernel {name!r} ({specs[name]}) runs {argv[0]}, not this Python ({sys.executable}); "
+                    "the chapters will run there")
+        return None
+    from ipykernel.kernelspec import install
+
+    where = install(kernel_name=name, display_name=f"{name} ({Path(sys.prefix).name})", prefix=prefix or sys.prefix)
+    return f"registered the Jupyter kernel {name!r} for {sys.executable} in {where}"
+
+
 def run(args: list[str]) -> int:
     try:
         fd = acquire()
@@ -58,6 +80,9 @@ def run(args: list[str]) -> int:
         return 3
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    note = ensure_kernel()
+    if note:
+        print(f"run: {note}", file=sys.stderr, flush=True)
     n = clear_stale_locks()
     if n:
         print(f"run: cleared {n} Snakemake lock file(s) left by an interrupted run (no run of this folder is "
