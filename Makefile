@@ -23,7 +23,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-vllm reproduce test check paper clean-runs dryrun reference h5
+.PHONY: setup setup-vllm reproduce test check paper book clean-runs dryrun reference h5
 
 setup: $(STAMP)
 
@@ -76,6 +76,12 @@ paper:
 	  echo "paper: numbers in paper/generated/$(PROFILE)/numbers.tex, figures in figures/$(PROFILE)/."; \
 	  echo "paper: latexmk not found, so no PDF. Install TeX (Debian: apt-get install latexmk texlive-latex-recommended texlive-latex-extra) and run 'make paper PROFILE=$(PROFILE)'."; \
 	fi
+
+# The book: a static site of the committed reference run (its executed chapters, the paper as HTML, the method,
+# the results tables), built offline into _build/book/html; it executes nothing. Needs pandoc for the paper.
+book: setup
+	$(BIN)/python -m persona_em book _build/book
+	@echo "book: open _build/book/html/index.html (or: $(BIN)/python -m http.server -d _build/book/html)"
 
 # The committed reference run: after `make reproduce PROFILE=tiny`, copy its small artifacts to reference/tiny/.
 reference: setup

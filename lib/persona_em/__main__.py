@@ -21,6 +21,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("profile_name")
     p = sub.add_parser("reference", help="copy a finished run's small artifacts into DEST")
     p.add_argument("profile"), p.add_argument("dest"), p.add_argument("example", help="condition whose notebooks to keep")
+    p = sub.add_parser("book", help="build the book of the committed reference run into DEST/html")
+    p.add_argument("dest"), p.add_argument("--main", default="tiny", help="the reference profile it opens with")
     p = sub.add_parser("forgetting", help="H5 over training length: two profiles that differ only in it")
     p.add_argument("short"), p.add_argument("long"), p.add_argument("dest")
     if argv[:1] == ["run"]:   # everything after `run` is Snakemake's, options included
@@ -40,7 +42,15 @@ def main(argv: list[str]) -> int:
 
         return clean(args.profile_name)
     try:
-        if args.command == "reference":
+        if args.command == "book":
+            from .book import BookError, build
+
+            try:
+                print(build(".", args.dest, args.main))
+            except BookError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+        elif args.command == "reference":
             from .reference import collect
 
             print(collect(_profile(args.profile), ".", args.dest, args.example))
