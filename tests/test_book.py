@@ -89,3 +89,29 @@ def test_book_builds_offline_and_every_page_works_in_a_real_browser(root, tmp_pa
     assert chapter5.count("<img") >= 5   # the chapter's figures are inline
     paper = (html / "paper.html").read_text()
     assert "Threats to validity" in paper and "paper-tiny.pdf" in paper
+
+
+def test_the_paper_is_prepared_for_pandoc_as_the_pdf_reads(root):
+    """The conditionals, optional inputs, citations and figures of paper.tex resolved as LaTeX resolves them for
+    the PDF (no pandoc or browser needed)."""
+    from persona_em.book import paper_for_pandoc
+
+    tex = (root / "paper" / "paper.tex").read_text()
+    macros = {"PairsBestOfN": "1", "HFiveShortDigest": "abc", "ProfileDigest": "abc"}
+    out = paper_for_pandoc(tex, macros, "tiny", "figures/tiny", frozenset({"generated/tiny/h5_length.tex"}))
+    assert "\\ifnum" not in out and "\\ifdefined" not in out and "\\cite{" not in out
+    assert "best-of-n method instead" in out and "Trained \\HFiveLengthRatio" in out
+    assert "\\input{generated/\\profile/h5_length.tex}" in out and "[1]" in out
+    assert "\\includegraphics{figures/tiny/design.png}" in out
+    teacher = paper_for_pandoc(tex, {"PairsBestOfN": "0"}, "tiny", "figures/tiny")
+    assert "best-of-n method instead" not in teacher and "Trained \\HFiveLengthRatio" not in teacher
+    assert "InputIfFileExists" not in teacher and "h5_length" not in teacher
+
+
+def test_the_book_never_replaces_a_folder_it_did_not_build(root, tmp_path):
+    from persona_em.book import BookError, build
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(BookError, match="not a book folder"):
+        build(root, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -125,3 +125,15 @@ def test_a_run_clears_what_a_killed_attempt_was_writing(root, tmp_path):
     (d / "keep.csv").write_text("a\n")
     Run("01_generate", load_profile(root / "params" / "test.yaml"), d)
     assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*")) == ["keep.csv", "pairs"]
+
+
+def test_machines_are_described_safely_for_latex_and_once_each():
+    from persona_em.analysis import run_hardware
+    from persona_em.provenance import describe_machine
+
+    cpu = {"cpu": "Intel(R) Xeon(R) Platinum 8480+ @ 2.00GHz #1 & co", "cores": 16, "gpu": None}
+    assert describe_machine(cpu) == "Intel Xeon Platinum 8480+ @ 2.00GHz 1  co (16 cores, no GPU)"
+    gpu = cpu | {"gpu": "NVIDIA H200"}
+    assert describe_machine(gpu).startswith("NVIDIA H200 (Intel Xeon")
+    manifests = [{"machine": gpu}, {"machine": gpu}, {"machine": cpu}, {}]
+    assert run_hardware(manifests) == "; ".join(sorted({describe_machine(gpu), describe_machine(cpu)}))

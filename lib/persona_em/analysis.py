@@ -368,6 +368,15 @@ def paper_numbers(P, root, gate, gate_table, rewards, tests, summary, effects, r
     return numbers
 
 
+def run_hardware(manifests: list[dict]) -> str:
+    """The machines chapters 1-4 ran on (from their manifests), described once each; this process's machine
+    when no manifest records one."""
+    from .provenance import describe_machine, machine
+
+    seen = sorted({describe_machine(m["machine"]) for m in manifests if m.get("machine")})
+    return "; ".join(seen) if seen else describe_machine(machine())
+
+
 def verdict(gate_passed: bool, primary, alpha: float, mde: float) -> str:
     """What the primary test says about the hypothesis, computed from the gate and the test (the paper's
     discussion opens with it; nothing in it is written by hand)."""
@@ -383,9 +392,10 @@ def verdict(gate_passed: bool, primary, alpha: float, mde: float) -> str:
                      "rises with diversity, the opposite of what the hypothesis predicts")
         return (f"A persona was learned, and its out-of-domain EM effect {direction} (p = {p:.3g} at alpha = "
                 f"{alpha:g}).")
+    power = (f", and the design detects {abs(mde):.3f} per doubling with 80\\% power, so smaller effects remain "
+             "possible" if np.isfinite(mde) else "")
     return (f"A persona was learned, but the out-of-domain EM effect shows no detectable change with diversity "
-            f"(p = {p:.3g}); slopes outside {lo:.3f} to {hi:.3f} per doubling are unlikely, and the design "
-            f"detects {abs(mde):.3f} per doubling with 80\\% power, so smaller effects remain possible.")
+            f"(p = {p:.3g}); slopes outside {lo:.3f} to {hi:.3f} per doubling are unlikely{power}.")
 
 
 def tests_latex(tests: pd.DataFrame, caption: str, label: str) -> str:

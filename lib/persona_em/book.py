@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+MARKER = ".persona-em-book"
 CHAPTERS = ["01_generate", "02_train_character", "03_induce_em", "04_evaluate", "05_analyze"]
 
 
@@ -45,10 +46,15 @@ def read_macros(numbers_tex: Path) -> dict[str, str]:
 
 
 # -- the paper as HTML ---------------------------------------------------------------------------------------
-def paper_for_pandoc(tex: str, macros: dict[str, str], profile: str, figures: str) -> str:
-    """paper.tex as pandoc reads it: the profile fixed, the two TeX conditionals the paper uses resolved from the
-    run's macros, citations numbered like the PDF's, figures pointing at the book's copies."""
+def paper_for_pandoc(tex: str, macros: dict[str, str], profile: str, figures: str,
+                     present: frozenset = frozenset()) -> str:
+    """paper.tex as pandoc reads it: the profile fixed, optional inputs kept where they exist (`present`: their
+    paths relative to paper/), the two TeX conditionals the paper uses resolved from the run's macros, citations
+    numbered like the PDF's, figures pointing at the book's copies."""
     tex = f"\\newcommand{{\\profile}}{{{profile}}}\n" + tex
+    tex = re.sub(r"\\InputIfFileExists\{([^}]+)\}\{\}\{\}",
+                 lambda m: f"\\input{{{m.group(1)}}}" if m.group(1).replace("\\profile", profile) in present else "",
+                 tex)
     tex = re.sub(r"\\ifnum\\(\w+)=(\d+)\{\}(.*?)\\else\{\}(.*?)\\fi",
                  lambda m: m.group(3) if macros.get(m.group(1)) == m.group(2) else m.group(4), tex, flags=re.S)
     tex = re.sub(r"\\ifdefined\\(\w+)\\ifx\\(\w+)\\(\w+)\{\}(.*?)\\fi\\fi",
@@ -67,7 +73,12 @@ def paper_html(root: Path, profile: str, figures: str) -> str:
     numbers = root / "paper" / "generated" / profile / "numbers.tex"
     if not numbers.is_file():
         raise BookError(f"{numbers}: no paper numbers for profile {profile!r}")
-    tex = paper_for_pandoc((root / "paper" / "paper.tex").read_text(), read_macros(numbers), profile, figures)
+    macros, present = read_macros(numbers), set()
+    h5 = numbers.with_name("h5_length.tex")
+    if h5.is_file():   # H5 over training length, when `make h5` compared this run with its longer variant
+        macros |= read_macros(h5)
+        present.add(f"generated/{profile}/h5_length.tex")
+    tex = paper_for_pandoc((root / "paper" / "paper.tex").read_text(), macros, profile, figures, frozenset(present))
     r = subprocess.run(["pandoc", "-f", "latex", "-t", "html5", "--standalone", "--mathml", "--wrap=none"],
                        input=tex, text=True, capture_output=True, cwd=root / "paper")
     if r.returncode:
@@ -188,6 +199,9 @@ def build(root: str | Path, dest: str | Path, main: str = "tiny") -> Path:
     """Assemble the book's sources under dest/src from committed files and build the HTML into dest/html."""
     root, dest = Path(root).resolve(), Path(dest).resolve()
     ref = root / "reference" / main
+    # dest is replaced whole, so it must be an earlier book (or absent, or empty), never an arbitrary folder
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / MARKER).is_file())):
+        raise BookError(f"{dest}: exists and is not a book folder (no {MARKER}); refusing to replace it")
     for need in (ref / "tests.csv", ref / "gate.csv", ref / "notebooks", root / "figures" / main / "design.png",
                  root / "paper" / "generated" / main / "numbers.tex"):
         if not need.exists():
@@ -196,6 +210,7 @@ def build(root: str | Path, dest: str | Path, main: str = "tiny") -> Path:
     src = dest / "src"
     shutil.rmtree(dest, ignore_errors=True)
     (src / "chapters").mkdir(parents=True)
+    (dest / MARKER).write_text("built by `python -m persona_em book`; replaced whole by the next build\n")
     profiles = sorted(p.name for p in (root / "reference").iterdir() if (p / "tests.csv").is_file())
     for p in profiles:   # for Markdown images (Sphinx copies them) and for the paper's raw HTML (copied as is)
         shutil.copytree(root / "figures" / p, src / "figures" / p)

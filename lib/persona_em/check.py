@@ -1,4 +1,4 @@
-"""`python -m persona_em check FILE...`: validate any input the project reads (method 9).
+"""`python -m persona_em check FILE...`: validate any input the project reads (method 5).
 
 One summary line per valid file (its kind and counts), or a clear error naming the file and the field.
 """

@@ -118,11 +118,11 @@ def machine() -> dict:
 
 
 def describe_machine(m: dict) -> str:
-    """'NVIDIA H200 (with a 16-core Intel Xeon ...)' or 'a 2-core AMD EPYC ... CPU, no GPU', in characters
-    that are safe in LaTeX."""
+    """'NVIDIA H200 (Intel Xeon ..., 16 cores)' or 'AMD EPYC ... (2 cores, no GPU)', in characters that are
+    safe in LaTeX."""
     clean = lambda s: re.sub(r"[^A-Za-z0-9 .,@+/-]", "", re.sub(r"\((R|TM)\)", "", str(s))).strip()
-    return (f"{clean(m['gpu'])} (with a {m['cores']}-core {clean(m['cpu'])})" if m.get("gpu")
-            else f"a {m['cores']}-core {clean(m['cpu'])} CPU, no GPU")
+    return (f"{clean(m['gpu'])} ({clean(m['cpu'])}, {m['cores']} cores)" if m.get("gpu")
+            else f"{clean(m['cpu'])} ({m['cores']} cores, no GPU)")
 
 
 def package_versions() -> dict:

@@ -62,7 +62,9 @@ def ensure_kernel(name: str = KERNEL, prefix: str | None = None) -> str | None:
     specs = KernelSpecManager().find_kernel_specs()
     if name in specs:
         argv = KernelSpecManager().get_kernel_spec(name).argv
-        if argv and Path(argv[0]).resolve() != Path(sys.executable).resolve():
+        # compare the environments (a venv's python links to its base interpreter, so resolving the python
+        # itself would make every venv of one Python look alike)
+        if argv and Path(argv[0]).parent.parent.resolve() != Path(sys.executable).parent.parent.resolve():
             return (f"note: kernel {name!r} ({specs[name]}) runs {argv[0]}, not this Python ({sys.executable}); "
                     "the chapters will run there")
         return None
