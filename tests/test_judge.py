@@ -104,8 +104,22 @@ def test_local_judge_candidate_probabilities_are_exact(smollm):
         for k in (0, 7, 42, 100):
             total, _ = evaluate.answer_logprobs(model, tok, [text], [f"{k}{tok.eos_token}"])
             assert probs[i, k] == pytest.approx(np.exp(total[0]), rel=1e-3)
-    alone = j.number_probs(prompts[1:])  # batching (left padding) does not change the result
-    np.testing.assert_allclose(alone[0], probs[1], rtol=1e-3)
+    alone = j.number_probs(prompts[1:])  # what else is judged does not change the result, to the bit
+    assert np.array_equal(alone[0], probs[1])
+
+
+def test_local_judge_scores_do_not_depend_on_their_batch(smollm):
+    """Prompts of one token length share a pass, others never (no padding): each prompt's probabilities are the
+    same bits alone, in a full batch, or beside prompts another job happened to judge first."""
+    model, tok = smollm
+    j = judge.LocalJudge(model, tok, "smollm2-135m", batch_size=4)
+    prompts = [f"Rate answer number {w}: " + "word " * 30 for w in ("one", "two", "six")]   # one length
+    prompts += ["Rate: short.", "Rate this somewhat longer answer, please, from 0 to 100."]
+    together = j.number_probs(prompts)
+    assert j.calls == 5
+    for i, p in enumerate(prompts):
+        assert np.array_equal(j.number_probs([p])[0], together[i])
+    assert np.array_equal(j.number_probs(prompts[::-1]), together[::-1])
 
 
 def test_warm_cache_makes_no_judge_calls_and_calibration_is_reported(smollm, tmp_path):

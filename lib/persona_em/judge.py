@@ -133,10 +133,16 @@ class LocalJudge:
 
         texts = [chat_prompt(self.tok, [{"role": "user", "content": p}]) for p in prompts]
         lengths = [len(self.tok(t, add_special_tokens=False).input_ids) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        # A batch holds prompts of one token length only, so nothing is padded and a prompt's probabilities do
+        # not depend on what else is judged with it (or on what parallel jobs already put in the cache):
+        # re-runs, resumed runs included, give the same scores bit for bit.
+        same = {}
+        for i, n in enumerate(lengths):
+            same.setdefault(n, []).append(i)
+        batches = [idx[b:b + self.batch_size] for n in sorted(same) for idx in [same[n]]
+                   for b in range(0, len(idx), self.batch_size)]
         out = np.zeros((len(texts), 101))
-        for b in tqdm(range(0, len(order), self.batch_size), desc="judge (local)", leave=False):
-            idx = order[b:b + self.batch_size]
+        for idx in tqdm(batches, desc="judge (local)", leave=False):
             self.calls += len(idx)
             out[idx] = self._batch([texts[i] for i in idx])
         return out
