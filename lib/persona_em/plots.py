@@ -314,7 +314,7 @@ def design_overview(P):
     ax.add_patch(FancyBboxPatch((0.2, 0.25), 3.3, 2.2, boxstyle="round,pad=0.03", fc="none", ec=colors[1], lw=1.5))
     ax.text(1.85, 2.2, f"subset draw (replicate) x {len(draws)}", ha="center", fontsize=9, color=colors[1],
             weight="bold")
-    ax.text(1.85, 1.95, "own cell order and seed, levels nested in it; the unit of replication", ha="center", fontsize=7.5, color="0.3")
+    ax.text(1.85, 1.95, "own cell order and seed; levels nested in it", ha="center", fontsize=7.5, color="0.3")
     width = 3.0 / len(levels)
     for j, level in enumerate(levels):
         ax.add_patch(FancyBboxPatch((0.35 + j * width, 0.45), width - 0.15, 1.25, boxstyle="round,pad=0.02",
