@@ -15,7 +15,6 @@ from pathlib import Path
 import pandas as pd
 
 MARKER = ".persona-em-book"
-CHAPTERS = ["01_generate", "02_train_character", "03_induce_em", "04_evaluate", "05_analyze"]
 
 
 class BookError(RuntimeError):
@@ -192,6 +191,10 @@ exclude_patterns = ["_build", "_extra"]
 html_theme_options = {"show_toc_level": 2}
 html_context = {"default_mode": "light"}
 nb_ipywidgets_js = {}   # progress-bar widgets are printed as text; no widget scripts from a CDN
+master_doc = "index"
+html_static_path = ["_static"]
+html_favicon = "_static/favicon.png"
+html_extra_path = ["_extra"]
 '''
 
 
@@ -234,15 +237,12 @@ def build(root: str | Path, dest: str | Path, main: str = "tiny") -> Path:
              "paper.md": (f"# The paper (`{main}`)\n\n{link}```{{raw}} html\n"
                           f"{paper_html(root, main, f'figures/{main}')}\n```\n")}
     pages.update({f"results-{p}.md": results_page(root, p) for p in profiles})
+    toc = ["method"] + [f"chapters/{nb.stem}" for nb in notebooks] + ["paper"] + \
+          [f"results-{p}" for p in profiles] + ["reproduce"]
+    pages["index.md"] += "\n```{toctree}\n:hidden:\n:maxdepth: 1\n\n" + "\n".join(toc) + "\n```\n"
     for name, text in pages.items():
         (src / name).write_text(text)
-    toc = ["index", "method"] + [f"chapters/{nb.stem}" for nb in notebooks] + ["paper"] + \
-          [f"results-{p}" for p in profiles] + ["reproduce"]
-    (src / "conf.py").write_text(CONF + "master_doc = 'index'\nhtml_static_path = ['_static']\n"
-                                 "html_favicon = '_static/favicon.png'\n"
-                                 "html_extra_path = ['_extra']\n")
-    (src / "index.md").write_text(pages["index.md"] + "\n```{toctree}\n:hidden:\n:maxdepth: 1\n\n" +
-                                  "\n".join(toc[1:]) + "\n```\n")
+    (src / "conf.py").write_text(CONF)
     r = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", "-W", "--keep-going", str(src),
                         str(dest / "html")], capture_output=True, text=True)
     if r.returncode:
