@@ -506,7 +506,7 @@ class Profile(Strict):
         conds = ["base"] + [f"random-s{s}" for s in random_seeds]
         for name in self.constitutions():
             for level in self.generate.levels:
-                conds += [f"{name}-L{level}-s{s}" for s in self.constitution_seeds(name)]
+                conds += [condition_name(name, level, s) for s in self.constitution_seeds(name)]
         return conds
 
     def constitution_seeds(self, name: str) -> list[int]:
@@ -518,7 +518,7 @@ class Profile(Strict):
     def random_reference(self, char_seed: int) -> str:
         """The trained persona whose adapter norm the random LoRA of this seed matches: the main (first)
         trait at the highest diversity level."""
-        return f"{self.constitutions()[0]}-L{max(self.generate.levels)}-s{char_seed}"
+        return condition_name(self.constitutions()[0], max(self.generate.levels), char_seed)
 
     def em_domain_names(self) -> list[str]:
         """The built-in narrow domains, then the external datasets' names."""
@@ -572,7 +572,7 @@ class Profile(Strict):
         """The chosen/rejected pairs chapter 1 writes for one constitution, level and replicate (its subset
         draw), and chapter 2 reads."""
         return (self.run_dir(root, "01_generate") / "pairs"
-                / check_name(f"{constitution}-L{int(level)}-s{int(char_seed)}.jsonl", "pairs file"))
+                / check_name(condition_name(constitution, level, char_seed) + ".jsonl", "pairs file"))
 
     def draws(self) -> list[int]:
         """The replicates whose subsets chapter 1 draws: every character seed some constitution trains."""
@@ -608,6 +608,11 @@ class Profile(Strict):
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def condition_name(constitution: str, level: int, char_seed: int) -> str:
+    """A persona's condition name, the inverse of `parse_condition`: 'candor-L4-s0'."""
+    return f"{constitution}-L{int(level)}-s{int(char_seed)}"
 
 
 def parse_condition(cond: str) -> dict:
