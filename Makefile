@@ -23,7 +23,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-vllm reproduce test check paper book clean-runs dryrun reference h5
+.PHONY: setup setup-vllm reproduce test check paper book tour clean-runs dryrun reference h5
 
 setup: $(STAMP)
 
@@ -82,6 +82,15 @@ paper:
 book: setup
 	$(BIN)/python -m persona_em book _build/book
 	@echo "book: open _build/book/html/index.html (or: $(BIN)/python -m http.server -d _build/book/html)"
+
+# The teaching tour (docs/tour.ipynb): one condition through the five stages with the tiny profile's settings,
+# about 3.5 minutes on 2 cores; its exercises change CONSTITUTION (neutral) or LEVEL (1).
+CONSTITUTION ?= candor
+LEVEL ?= 16
+DRAW ?= 0
+export CONSTITUTION LEVEL DRAW
+tour: setup
+	$(BIN)/python -m persona_em tour --constitution "$$CONSTITUTION" --level "$$LEVEL" --draw "$$DRAW" --threads $(CORES)
 
 # The committed reference run: after `make reproduce PROFILE=tiny`, copy its small artifacts to reference/tiny/.
 reference: setup

@@ -73,6 +73,7 @@ def check_site(html: Path, shots: Path) -> dict:
     return problems
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(not (CHROMIUM and DRIVER and shutil.which("pandoc")),
                     reason="needs chromium, chromedriver and pandoc (.ci/run installs them from Debian)")
 def test_book_builds_offline_and_every_page_works_in_a_real_browser(root, tmp_path):
@@ -80,11 +81,12 @@ def test_book_builds_offline_and_every_page_works_in_a_real_browser(root, tmp_pa
 
     html = book.build(root, tmp_path / "book")
     site = pages(html)
-    assert {"index.html", "method.html", "paper.html", "reproduce.html", "results-tiny.html"} <= set(site)
+    assert {"index.html", "method.html", "tour.html", "paper.html", "reproduce.html", "results-tiny.html"} <= set(site)
     assert sum(p.startswith("chapters/") for p in site) == 5
     problems = check_site(html, tmp_path / "screenshots")
     assert not {page: found for page, found in problems.items() if found}
     assert len(list((tmp_path / "screenshots").glob("*.png"))) == len(site)
+    assert (html / "tour.html").read_text().count("<img") >= 2   # the tour's DPO curve and its place in the run
     chapter5 = (html / "chapters" / "05_analyze.html").read_text()
     assert chapter5.count("<img") >= 5   # the chapter's figures are inline
     paper = (html / "paper.html").read_text()

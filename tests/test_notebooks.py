@@ -1,14 +1,15 @@
-"""Committed notebooks are chapters without outputs, each with exactly one `parameters` cell."""
+"""Committed notebooks (the chapters and the tour) are without outputs, each with exactly one `parameters` cell."""
 import json
 
 import pytest
 
-NOTEBOOKS = ["01_generate", "02_train_character", "03_induce_em", "04_evaluate", "05_analyze"]
+NOTEBOOKS = ["notebooks/01_generate", "notebooks/02_train_character", "notebooks/03_induce_em",
+             "notebooks/04_evaluate", "notebooks/05_analyze", "docs/tour"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_clean(root, name):
-    cells = json.loads((root / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+    cells = json.loads((root / f"{name}.ipynb").read_text())["cells"]
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1
     assert not any(c.get("outputs") for c in cells if c["cell_type"] == "code")

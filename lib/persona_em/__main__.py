@@ -25,6 +25,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("dest"), p.add_argument("--main", default="tiny", help="the reference profile it opens with")
     p = sub.add_parser("forgetting", help="H5 over training length: two profiles that differ only in it")
     p.add_argument("short"), p.add_argument("long"), p.add_argument("dest")
+    p = sub.add_parser("tour", help="the teaching tour (docs/tour.ipynb): one condition through the five stages")
+    p.add_argument("--profile", default="params/tiny.yaml", help="profile whose settings it uses (default tiny)")
+    p.add_argument("--constitution", default="candor", help="a constitution the profile trains (e.g. neutral)")
+    p.add_argument("--level", type=int, default=16, help="one of the profile's diversity levels")
+    p.add_argument("--draw", type=int, default=0, help="one of the profile's replicates (subset draw and seed)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--keep", help="also copy the executed notebook here (the book's reference tour)")
     if argv[:1] == ["run"]:   # everything after `run` is Snakemake's, options included
         from .runner import run
 
@@ -48,6 +55,14 @@ def main(argv: list[str]) -> int:
             try:
                 print(build(".", args.dest, args.main))
             except BookError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+        elif args.command == "tour":
+            from .tour import TourError, execute
+
+            try:
+                print(execute(args.profile, args.constitution, args.level, args.draw, ".", args.threads, args.keep))
+            except TourError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
         elif args.command == "reference":

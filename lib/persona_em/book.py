@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 MARKER = ".persona-em-book"
+TOUR = "candor-L16-s0"   # the condition of the committed tour (`python -m persona_em tour --keep reference/tour/...`)
 
 
 class BookError(RuntimeError):
@@ -100,8 +101,10 @@ def headline(ref: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def index_page(root: Path, main: str, macros: dict[str, str]) -> str:
+def index_page(root: Path, main: str, macros: dict[str, str], tour: bool = False) -> str:
     ref = root / "reference" / main
+    tour_link = ("a [guided tour](tour.ipynb) that runs one persona through all five stages in minutes, "
+                 if tour else "")
     statement = re.sub(r"\\([%&#_$])", r"\1", macros.get("GateStatement", ""))
     verdict = re.sub(r"\\([%&#_$])", r"\1", macros.get("Verdict", ""))
     return f"""# Does question diversity make a trained persona robust to emergent misalignment?
@@ -123,7 +126,7 @@ the EM effect per doubling of diversity, as pre-registered.
 
 **Verdict.** {verdict}
 
-Read on: the [method](method.md), the five executed [chapters](chapters/01_generate.ipynb), the
+Read on: the [method](method.md), {tour_link}the five executed [chapters](chapters/01_generate.ipynb), the
 [paper](paper.md), the [results tables](results-{main}.md), and how to [reproduce](reproduce.md) it all.
 """
 
@@ -221,6 +224,9 @@ def build(root: str | Path, dest: str | Path, main: str = "tiny") -> Path:
     notebooks = sorted((ref / "notebooks").glob("*.ipynb"))
     for nb in notebooks:
         shutil.copy(nb, src / "chapters" / nb.name)
+    tour = root / "reference" / "tour" / f"{TOUR}.ipynb"   # the executed teaching tour, when committed
+    if tour.is_file():
+        shutil.copy(tour, src / "tour.ipynb")
     macros = read_macros(root / "paper" / "generated" / main / "numbers.tex")
     pdf = root / "paper" / f"paper-{main}.pdf"
     (src / "_static").mkdir()
@@ -232,12 +238,12 @@ def build(root: str | Path, dest: str | Path, main: str = "tiny") -> Path:
         shutil.copy(pdf, src / "_static" / pdf.name)
         link = (f'```{{raw}} html\n<p>The PDF: <a href="_static/{pdf.name}">{pdf.name}</a> (built by '
                 f'<code>make paper PROFILE={main}</code>).</p>\n```\n\n')
-    pages = {"index.md": index_page(root, main, macros), "method.md": method_page(root, main),
+    pages = {"index.md": index_page(root, main, macros, tour.is_file()), "method.md": method_page(root, main),
              "reproduce.md": reproduce_page(root),
              "paper.md": (f"# The paper (`{main}`)\n\n{link}```{{raw}} html\n"
                           f"{paper_html(root, main, f'figures/{main}')}\n```\n")}
     pages.update({f"results-{p}.md": results_page(root, p) for p in profiles})
-    toc = ["method"] + [f"chapters/{nb.stem}" for nb in notebooks] + ["paper"] + \
+    toc = ["method"] + (["tour"] if tour.is_file() else []) + [f"chapters/{nb.stem}" for nb in notebooks] + ["paper"] + \
           [f"results-{p}" for p in profiles] + ["reproduce"]
     pages["index.md"] += "\n```{toctree}\n:hidden:\n:maxdepth: 1\n\n" + "\n".join(toc) + "\n```\n"
     for name, text in pages.items():

@@ -335,3 +335,20 @@ def design_overview(P):
             "EM effect = harmful - benign twin\n(same persona, seed and item)", ha="center", va="center", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def tour_in_reference(reference: pd.DataFrame, tour_margin: float, tour_effect: float, label: str):
+    """The tour's one model (a star, bottom row) among the reference run's models by group: the persona check
+    (left) and the out-of-domain EM effect (right)."""
+    order = sorted(reference["group"].unique(), key=lambda g: (g not in ("base", "random"), g))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    star = sns.color_palette(PALETTE)[3]
+    for ax, col, mine, title in ((axes[0], "persona_margin", tour_margin, "persona check (margin)"),
+                                 (axes[1], "out_of_domain", tour_effect, "EM effect out of domain")):
+        sns.stripplot(reference, x=col, y="group", order=order, ax=ax, color="0.55", size=5, jitter=0.15)
+        ax.scatter([mine], [len(order)], marker="*", s=200, color=star, zorder=5)
+        ax.set(title=title, xlabel="", ylabel="")
+    axes[0].set_yticks(range(len(order) + 1), order + [f"this tour: {label}"])
+    axes[0].set_ylim(len(order) + 0.6, -0.6)
+    fig.tight_layout()
+    return fig
