@@ -5,7 +5,7 @@
 import os
 import sys
 
-from persona_em.config import load_profile, parse_condition
+from persona_em.config import em_run_name, load_profile, parse_condition
 
 PROFILE = config.get("profile", "params/smoke.yaml")
 P = load_profile(PROFILE)
@@ -100,7 +100,7 @@ rule induce_em:
         "notebooks/03_induce_em.ipynb",
         f"{RUNS}/02_train_character/{{cond}}/manifest.json",
     output:
-        f"{RUNS}/03_induce_em/{{cond}}__{{dataset}}__s{{seed}}/manifest.json",
+        f"{RUNS}/03_induce_em/{em_run_name('{cond}', '{dataset}', '{seed}')}/manifest.json",
     params:
         h=P.section_hash("seed", "model", "em", "hardware"),
     threads: threads_for("induce_em", THREADS)
@@ -108,7 +108,7 @@ rule induce_em:
         **cluster("induce_em"),
     shell:
         papermill("notebooks/03_induce_em.ipynb",
-                  f"{RUNS}/03_induce_em/{{wildcards.cond}}__{{wildcards.dataset}}__s{{wildcards.seed}}",
+                  f"{RUNS}/03_induce_em/{em_run_name('{wildcards.cond}', '{wildcards.dataset}', '{wildcards.seed}')}",
                   condition="{wildcards.cond}", dataset="{wildcards.dataset}", em_seed="{wildcards.seed}",
                   threads="{threads}")
 

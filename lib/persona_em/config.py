@@ -537,7 +537,7 @@ class Profile(Strict):
         return sorted({self.contrast_domain(d) for d in self.em_domain_names()} - {""})
 
     def em_runs(self) -> list[str]:
-        return [f"{c}__{d}__s{s}" for c in self.character_conditions() for d in self.em_datasets()
+        return [em_run_name(c, d, s) for c in self.character_conditions() for d in self.em_datasets()
                 for s in self.em_seeds(c)]
 
     def em_seeds(self, condition: str) -> list[int]:
@@ -613,6 +613,12 @@ class Profile(Strict):
 def condition_name(constitution: str, level: int, char_seed: int) -> str:
     """A persona's condition name, the inverse of `parse_condition`: 'candor-L4-s0'."""
     return f"{constitution}-L{int(level)}-s{int(char_seed)}"
+
+
+def em_run_name(condition: str, dataset: str, em_seed) -> str:
+    """An EM run's name, the inverse of `parse_model`: '<condition>__<domain>-<kind>__s<seed>' (also with the
+    Snakefile's wildcards for its parts)."""
+    return f"{condition}__{dataset}__s{em_seed}"
 
 
 def parse_condition(cond: str) -> dict:

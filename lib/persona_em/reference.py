@@ -9,6 +9,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from .config import em_run_name
 from .provenance import atomic_dir
 
 TABLES = ["results.csv", "tests.csv", "effects.csv", "models.txt", "gate.csv", "gate.json", "rewards.csv",
@@ -35,7 +36,7 @@ def collect(profile, root: str | Path, dest: str | Path, example: str) -> Path:
     run = profile.run_dir(root, "05_analyze").parent
     if not (run / "05_analyze" / "manifest.json").is_file():
         raise FileNotFoundError(f"{run}: the run has not finished (no 05_analyze/manifest.json)")
-    em_run = f"{example}__{profile.em_datasets()[0]}__s{profile.em_seeds(example)[0]}"
+    em_run = em_run_name(example, profile.em_datasets()[0], profile.em_seeds(example)[0])
     picks = {"01_generate": run / "01_generate" / "01_generate.ipynb",
              f"02_train_character-{example}": run / "02_train_character" / example / "02_train_character.ipynb",
              f"03_induce_em-{em_run}": run / "03_induce_em" / em_run / "03_induce_em.ipynb",
