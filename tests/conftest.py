@@ -10,6 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "reference"
 
 
+SERVER_FIXTURES = {"model_server", "served"}   # fixtures that start a model server
+
+
+def pytest_collection_modifyitems(items):
+    """`make test-fast` leaves out the tiers marked here and in the modules (e2e, browser)."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT

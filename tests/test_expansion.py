@@ -17,6 +17,7 @@ def test_word_overlap_filter():
     assert not expansion.too_similar("Is it safe to skip a dose of my antibiotics?", earlier)
 
 
+@pytest.mark.slow
 def test_local_backend_expands_a_trait(smollm):
     model, tok = smollm
     c = constitution.load("candor")

