@@ -45,7 +45,9 @@ def test_stop_ids_take_every_eos_of_the_generation_config(smollm):
     assert tok.eos_token_id in sampling.stop_ids(model, tok).tolist()
     two = SimpleNamespace(device="cpu", generation_config=SimpleNamespace(eos_token_id=[7, 9]))
     assert sampling.stop_ids(two, tok).tolist() == sorted({tok.eos_token_id, 7, 9})
+    before = {k: v.clone() for k, v in list(model.state_dict().items())[:3]}
     sampling.close(model, None)   # closing is for vLLM engines; anything else is left alone
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 def test_fit_refuses_an_unknown_job():
@@ -91,6 +93,7 @@ log.to_csv(out / "train_log.csv", index=False)
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_through_accelerate_train_what_one_does(root, tmp_path):
     """The multi-process path (`accelerate launch` in a subprocess, DDP over gloo on a CPU), started from a
     process that already holds the model as a notebook does: 2 processes x half the batch make the same update
