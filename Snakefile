@@ -22,6 +22,9 @@ THREADS = int(config.get("threads_per_job", workflow.cores))
 if not ON_CLUSTER:
     THREADS = min(THREADS, workflow.cores)
 
+TRAINING_ONLY_HARDWARE = ("hardware.training_autocast", "hardware.num_processes", "hardware.distributed",
+                          "hardware.gradient_checkpointing")
+
 wildcard_constraints:
     cond=r"(?:(?!__)[^/])+",
     model=r"[^/]+",
@@ -61,8 +64,9 @@ rule generate:
         f"{RUNS}/01_generate/manifest.json",
     params:
         # the replicates' subset draws come from character.seeds; the teacher check reads the check items
+        # the training-only hardware fields are left out: chapter 1 trains nothing
         h=P.section_hash("seed", "model", "embedder", "generate", "controls", "character.seeds",
-                         "character.check_items", "hardware"),
+                         "character.check_items", "hardware", exclude=TRAINING_ONLY_HARDWARE),
     threads: threads_for("generate", workflow.cores)   # the DAG's root: nothing else can run beside it
     resources:
         **cluster("generate"),

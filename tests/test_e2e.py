@@ -251,6 +251,22 @@ def test_rerun_does_nothing_and_one_change_reruns_only_its_dependents(run, root)
     assert jobs == {"evaluate": len(P.eval_models()), "analyze": 1}, jobs
 
 
+def test_a_training_precision_change_reruns_chapters_2_to_5_not_1(run, root):
+    """bf16 autocast changes the adapters, so a switch of hardware.training_autocast must re-run every training
+    stage and what reads it; chapter 1 trains nothing and keeps its pairs."""
+    profile, P, _ = run
+    raw = yaml.safe_load(profile.read_text())
+    hw = raw.setdefault("hardware", {})
+    hw["training_autocast"] = "none" if hw.get("training_autocast") == "bfloat16" else "bfloat16"
+    profile.write_text(yaml.safe_dump(raw))
+    try:
+        jobs = planned_jobs(snakemake(root, profile, "-n").stdout)
+    finally:
+        shutil.copy(root / "params" / "test.yaml", profile)
+    assert jobs == {"train_character": len(P.character_conditions()), "induce_em": len(P.em_runs()),
+                    "evaluate": len(P.eval_models()), "analyze": 1}, jobs
+
+
 def test_forced_reevaluation_makes_no_judge_calls(run, root):
     """The judge cache is warm after the run: re-evaluating a model asks the judge nothing and gives the same
     scores."""

@@ -595,15 +595,19 @@ class Profile(Strict):
         d = Path(root) / "runs" / check_name(self.name, "profile name") / check_name(stage, "stage")
         return d / check_name(name, "run name") if name else d
 
-    def section_hash(self, *sections: str) -> str:
+    def section_hash(self, *sections: str, exclude: tuple[str, ...] = ()) -> str:
         """Hash of the parameters one stage depends on (Snakemake re-runs a stage when it changes); a section is
-        a top-level key or a dotted path to one field ("character.seeds")."""
+        a top-level key or a dotted path to one field ("character.seeds"); `exclude` drops fields of a section
+        ("hardware.training_autocast") the stage never reads."""
         dumped, blob = self.model_dump(mode="json"), {}
         for s in sections:
             value = dumped
             for key in s.split("."):
                 value = value[key]
             blob[s] = value
+        for x in exclude:
+            section, _, field = x.rpartition(".")
+            blob[section] = {k: v for k, v in blob[section].items() if k != field}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
     def digest(self) -> str:
