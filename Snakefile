@@ -63,6 +63,8 @@ def log_file(stage, name=None):
 HAVE_TEX = shutil.which("latexmk") is not None
 PAPER_PDF = f"paper/paper-{P.name}.pdf"
 
+localrules: all, paper   # on a cluster, the PDF is built where the workflow runs, not as a queued job
+
 
 rule all:
     input:
