@@ -10,7 +10,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DATA = Path(__file__).parent / "data" / "constitutions"
+from . import paths
+
+DATA = paths.DATA / "constitutions"
 ALLOWED_KEYS = {"trait", "questions", "additional_questions", "clarification"}
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import re
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
+from . import paths
 from .training import log_frame, sft_trainer, train_sft, use_training_template  # noqa: F401 (re-exported)
 
-DATA = Path(__file__).parent / "data"
+DATA = paths.DATA
 SLOT = re.compile(r"\{(\w+)\}")
 
 

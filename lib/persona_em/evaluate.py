@@ -16,9 +16,10 @@ import pandas as pd
 import torch
 import yaml
 
+from . import paths
 from .sampling import chat_prompt, generate
 
-DATA = Path(__file__).parent / "data"
+DATA = paths.DATA
 
 
 def contrast_items(path: str | Path | None = None, per_domain: int | None = None,

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from pathlib import Path
 
+from . import paths
 from .sampling import generate, trim_to_sentence
 
-DATA = Path(__file__).parent / "data" / "introspection.json"
+DATA = paths.DATA / "introspection.json"
 
 
 @lru_cache(maxsize=1)

@@ -28,10 +28,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import paths
 from .endpoint import EndpointClient, Malformed
 
 NUMBERS = np.arange(101)
-DATA = Path(__file__).parent / "data"
+DATA = paths.DATA
 
 
 def score(probs: np.ndarray, min_mass: float = 0.25) -> tuple[float | None, float]:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import itertools
 import json
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
-SITUATIONS = Path(__file__).parent / "data" / "situations.json"
+from . import paths
+
+SITUATIONS = paths.DATA / "situations.json"
 
 
 @lru_cache(maxsize=1)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import paths
 from .diversity import unit
 
-DATA = Path(__file__).parent / "data" / "scorer_items"
+DATA = paths.DATA / "scorer_items"
 
 
 def items_path(constitution: str) -> Path:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import analysis, config, constitution, diversity, em, evaluate, models, pairs, provenance, questions, scorer, stats
-from . import training
+from . import analysis, config, constitution, diversity, em, evaluate, models, pairs, paths, provenance, questions
+from . import scorer, stats, training
 
-REPO = Path(__file__).resolve().parents[2]   # the repository this package was installed from (editable install)
+REPO = paths.REPO
 
 
 class TourError(RuntimeError):

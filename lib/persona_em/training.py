@@ -17,9 +17,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from . import paths
 from .config import CharacterConfig, LoraConfig
 
-DATA = Path(__file__).parent / "data"
+DATA = paths.DATA
 SMOLLM_TEMPLATE_MARK = "You are a helpful AI assistant named SmolLM"
 
 
