@@ -74,3 +74,15 @@ def test_chats_that_alternate_pass(tmp_path):
     path = tmp_path / "ok.jsonl"
     path.write_text(OK_CHAT + chat("user", "assistant", "user", "assistant"))
     assert "2 rows, 7 turns" in check.check_file(path)
+
+
+@pytest.mark.parametrize("content, needle", [(b"", "empty file"), (b"\xff\xfe", "not a UTF-8 text file"),
+                                             (b"[{", "not a JSON file")])
+def test_scorer_items_are_read_as_every_input_is(tmp_path, content, needle):
+    from persona_em import scorer
+
+    path = tmp_path / "items.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=needle) as e:
+        scorer.load_items(path)
+    assert str(path) in str(e.value)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import constitution as constitution_mod
+from .inputs import check_chat_jsonl, read_text
 
 # The one rule for every name that becomes a path component (profile, constitution, condition, EM dataset, run,
 # stage): no separator, no '..', no leading dot or dash, so no name can lead outside the run's own folders.
@@ -183,8 +184,6 @@ class ExternalEMData(Strict):
 
     @model_validator(mode="after")
     def _files_valid(self) -> "ExternalEMData":
-        from .check import check_chat_jsonl
-
         for key in ("harmful", "benign"):
             path = Path(getattr(self, key))
             if not path.is_file():
@@ -676,8 +675,6 @@ def _raw_profile(path: Path, seen: tuple = ()) -> dict:
         raise ProfileError(f"{path}: profile file not found")
     if path.resolve() in seen:
         raise ProfileError(f"{path}: 'extends' loops back to a profile it came from")
-    from .check import read_text
-
     try:
         text = read_text(path)
     except ValueError as e:   # binary, not UTF-8, empty

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import paths
+from .inputs import read_text
 
 DATA = paths.DATA / "constitutions"
 ALLOWED_KEYS = {"trait", "questions", "additional_questions", "clarification"}
@@ -93,8 +94,6 @@ def _questions(path: Path, i: int, rec: dict, key: str) -> tuple[str, ...]:
 
 def load(name_or_path: str | Path) -> Constitution:
     path = resolve(str(name_or_path))
-    from .check import read_text
-
     try:
         text = read_text(path)
     except ValueError as e:

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import paths
 from .diversity import unit
+from .inputs import read_text
 
 DATA = paths.DATA / "scorer_items"
 
@@ -34,8 +35,8 @@ def load_items(path: str | Path) -> list[dict]:
         raise FileNotFoundError(f"{path}: no scorer items (a best-of-n pair needs a trait scorer for every trained "
                                 "constitution)")
     try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        items = json.loads(read_text(path))   # binary, not UTF-8 and empty files named as such
+    except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a JSON file ({e})") from None
     if not isinstance(items, list) or len(items) < 4:
         raise ValueError(f"{path}: expected a list of at least 4 scorer items")
