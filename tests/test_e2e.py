@@ -256,6 +256,16 @@ def test_rerun_does_nothing_and_one_change_reruns_only_its_dependents(run, root)
     assert jobs == {"evaluate": len(P.eval_models()), "analyze": 1} | PAPER, jobs
 
 
+def test_every_job_wrote_its_log(run):
+    """One log per job under runs/<profile>/logs/, papermill's cell-by-cell report (what a failed job prints)."""
+    _, P, runs = run
+    logs = runs / "logs"
+    assert "Ending Cell" in (logs / "01_generate.log").read_text() and (logs / "05_analyze.log").is_file()
+    for stage, names in (("02_train_character", P.character_conditions()), ("03_induce_em", P.em_runs()),
+                         ("04_evaluate", P.eval_models())):
+        assert sorted(p.stem for p in (logs / stage).glob("*.log")) == sorted(names), stage
+
+
 def test_a_training_precision_change_reruns_chapters_2_to_5_not_1(run, root):
     """bf16 autocast changes the adapters, so a switch of hardware.training_autocast must re-run every training
     stage and what reads it; chapter 1 trains nothing and keeps its pairs."""
