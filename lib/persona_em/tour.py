@@ -37,6 +37,7 @@ class Tour:
     root: Path
     out: Path
     profile_path: str = ""
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))   # for the manifest
     seconds: dict = field(default_factory=dict)   # wall time per stage
 
     @property
@@ -243,6 +244,7 @@ def summary(t: Tour, character: dict, effect: pd.DataFrame) -> pd.DataFrame:
           for split, row in effect.iterrows()),
         {"measure": "wall time, all stages (s)", "value": sum(t.seconds.values())}])
     run = provenance.Run("tour", t.P, t.out, condition=t.name, profile_path=t.profile_path)
+    run.started = t.started   # the tour began at `start`, not here
     run.seeds.update(subset=t.P.subset_seed(t.draw, 0), character=t.draw, em=t.P.em_seeds(t.name)[0])
     run.extra.update(constitution=t.constitution, level=t.level, draw=t.draw, seconds=t.seconds,
                      results=dict(zip(table["measure"], table["value"])))
