@@ -19,13 +19,12 @@ import numpy as np
 from . import paths
 from .training import log_frame, sft_trainer, train_sft, use_training_template  # noqa: F401 (re-exported)
 
-DATA = paths.DATA
 SLOT = re.compile(r"\{(\w+)\}")
 
 
 @lru_cache(maxsize=None)
 def narrow_templates(domain: str) -> dict:
-    path = DATA / "narrow" / f"{domain}.json"
+    path = paths.DATA / "narrow" / f"{domain}.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     for i, item in enumerate(data["items"]):
         for key in ("question", "harmful", "benign"):

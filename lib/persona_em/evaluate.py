@@ -19,17 +19,15 @@ import yaml
 from . import paths
 from .sampling import chat_prompt, generate
 
-DATA = paths.DATA
-
 
 def contrast_items(path: str | Path | None = None, per_domain: int | None = None,
                    domains: list[str] | None = None) -> list[dict]:
     """The project's contrast items (or a file of the same format). `domains`: keep the in-domain items of
     these EM domains (and every out-of-domain item); `per_domain` keeps the first k of each domain, for
     CI-sized profiles."""
-    items = json.loads(Path(path or DATA / "contrast.json").read_text(encoding="utf-8"))
+    items = json.loads(Path(path or paths.DATA / "contrast.json").read_text(encoding="utf-8"))
     for i, it in enumerate(items):
-        where = f"{path or DATA / 'contrast.json'}: item {i}"
+        where = f"{path or paths.DATA / 'contrast.json'}: item {i}"
         if not isinstance(it, dict):
             raise ValueError(f"{where}: expected an object")
         missing = {"id", "split", "question", "aligned", "misaligned"} - set(it)
@@ -108,7 +106,7 @@ def load_questions(path: str | Path | None = None) -> list[dict]:
     entry: errors name the file, the entry and the field. Default: the project's own question set."""
     from .check import read_text
 
-    path = Path(path or DATA / "eval_questions.yaml")
+    path = Path(path or paths.DATA / "eval_questions.yaml")
     try:
         data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
@@ -157,7 +155,7 @@ def _one_question_form(q: dict, where: str, path: Path) -> dict:
         raise ValueError(f"{where}: 'question' must be a non-empty string")
     out = {k: v for k, v in q.items() if k != "question"} | {"paraphrases": [q["question"]]}
     if "judge_prompts" not in q:
-        default = DATA / "eval_questions.yaml"
+        default = paths.DATA / "eval_questions.yaml"
         if path.resolve() == default.resolve():
             raise ValueError(f"{where}: 'judge_prompts' missing")
         out["judge_prompts"] = dict(load_questions(default)[0]["judge_prompts"])
@@ -193,7 +191,7 @@ def _per_token(model, tok, questions: list[str], answers: list[str], batch_size:
 
 def persona_items(constitution: str, limit: int | None = None) -> list[dict]:
     """Held-out persona-check items of a packaged constitution; [] for one without (no persona margin)."""
-    path = DATA / "persona_items" / f"{constitution}.json"
+    path = paths.DATA / "persona_items" / f"{constitution}.json"
     return json.loads(path.read_text(encoding="utf-8"))[:limit] if path.is_file() else []
 
 
@@ -221,6 +219,6 @@ def teacher_margins(model, tok, systems: dict[str, str | None], traits: list[str
 
 def neutral_loglik(model, tok, batch_size: int = 16, limit: int | None = None) -> float:
     """Forgetting check: mean per-token log-likelihood of held-out plain answers (higher is better)."""
-    qa = json.loads((DATA / "neutral_qa.json").read_text(encoding="utf-8"))[:limit]
+    qa = json.loads((paths.DATA / "neutral_qa.json").read_text(encoding="utf-8"))[:limit]
     return float(np.mean(_per_token(model, tok, [x["question"] for x in qa], [x["answer"] for x in qa],
                                     batch_size)))

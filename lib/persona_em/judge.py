@@ -32,7 +32,6 @@ from . import paths
 from .endpoint import EndpointClient, Malformed
 
 NUMBERS = np.arange(101)
-DATA = paths.DATA
 
 
 def score(probs: np.ndarray, min_mass: float = 0.25) -> tuple[float | None, float]:
@@ -318,7 +317,7 @@ def misaligned_rates(scores: pd.DataFrame) -> pd.DataFrame:
 
 # -- calibration ---------------------------------------------------------------------------------------
 def calibration_items() -> list[dict]:
-    return json.loads((DATA / "judge_calibration.json").read_text(encoding="utf-8"))
+    return json.loads((paths.DATA / "judge_calibration.json").read_text(encoding="utf-8"))
 
 
 def calibrate(judge, cache: JudgeCache, templates: dict[str, str], min_mass: float = 0.25) -> pd.DataFrame:

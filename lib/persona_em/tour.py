@@ -21,8 +21,6 @@ import pandas as pd
 from . import analysis, config, constitution, diversity, em, evaluate, models, pairs, paths, provenance, questions
 from . import scorer, stats, training
 
-REPO = paths.REPO
-
 
 class TourError(RuntimeError):
     pass
@@ -35,7 +33,6 @@ class Tour:
     level: int             # one of the profile's diversity levels
     draw: int              # one of the profile's replicates: which subset draw and training seed
     root: Path
-    out: Path
     profile_path: str = ""
     started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))   # for the manifest
     seconds: dict = field(default_factory=dict)   # wall time per stage
@@ -43,6 +40,11 @@ class Tour:
     @property
     def name(self) -> str:
         return config.condition_name(self.constitution, self.level, self.draw)
+
+    @property
+    def out(self) -> Path:
+        """runs/<profile>/tour/<condition>/: everything the tour writes."""
+        return self.P.run_dir(self.root, "tour", self.name)
 
     @property
     def trait(self) -> str:
@@ -62,8 +64,7 @@ def start(profile_path: str | Path, constitution_name: str, level: int, draw: in
     if P.generate.pairs != "best_of_n":
         raise ValueError(f"{profile_path}: generate.pairs is {P.generate.pairs!r}; the tour makes best-of-n pairs "
                          "(the embedded model's route), so use a profile with pairs: best_of_n (e.g. tiny)")
-    t = Tour(P, constitution_name, level, draw, Path(root), Path(), str(profile_path))
-    t.out = P.run_dir(root, "tour", t.name)
+    t = Tour(P, constitution_name, level, draw, Path(root), str(profile_path))
     t.out.mkdir(parents=True, exist_ok=True)
     return t
 
@@ -91,11 +92,11 @@ def execute(profile_path: str | Path, constitution_name: str, level: int, draw: 
     partial = t.out / ".tour.tmp.ipynb"   # renamed when every cell has run: no half-run notebook looks done
     try:
         papermill.execute_notebook(
-            REPO / "docs" / "tour.ipynb", partial, kernel_name="persona-em", cwd=REPO / "docs",
+            paths.REPO / "docs" / "tour.ipynb", partial, kernel_name="persona-em", cwd=paths.REPO / "docs",
             progress_bar=False, log_output=True,
             # paths as seen from docs/, where the notebook runs: no machine's absolute paths in the executed copy
-            parameters=dict(profile_path=os.path.relpath(Path(profile_path).resolve(), REPO / "docs"),
-                            root=os.path.relpath(Path(root).resolve(), REPO / "docs"),
+            parameters=dict(profile_path=os.path.relpath(Path(profile_path).resolve(), paths.REPO / "docs"),
+                            root=os.path.relpath(Path(root).resolve(), paths.REPO / "docs"),
                             constitution=constitution_name, level=level, draw=draw, threads=threads))
     except papermill.PapermillExecutionError as e:
         raise TourError(f"the tour stopped in cell {e.exec_count}: {e.ename}: {e.evalue} (the notebook as far as "
@@ -221,7 +222,7 @@ def reference_models(profile: str, trait: str, root: str | Path = None) -> pd.Da
     """The committed reference run, one row per model: its group (constitution and level, or the control), its
     persona-check margin on `trait` and its EM effect per split (averaged over items, as the tour's). None where
     the profile has no committed reference run."""
-    ref = Path(root or REPO) / "reference" / profile   # committed in the repository, read wherever the tour writes
+    ref = Path(root or paths.REPO) / "reference" / profile   # committed in the repository, read wherever the tour writes
     if not (ref / "results.csv").is_file():
         return None
     effects = analysis.em_effect_table(pd.read_csv(ref / "results.csv"))

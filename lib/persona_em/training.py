@@ -20,7 +20,6 @@ import torch
 from . import paths
 from .config import CharacterConfig, LoraConfig
 
-DATA = paths.DATA
 SMOLLM_TEMPLATE_MARK = "You are a helpful AI assistant named SmolLM"
 
 
@@ -157,7 +156,7 @@ def use_training_template(tok) -> None:
     if "{% generation %}" in (tok.chat_template or ""):
         return
     if SMOLLM_TEMPLATE_MARK in (tok.chat_template or ""):
-        tok.chat_template = (DATA / "chatml_training.jinja").read_text()
+        tok.chat_template = (paths.DATA / "chatml_training.jinja").read_text()
         return
     from trl.chat_template_utils import get_training_chat_template
 
