@@ -269,6 +269,22 @@ class ControlsConfig(Strict):
                                             "constitution (None: every character seed)")
 
 
+class DirectionConfig(Strict):
+    """The misalignment direction (chapter 4 reads it out, chapter 5 validates it; `persona_em.direction`):
+    estimated from the untrained base's EM runs with EM seeds of its own, so that no evaluated model is measured
+    with a direction its own training produced."""
+    em_seeds: list[int] = Field([1000, 1001], min_length=2, description="EM seeds of the base's direction runs "
+                                "(harmful and benign twin per EM dataset); two or more, so that its stability "
+                                "across disjoint seeds is measured")
+    items_per_domain: int | None = Field(None, ge=4, description="contrast items per domain the direction and its "
+                                         "readout use, half each (None: all of the profile's EM domains and every "
+                                         "out-of-domain item)")
+    steer_scales: list[float] = Field([1.0, 4.0], min_length=1, description="validation: multiples of the "
+                                      "direction added to the untrained base's residual stream at the chosen layer")
+    random_directions: int = Field(8, ge=2, description="validation: random directions of the same norm, the "
+                                   "control for steering and ablation")
+
+
 class HardwareConfig(Strict):
     """Where and how every stage runs. One precision and one trainer for every condition of a profile (method 6.3).
     The defaults are the CPU path of the embedded model."""
@@ -354,6 +370,7 @@ class Profile(Strict):
     em: EMConfig
     evaluate: EvaluateConfig
     controls: ControlsConfig = ControlsConfig()
+    direction: DirectionConfig = DirectionConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     hardware: HardwareConfig = HardwareConfig()
     cluster: ClusterConfig = ClusterConfig()
@@ -472,10 +489,20 @@ class Profile(Strict):
         return self
 
     @model_validator(mode="after")
+    def _direction_seeds_held_out(self) -> "Profile":
+        shared = set(self.direction.em_seeds) & set(self.em.seeds + (self.em.control_seeds or []))
+        if shared:
+            raise ValueError(f"direction.em_seeds: {sorted(shared)} are also EM seeds of the study (em.seeds, "
+                             "em.control_seeds): the direction must come from runs no evaluated model shares")
+        if len(set(self.direction.em_seeds)) < len(self.direction.em_seeds):
+            raise ValueError(f"direction.em_seeds: {self.direction.em_seeds} repeats a seed")
+        return self
+
+    @model_validator(mode="after")
     def _names_fit_folders(self) -> "Profile":
         """Every run folder and pairs file the grid will name is a safe name, checked here rather than when a
         chapter first writes it."""
-        for model in self.eval_models():
+        for model in self.eval_models() + self.direction_runs():
             check_name(model, "run name")
         return self
 
@@ -548,10 +575,16 @@ class Profile(Strict):
         """Every character model before EM and every EM run after it."""
         return self.character_conditions() + self.em_runs()
 
+    def direction_runs(self) -> list[str]:
+        """The untrained base's EM runs that estimate the misalignment direction: every EM dataset (harmful and
+        benign twin) with each of `direction.em_seeds`, seeds no evaluated model's EM run uses. Chapter 4 records
+        their activations instead of a readout; they are not among the evaluated models."""
+        return [em_run_name("base", d, s) for s in self.direction.em_seeds for d in self.em_datasets()]
+
     def adapters(self, root: str | Path, model: str) -> list[Path]:
         """The adapters to merge, in order, for an evaluated model id: the persona's (from its 02 run's
         model.json), then the EM run's. A missing adapter is an error, never a silent fall back to the base."""
-        if model not in self.eval_models():
+        if model not in self.eval_models() + self.direction_runs():
             raise ValueError(f"model {model!r} is not one of profile {self.name!r}'s evaluated models "
                              f"(e.g. {self.eval_models()[:2]})")
         info = parse_model(model)
