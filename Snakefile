@@ -141,10 +141,15 @@ rule induce_em:
 
 
 def trained_model(wildcards):
-    """A model before EM is a character condition; after EM, an EM run over one."""
+    """A model before EM is a character condition; after EM, an EM run over one. Every evaluated model is read
+    out on the misalignment direction, so it waits for the direction runs' activations (chapter 4 of those)."""
     if "__" in wildcards.model:
-        return f"{RUNS}/03_induce_em/{wildcards.model}/manifest.json"
-    return f"{RUNS}/02_train_character/{wildcards.model}/manifest.json"
+        inputs = [f"{RUNS}/03_induce_em/{wildcards.model}/manifest.json"]
+    else:
+        inputs = [f"{RUNS}/02_train_character/{wildcards.model}/manifest.json"]
+    if wildcards.model not in P.direction_runs():
+        inputs += [f"{RUNS}/04_evaluate/{r}/manifest.json" for r in P.direction_runs()]
+    return inputs
 
 
 rule evaluate:
@@ -156,7 +161,10 @@ rule evaluate:
     log:
         log_file("04_evaluate", "{model}"),
     params:
-        h=P.section_hash("seed", "model", "evaluate", "em", "hardware"),  # em.domains choose the contrast items
+        # em.domains choose the contrast items; the direction's seeds and items what every readout reads (its
+        # validation settings are chapter 5's alone)
+        h=P.section_hash("seed", "model", "evaluate", "em", "direction", "hardware",
+                         exclude=("direction.steer_scales", "direction.random_directions")),
     threads: threads_for("evaluate", THREADS)
     resources:
         **cluster("evaluate"),
@@ -171,9 +179,9 @@ rule analyze:
         "PREREGISTRATION.md",           # the registered analysis chapter 5 follows and compares with
         "params/gpu.yaml",              # the cost table of the paper-scale profile
         f"{RUNS}/01_generate/manifest.json",
-        expand(f"{RUNS}/04_evaluate/{{model}}/manifest.json", model=P.eval_models()),
+        expand(f"{RUNS}/04_evaluate/{{model}}/manifest.json", model=P.eval_models() + P.direction_runs()),
     params:
-        h=P.section_hash("analysis"),
+        h=P.section_hash("analysis", "direction"),
     output:
         f"{RUNS}/05_analyze/manifest.json",
     log:

@@ -43,7 +43,8 @@ def test_slurm_dry_run_renders_every_job_with_its_rule_resources(root):
     counts = {rule: sum(j["rule"] == rule for j in jobs) for rule in
               ("generate", "train_character", "induce_em", "evaluate", "analyze")}
     assert counts == {"generate": 1, "train_character": len(P.character_conditions()),
-                      "induce_em": len(P.em_runs()), "evaluate": len(P.eval_models()), "analyze": 1}
+                      "induce_em": len(P.em_runs()) + len(P.direction_runs()),
+                      "evaluate": len(P.eval_models()) + len(P.direction_runs()), "analyze": 1}
     for j in [j for j in jobs if j["rule"] not in ("all", "paper")]:   # local rules: no cluster resources
         want = getattr(P.cluster, j["rule"])
         assert (int(j["gpu"]), int(j["cpus_per_task"]), int(j["mem_mb"]), int(j["runtime"])) == \

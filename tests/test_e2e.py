@@ -150,14 +150,14 @@ def test_em_artifacts_and_guards(run):
     and precision for every condition."""
     _, P, runs = run
     inits, setups = {}, set()
-    for name in P.em_runs():
+    for name in P.em_runs() + P.direction_runs():   # the direction's runs are trained like every other
         d = runs / "03_induce_em" / name
         m = manifest(d)
         assert (d / "adapter" / "adapter_config.json").is_file()
         assert len(pd.read_csv(d / "train_log.csv")) >= 1
         inits.setdefault(name.rsplit("__s", 1)[1], set()).add(m["em_init_hash"])
         setups.add((m["trainer"], m["optimizer"], m["precision"]))
-    assert all(len(h) == 1 for h in inits.values()), inits
+    assert all(len(h) == 1 for h in inits.values()) and len(inits) == 1 + len(P.direction.em_seeds), inits
     # read off the live trainers (a literal in the notebook could not tell two optimizers apart)
     assert setups == {("trl.SFTTrainer", "torch.optim.adamw.AdamW", "weights float32, mixed no")}
     from persona_em.analysis import training_setups
@@ -183,6 +183,15 @@ def test_evaluate_artifacts(run):
         rates = pd.read_csv(d / "rates.csv")
         assert rates["question_id"].iloc[-1] == "ALL" and {"rate_all_scored", "rate_coherent"} <= set(rates.columns)
         assert m["judge"]["name"] == "local:smollm2-135m"
+        # the direction's readout: the held-out half of the items, every layer, the one direction every model read
+        r = pd.read_csv(d / "readout.csv")
+        assert set(r["fold"]) == {"readout"} and r["projection"].notna().all()
+        assert r["layer"].nunique() == 30 and len(r) == 30 * 8 and r["item_id"].nunique() == 8
+        assert m["direction_digest"] == manifest(runs / "04_evaluate" / "base")["direction_digest"]
+        assert any(k.endswith("activations.safetensors") for k in m["inputs"])
+    for name in P.direction_runs():   # the direction runs: activations of every item, no readout
+        d = runs / "04_evaluate" / name
+        assert (d / "activations.safetensors").stat().st_size > 16 * 30 * 576 * 4 and not (d / "readout.csv").exists()
 
 
 def test_analysis_figures_and_paper_numbers(run, root):
@@ -203,7 +212,21 @@ def test_analysis_figures_and_paper_numbers(run, root):
     for nb in (d / "05_analyze.ipynb", runs / "01_generate" / "01_generate.ipynb"):
         cells = json.loads(nb.read_text())["cells"]
         assert any("image/png" in out.get("data", {}) for c in cells for out in c.get("outputs", [])), nb
-    for fig in ("design", "em_effect_by_diversity", "diversity_by_level", "training_curves", "vendi_spread", "pool_map",
+    # the misalignment direction: stored with its provenance, its stability, validation and secondary test
+    from safetensors import safe_open
+
+    with safe_open(str(d / "direction.safetensors"), "np") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+        assert f.get_tensor("direction").shape == (30, 576)
+    assert sorted(meta["runs"]) == sorted(P.direction_runs()) and meta["em_seeds"] == P.direction.em_seeds
+    assert len(meta["direction_items"]) == 8 and 0 <= meta["layer"] < 30   # half of 8 financial + 8 general
+    stab = pd.read_csv(d / "direction_stability.csv")
+    assert len(stab) == 30 and stab["cosine"].between(-1, 1).all()
+    val = pd.read_csv(d / "direction_validation.csv")
+    assert set(val["intervention"]) == {"steer", "ablate"} and (val["n_items"] == 4).all()
+    assert (val["ci_low"] <= val["mean"]).all() and (val["mean"] <= val["ci_high"]).all()
+    for fig in ("direction_by_layer", "direction_validation", "direction_shift_by_diversity", "design",
+                "em_effect_by_diversity", "diversity_by_level", "training_curves", "vendi_spread", "pool_map",
                 "forest", "aligned_coherent_quadrant", "em_rate_by_diversity", "power", "persona_margins",
                 "forgetting", "em_loss_by_condition", "manipulation_check", "pair_signal"):
         for ext in ("png", "pdf"):
@@ -219,7 +242,8 @@ def test_analysis_figures_and_paper_numbers(run, root):
     assert tests.iloc[0]["df"] == 4 - 2 - 1   # 4 candor conditions, 2 draws
     sec = tests[tests["role"] == "secondary"]
     assert set(sec["test"]) >= {"in_domain_slope", "vendi_slope", "h2_trait_minus_neutral", "h2_slope_difference",
-                                "forgetting_slope", "spread_slope", "aligned_judge", "misaligned_judge"}
+                                "forgetting_slope", "spread_slope", "aligned_judge", "misaligned_judge",
+                                "direction_slope"}
     ok = sec["p"].notna()
     assert (sec.loc[ok, "p_holm"] >= sec.loc[ok, "p"]).all()
     assert {"primary_ood", "in_domain", "vendi_ood", "h2_constitution_ood", "forgetting_h5", "spread_h6"} <= set(effects["model"])
@@ -233,7 +257,8 @@ def test_analysis_figures_and_paper_numbers(run, root):
     assert (root / "paper" / "generated" / "test" / "tests.tex").read_text().count("secondary &") == len(sec)
     for macro in ("GitSha", "GateResult", "GateStatement", "Primary", "PrimaryLow", "PrimaryFlag", "MdeRun",
                   "HTwoSlopeDifference", "EmOodRandom", "ScorerMainCvAuc", "GapSpreadMax", "Deviations",
-                  "PersonaMarginOwn", "RunWallMinutes"):
+                  "PersonaMarginOwn", "RunWallMinutes", "DirectionLayer", "DirectionStability", "DirectionSlope",
+                  "DirectionAblate", "DirectionAblateRandomLow", "DirectionSteer", "DirectionSteerXFour", "DirectionSecondsPerModel"):
         assert rf"\newcommand{{\{macro}}}" in numbers
     # the registration is for the tiny reference run: another profile is itself the deviation
     assert "is not the registered one" in numbers
@@ -253,7 +278,7 @@ def test_rerun_does_nothing_and_one_change_reruns_only_its_dependents(run, root)
         jobs = planned_jobs(snakemake(root, profile, "-n").stdout)
     finally:
         shutil.copy(root / "params" / "test.yaml", profile)
-    assert jobs == {"evaluate": len(P.eval_models()), "analyze": 1} | PAPER, jobs
+    assert jobs == {"evaluate": len(P.eval_models()) + len(P.direction_runs()), "analyze": 1} | PAPER, jobs
 
 
 def test_every_job_wrote_its_log(run):
@@ -261,8 +286,9 @@ def test_every_job_wrote_its_log(run):
     _, P, runs = run
     logs = runs / "logs"
     assert "Ending Cell" in (logs / "01_generate.log").read_text() and (logs / "05_analyze.log").is_file()
-    for stage, names in (("02_train_character", P.character_conditions()), ("03_induce_em", P.em_runs()),
-                         ("04_evaluate", P.eval_models())):
+    for stage, names in (("02_train_character", P.character_conditions()),
+                         ("03_induce_em", P.em_runs() + P.direction_runs()),
+                         ("04_evaluate", P.eval_models() + P.direction_runs())):
         assert sorted(p.stem for p in (logs / stage).glob("*.log")) == sorted(names), stage
 
 
@@ -278,8 +304,9 @@ def test_a_training_precision_change_reruns_chapters_2_to_5_not_1(run, root):
         jobs = planned_jobs(snakemake(root, profile, "-n").stdout)
     finally:
         shutil.copy(root / "params" / "test.yaml", profile)
-    assert jobs == {"train_character": len(P.character_conditions()), "induce_em": len(P.em_runs()),
-                    "evaluate": len(P.eval_models()), "analyze": 1} | PAPER, jobs
+    assert jobs == {"train_character": len(P.character_conditions()),
+                    "induce_em": len(P.em_runs()) + len(P.direction_runs()),
+                    "evaluate": len(P.eval_models()) + len(P.direction_runs()), "analyze": 1} | PAPER, jobs
 
 
 def test_forced_reevaluation_makes_no_judge_calls(run, root):

@@ -62,7 +62,7 @@ def test_cost_estimate_scales_with_the_profile(root, tmp_path):
     assert gpu["flops"].sum() > 1e5 * tiny["flops"].sum()
     em = tiny.set_index("stage").loc["EM: SFT"]
     P = load_profile(root / "params" / "tiny.yaml")
-    assert em["runs"] == len(P.em_runs()) and em["flops"] == pytest.approx(em["tokens"] * 4 * cost.n_params(P.model))
+    assert em["runs"] == len(P.em_runs()) + len(P.direction_runs()) and em["flops"] == pytest.approx(em["tokens"] * 4 * cost.n_params(P.model))
     gpu["gpu_hours"] = cost.gpu_hours(gpu, 7.9e14)
     assert gpu["gpu_hours"].sum() > 10
     assert "\\toprule" in cost.latex_table(gpu, "c", "t:c")

@@ -20,6 +20,7 @@ PARAMS = {"smollm2-135m": 134.5e6, "Qwen/Qwen2.5-7B-Instruct": 7.62e9, "Qwen/Qwe
           "Qwen/Qwen2.5-72B-Instruct": 72.7e9, "meta-llama/Llama-3.1-8B-Instruct": 8.03e9}
 PROMPT_TOKENS = 60         # a training question with its chat template
 JUDGE_PROMPT_TOKENS = 350  # a judge template with question and answer
+ANSWER_TOKENS = 22         # a contrast item's aligned or misaligned answer
 
 
 def n_params(spec: str | None) -> float | None:
@@ -74,24 +75,33 @@ def estimate(P) -> pd.DataFrame:
                      len(trained) * (gen * 2 * N + sft * 4 * N)))
     # 3. EM
     em_tokens = e.n_examples * min(e.max_length, 250) * e.epochs
-    rows.append(("EM: SFT", len(P.em_runs()), len(P.em_runs()) * em_tokens, len(P.em_runs()) * em_tokens * 4 * N))
+    em_runs = len(P.em_runs()) + len(P.direction_runs())   # the study's, and the misalignment direction's
+    rows.append(("EM: SFT", em_runs, em_runs * em_tokens, em_runs * em_tokens * 4 * N))
     # 4. evaluation: sampling, judge, contrast items
     from .evaluate import load_questions
 
     qs = load_questions(ev.questions)[:ev.sample_questions]
     answers = sum(len(q["paraphrases"]) * (ev.samples_per_paraphrase or q.get("samples_per_paraphrase", 1))
                   for q in qs)
-    n_models = len(P.eval_models())
+    n_models = len(P.eval_models()) + len(P.direction_runs())
     rows.append(("evaluate: sampling", n_models, n_models * answers * ev.max_new_tokens,
                  n_models * answers * (PROMPT_TOKENS + ev.max_new_tokens) * 2 * N))
     if ev.judge is not None:
         judge = n_params(ev.judge.endpoint_model if ev.judge.backend == "endpoint" else (ev.judge.model or P.model))
         jt = n_models * answers * 2 * JUDGE_PROMPT_TOKENS
         rows.append(("evaluate: judge", n_models, jt, jt * 2 * (judge or N)))
+    from .direction import items
+
+    # the direction's activations: one forward pass over each contrast item's two answers after its question,
+    # every item for a direction run, the readout half for an evaluated model
+    n_items = len(items(P))
+    item_reads = n_items * len(P.direction_runs()) + n_items // 2 * len(P.eval_models())
+    rt = item_reads * 2 * (PROMPT_TOKENS + ANSWER_TOKENS)
+    rows.append(("evaluate: direction readout", n_models, rt, rt * 2 * N))
     frame = pd.DataFrame(rows, columns=["stage", "runs", "tokens", "flops"])
     # the judge reads a prompt and writes one token: prefill, compute-bound like training
     frame["kind"] = ["train" if any(k in st for k in ("DPO", "introspection", "SFT"))
-                     else "prefill" if "judge" in st else "sample" for st in frame["stage"]]
+                     else "prefill" if "judge" in st or "readout" in st else "sample" for st in frame["stage"]]
     return frame
 
 
