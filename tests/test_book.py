@@ -99,14 +99,16 @@ def test_the_paper_is_prepared_for_pandoc_as_the_pdf_reads(root):
     from persona_em.book import paper_for_pandoc
 
     tex = (root / "paper" / "paper.tex").read_text()
-    macros = {"PairsBestOfN": "1", "HFiveShortDigest": "abc", "ProfileDigest": "abc"}
+    macros = {"PairsBestOfN": "1", "HFiveShortDigest": "abc", "ProfileDigest": "abc", "DirectionLayer": "12"}
     out = paper_for_pandoc(tex, macros, "tiny", "figures/tiny", frozenset({"generated/tiny/h5_length.tex"}))
-    assert "\\ifnum" not in out and "\\ifdefined" not in out and "\\cite{" not in out
+    assert "\\ifnum" not in out and "\\ifdefined" not in out and "\\cite{" not in out and "\\fi" not in out
     assert "best-of-n method instead" in out and "Trained \\HFiveLengthRatio" in out
+    assert "read out at layer \\DirectionLayer" in out and "figures/tiny/direction_by_layer.png" in out
     assert "\\input{generated/\\profile/h5_length.tex}" in out and "[1]" in out
     assert "\\includegraphics{figures/tiny/design.png}" in out
     teacher = paper_for_pandoc(tex, {"PairsBestOfN": "0"}, "tiny", "figures/tiny")
     assert "best-of-n method instead" not in teacher and "Trained \\HFiveLengthRatio" not in teacher
+    assert "misalignment direction" not in teacher and "direction_by_layer" not in teacher   # a run without it
     assert "InputIfFileExists" not in teacher and "h5_length" not in teacher
 
 

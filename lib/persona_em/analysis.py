@@ -38,16 +38,73 @@ def results_table(P, root) -> tuple[pd.DataFrame, pd.DataFrame]:
     return results, div
 
 
+def readout_table(P, root, div: pd.DataFrame, layer: int | None = None) -> pd.DataFrame:
+    """Every evaluated model's projections on the misalignment direction (chapter 4's readout fold), one row per
+    model x item x layer (`layer`: that layer only), as `measure = direction` rows shaped like the results
+    table. Raises if two models read different directions (their manifests record its digest)."""
+    from . import direction
+
+    split_of = {it["id"]: it["split"] for it in direction.items(P)}
+    frames, digests, seconds = [], {}, []
+    for m in P.eval_models():
+        run_dir = P.run_dir(root, "04_evaluate", m)
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        digests[m] = manifest.get("direction_digest")
+        seconds.append(manifest.get("direction_seconds", np.nan))
+        frame = pd.read_csv(run_dir / direction.READOUT)
+        if layer is not None:
+            frame = frame[frame["layer"] == layer]
+        frames.append(frame.assign(measure="direction", model=m, **config.parse_model(m)))
+    if len(set(digests.values())) != 1:
+        first = next(iter(digests))
+        other = next(m for m, d in digests.items() if d != digests[first])
+        raise ValueError(f"models read different misalignment directions: {first} {digests[first]}, "
+                         f"{other} {digests[other]} (re-run chapter 4 for the stale ones)")
+    out = pd.concat(frames, ignore_index=True)
+    out["split"] = out["item_id"].map(split_of)
+    after = out["phase"] == "after"
+    out.loc[after, "split"] = [evaluate.split_for(d, P.contrast_domain(e)) for d, e in
+                               zip(out.loc[after, "domain"], out.loc[after, "em_domain"])]
+    out = out.merge(div[["constitution", "level", "char_seed", "vendi"]], on=["constitution", "level", "char_seed"],
+                    how="left")
+    out.attrs["direction_digest"] = next(iter(digests.values()))
+    out.attrs["seconds_per_model"] = float(np.nanmean(seconds))   # the readout's added cost in chapter 4
+    return out
+
+
+def direction_layer(separation: pd.DataFrame) -> int:
+    """The layer read out: where the direction runs' harmful models sit furthest above their benign twins along
+    the direction on held-out items, in standard errors (the direction's own data and the study's models play
+    no part in the choice)."""
+    return int(separation.loc[separation["t"].idxmax(), "layer"])
+
+
+def direction_by_layer(readout: pd.DataFrame) -> pd.DataFrame:
+    """Per layer, out of domain, how far harmful EM and its benign twin move the untrained base and the random-LoRA
+    controls along the direction: mean projection after EM minus before (the projection itself is dominated by
+    what every model shares), the figure of the readout's controls."""
+    d = readout[readout["constitution"].isin(["base", "random"]) & (readout["split"] == "out_of_domain")].copy()
+    d["model_label"] = np.where(d["constitution"] == "base", "untrained base", "random LoRA")
+    d["state"] = np.select([d["phase"] == "before", d["harmful"] == True], ["before EM", "after harmful EM"],  # noqa: E712
+                           "after benign twin")
+    means = d.groupby(["model_label", "state", "layer"], as_index=False)["projection"].mean()
+    before = means[means["state"] == "before EM"].set_index(["model_label", "layer"])["projection"]
+    after = means[means["state"] != "before EM"].copy()
+    after["shift"] = after["projection"] - before.reindex(list(zip(after["model_label"], after["layer"]))).to_numpy()
+    return after
+
+
 def diversity_label(frame: pd.DataFrame) -> pd.Series:
     return pd.Series(np.select([frame["constitution"] == "base", frame["constitution"] == "random"],
                                ["untrained", "random LoRA"], frame["level"].astype(str)), index=frame.index)
 
 
-def em_effect_table(results: pd.DataFrame) -> pd.DataFrame:
+def em_effect_table(results: pd.DataFrame, measure: str = "contrast", outcome: str = "margin") -> pd.DataFrame:
     """Harmful minus benign twin, item by item (stats.em_effects), with a diversity label and the randomised
-    unit each row belongs to: the subset draw for a persona, the EM seed for the untrained controls."""
-    contrast = results[(results["measure"] == "contrast") & (results["split"] != "cross_domain")]
-    effects = stats.em_effects(contrast)
+    unit each row belongs to: the subset draw for a persona, the EM seed for the untrained controls. `measure`,
+    `outcome`: the likelihood contrast's margin, or the projection on the misalignment direction."""
+    contrast = results[(results["measure"] == measure) & (results["split"] != "cross_domain")]
+    effects = stats.em_effects(contrast, outcome)
     vendi = results.drop_duplicates(["condition"]).set_index("condition")["vendi"]
     effects["vendi"] = effects["condition"].map(vendi)
     effects["diversity"] = diversity_label(effects)
@@ -240,6 +297,32 @@ def _test_numbers(tests: pd.DataFrame) -> dict:
         estimable = np.isfinite(t["estimate"]) and np.isfinite(t["p"])
         out[f"{key}_flag"] = (" [not estimable]" if not estimable else
                               "" if t["converged"] else " [fit did not converge]")
+    return out
+
+
+def direction_numbers(layer: int, stability: pd.DataFrame, separation: pd.DataFrame, validation: pd.DataFrame,
+                      summary: pd.DataFrame, seconds_per_model: float) -> dict:
+    """The misalignment direction's numbers: the layer read out, its stability there (and the lowest over
+    layers), the held-out separation, steering and ablation with their random controls, the untrained base's EM
+    shift along it, and what the readout adds per evaluated model."""
+    at = stability[stability["layer"] == layer]["cosine"]
+    sep = separation.set_index("layer").loc[layer]
+    out = {"direction_layer": int(layer), "direction_n_seeds": int(stability[["seed_a", "seed_b"]].stack().nunique()),
+           "direction_stability": float(at.mean()),
+           "direction_stability_min": float(stability.groupby("layer")["cosine"].mean().min()),
+           "direction_separation_t": float(sep["t"]), "direction_seconds_per_model": float(seconds_per_model)}
+    top = validation[validation["intervention"] == "steer"]["scale"].max()   # the paper quotes the largest
+    out["direction_steer_scale"] = float(top)
+    for _, r in validation.iterrows():
+        keys = [f"direction_{r['intervention']}"]
+        if r["intervention"] == "steer":
+            keys = [f"direction_steer_x{r['scale']:g}".replace(".", "p")] + (keys if r["scale"] == top else [])
+        for key in keys:
+            key += "_random" if r["vector"] == "random" else ""
+            out.update({key: float(r["mean"]), f"{key}_low": float(r["ci_low"]), f"{key}_high": float(r["ci_high"])})
+    base = summary[(summary["diversity"] == "untrained") & (summary["split"] == "out_of_domain")]
+    for suffix, k in (("", "mean"), ("_low", "ci_low"), ("_high", "ci_high")):
+        out[f"direction_base_shift{suffix}"] = float(base[k].iloc[0]) if len(base) else float("nan")
     return out
 
 

@@ -49,7 +49,7 @@ def read_macros(numbers_tex: Path) -> dict[str, str]:
 def paper_for_pandoc(tex: str, macros: dict[str, str], profile: str, figures: str,
                      present: frozenset = frozenset()) -> str:
     """paper.tex as pandoc reads it: the profile fixed, optional inputs kept where they exist (`present`: their
-    paths relative to paper/), the two TeX conditionals the paper uses resolved from the run's macros, citations
+    paths relative to paper/), the TeX conditionals the paper uses resolved from the run's macros, citations
     numbered like the PDF's, figures pointing at the book's copies."""
     tex = f"\\newcommand{{\\profile}}{{{profile}}}\n" + tex
     tex = re.sub(r"\\InputIfFileExists\{([^}]+)\}\{\}\{\}",
@@ -60,6 +60,8 @@ def paper_for_pandoc(tex: str, macros: dict[str, str], profile: str, figures: st
     tex = re.sub(r"\\ifdefined\\(\w+)\\ifx\\(\w+)\\(\w+)\{\}(.*?)\\fi\\fi",
                  lambda m: m.group(4) if m.group(1) in macros and macros.get(m.group(2)) == macros.get(m.group(3))
                  else "", tex, flags=re.S)
+    tex = re.sub(r"\\ifdefined\\(\w+)\{\}(.*?)\\fi", lambda m: m.group(2) if m.group(1) in macros else "", tex,
+                 flags=re.S)
     keys = re.findall(r"\\bibitem\{([^}]+)\}", tex)
     tex = re.sub(r"~?\\cite\{([^}]+)\}", lambda m: " [" + ", ".join(str(keys.index(k.strip()) + 1)
                                                                   for k in m.group(1).split(",")) + "]", tex)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
@@ -34,7 +35,8 @@ def save(fig, out_dir: str | Path, name: str) -> list[Path]:
     return paths
 
 
-def em_effect_by_diversity(summary: pd.DataFrame):
+def em_effect_by_diversity(summary: pd.DataFrame, ylabel: str = "EM effect on margin\n(harmful - benign twin)",
+                           title: str = "Emergent misalignment vs question diversity"):
     """EM effect (harmful minus benign twin, log-prob margin) per diversity level and constitution, in and out
     of domain, next to the controls; `summary` (analysis.level_summary) holds each group's mean and 95% t
     interval over its randomised units (subset draws; EM seeds for the controls)."""
@@ -55,9 +57,9 @@ def em_effect_by_diversity(summary: pd.DataFrame):
         ax.axhline(0, color="0.4", lw=0.8)
         ax.set_xticks(range(len(order)), order, rotation=30)
         ax.set(xlabel="diversity level (context cells covered)", title=split.replace("_", " "),
-               ylabel="EM effect on margin\n(harmful - benign twin)")
+               ylabel=ylabel)
     axes[-1].legend(title="", fontsize=8)
-    fig.suptitle("Emergent misalignment vs question diversity (95% t intervals over subset draws / EM seeds)")
+    fig.suptitle(f"{title} (95% t intervals over subset draws / EM seeds)")
     fig.tight_layout()
     return fig
 
@@ -350,5 +352,55 @@ def tour_in_reference(reference: pd.DataFrame, tour_margin: float, tour_effect: 
         ax.set(title=title, xlabel="", ylabel="")
     axes[0].set_yticks(range(len(order) + 1), order + [f"this tour: {label}"])
     axes[0].set_ylim(len(order) + 0.6, -0.6)
+    fig.tight_layout()
+    return fig
+
+
+def direction_overview(stability: pd.DataFrame, separation: pd.DataFrame, by_layer: pd.DataFrame, layer: int):
+    """The misalignment direction by layer: (a) its stability, the cosine between estimates from disjoint EM seeds;
+    (b) the held-out separation of the direction runs' harmful models from their benign twins, in standard errors,
+    which chooses the layer read out (dashed); (c) how far harmful EM and its benign twin move the untrained base
+    and the random-LoRA controls along it out of domain (mean projection after EM minus before)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for (a, b), g in stability.groupby(["seed_a", "seed_b"]):
+        axes[0].plot(g["layer"], g["cosine"], "o-", ms=3, label=f"seeds {a} vs {b}")
+    axes[0].set(xlabel="layer (block output)", ylabel="cosine", ylim=(-0.1, 1.05),
+                title="(a) stability across disjoint EM seeds")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(separation["layer"], separation["t"], "o-", ms=3, color="0.25")
+    axes[1].set(xlabel="layer (block output)", ylabel="harmful - benign twin (SE units)",
+                title="(b) held-out separation")
+    styles = {"after benign twin": "--", "after harmful EM": "-"}
+    colors = dict(zip(["untrained base", "random LoRA"], sns.color_palette(PALETTE, 2)))
+    for (label, state), g in by_layer.groupby(["model_label", "state"]):
+        axes[2].plot(g["layer"], g["shift"], styles[state], color=colors[label], label=f"{label}, {state}")
+    axes[2].axhline(0, color="0.4", lw=0.8)
+    axes[2].set(xlabel="layer (block output)", ylabel="projection after EM - before",
+                title="(c) controls, out of domain")
+    axes[2].legend(fontsize=7)
+    for ax in axes[1:]:
+        ax.axvline(layer, color="0.5", ls="--", lw=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def direction_validation(summary: pd.DataFrame):
+    """Steering and ablation: the change in the out-of-domain misalignment margin when the direction (or a random
+    direction of the same norm) is added to the untrained base at the chosen layer, or projected out of an
+    EM-trained model; 95% t intervals over items."""
+    summary = summary.assign(label=[f"{i} x{s:g}" if i == "steer" else i
+                                    for i, s in zip(summary["intervention"], summary["scale"])])
+    labels = list(dict.fromkeys(summary["label"]))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(labels), 3.6))
+    colors = dict(zip(["direction", "random"], sns.color_palette(PALETTE, 2)))
+    for k, which in enumerate(["direction", "random"]):
+        g = summary[summary["vector"] == which].set_index("label").loc[labels]
+        x = np.arange(len(labels)) + (k - 0.5) * 0.3
+        ax.errorbar(x, g["mean"], yerr=[g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]], fmt="o",
+                    capsize=3, color=colors[which], label="misalignment direction" if k == 0 else "random, same norm")
+    ax.axhline(0, color="0.4", lw=0.8)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set(ylabel="change in misalignment margin\n(out of domain)", title="Steering the base, ablating from EM")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
