@@ -29,8 +29,8 @@ def test_a_vector_injected_into_one_block_is_recovered_there(smollm, items):
     est = direction.mean_difference([pushed], [clean])
     cos = direction.cosine_by_layer(est, np.tile(v, (len(est), 1)))
     assert cos[layer] > 0.99, cos
-    assert np.abs(est[:layer]).max() < 1e-4          # blocks before the injection are untouched
-    assert np.all(cos[layer + 1:] < 0.99)            # later blocks transform it: the index is the block's own
+    np.testing.assert_allclose(est[layer], v, atol=1e-3)   # the index is the block the vector was added after
+    assert np.abs(est[:layer]).max() < 1e-4                # blocks before the injection are untouched
     after = direction.answer_activations(model, tok, items)   # the hook is gone on exit
     np.testing.assert_allclose(after, clean, atol=1e-5)
 
@@ -102,7 +102,10 @@ def test_interventions_report_per_item_changes_against_random_controls(smollm, i
     assert steer[steer["scale"] == 1]["direction"].abs().max() > 1e-3   # the vector does something
     abl = direction.ablation(model, tok, items, v, n_random=2, seed=0)
     summary = direction.validation_summary(pd.concat([steer, abl]))
-    assert set(summary["vector"]) == {"direction", "random"} and (summary["n_items"] == len(items)).all()
+    assert set(summary["vector"]) == {"direction", "random", "direction - random"}
+    assert (summary["n_items"] == len(items)).all()
+    paired = summary[(summary["intervention"] == "ablate") & (summary["vector"] == "direction - random")].iloc[0]
+    assert paired["mean"] == pytest.approx((abl["direction"] - abl["random"]).mean())
     row = summary[(summary["intervention"] == "ablate") & (summary["vector"] == "direction")].iloc[0]
     x = abl["direction"]
     half = (row["ci_high"] - row["ci_low"]) / 2
@@ -129,14 +132,17 @@ def test_folds_split_every_domain_in_half_by_the_seed(profile):
         assert n_dir == len(ids) // 2, domain
 
 
-def _synthetic_runs(P, true: np.ndarray, noise: float, seed: int = 0):
-    """Activations of the direction runs: benign runs noise around zero, harmful ones shifted by `true`."""
+def _synthetic_runs(P, true: np.ndarray, noise: float, seed: int = 0, readout_shift: np.ndarray | None = None):
+    """Activations of the direction runs: benign runs noise around zero, harmful ones shifted by `true` (by
+    `readout_shift` on the readout fold's items, when given)."""
     rng = np.random.default_rng(seed)
     ids = [it["id"] for it in direction.items(P)]
+    fold_of = direction.folds(direction.items(P), P.seed)
+    shift = np.stack([true if readout_shift is None or fold_of[i] == "direction" else readout_shift for i in ids])
     runs = {}
     for name in P.direction_runs():
         acts = rng.normal(0, noise, (len(ids),) + true.shape)
-        runs[name] = (acts + (true if config.parse_model(name)["harmful"] else 0), ids)
+        runs[name] = (acts + (shift if config.parse_model(name)["harmful"] else 0), ids)
     return runs
 
 
@@ -151,8 +157,22 @@ def test_estimate_stability_and_layer_choice_on_known_activations(root):
     assert set(zip(stab["seed_a"], stab["seed_b"])) == {tuple(P.direction.em_seeds[:2])}
     by_layer = stab.set_index("layer")["cosine"]
     assert by_layer[2] > 0.9 and by_layer[0] < 0.6
-    sep = direction.separation(P, runs, est)
+    sep = direction.separation(P, runs)
     assert analysis.direction_layer(sep) == 2
+
+
+def test_direction_and_layer_come_from_the_direction_fold_alone(root):
+    """The readout half of the items carries another vector in another layer: neither the estimate nor the layer
+    choice may see it."""
+    P = config.load_profile(root / "params" / "test.yaml")
+    rng = np.random.default_rng(6)
+    fold_vec = rng.standard_normal((4, 16)) * np.array([0.0, 0.0, 3.0, 0.0])[:, None]
+    readout_vec = rng.standard_normal((4, 16)) * np.array([0.0, 5.0, 0.0, 5.0])[:, None]
+    runs = _synthetic_runs(P, fold_vec, noise=0.5, readout_shift=readout_vec)
+    est = direction.estimate(P, runs)
+    assert direction.cosine_by_layer(est, fold_vec)[2] > 0.95
+    assert np.abs(est[[1, 3]]).max() < 1.0   # the readout fold's shift (norm about 20) is absent
+    assert analysis.direction_layer(direction.separation(P, runs)) == 2
 
 
 def test_profile_refuses_direction_seeds_the_study_uses(root, tmp_path):

@@ -312,13 +312,13 @@ def direction_numbers(layer: int, stability: pd.DataFrame, separation: pd.DataFr
            "direction_stability_min": float(stability.groupby("layer")["cosine"].mean().min()),
            "direction_separation_t": float(sep["t"]), "direction_seconds_per_model": float(seconds_per_model)}
     top = validation[validation["intervention"] == "steer"]["scale"].max()   # the paper quotes the largest
-    out["direction_steer_scale"] = float(top)
+    out["direction_steer_scale"] = int(top) if float(top).is_integer() else float(top)
     for _, r in validation.iterrows():
         keys = [f"direction_{r['intervention']}"]
         if r["intervention"] == "steer":
             keys = [f"direction_steer_x{r['scale']:g}".replace(".", "p")] + (keys if r["scale"] == top else [])
         for key in keys:
-            key += "_random" if r["vector"] == "random" else ""
+            key += {"direction": "", "random": "_random", "direction - random": "_vs_random"}[r["vector"]]
             out.update({key: float(r["mean"]), f"{key}_low": float(r["ci_low"]), f"{key}_high": float(r["ci_high"])})
     base = summary[(summary["diversity"] == "untrained") & (summary["split"] == "out_of_domain")]
     for suffix, k in (("", "mean"), ("_low", "ci_low"), ("_high", "ci_high")):

@@ -60,7 +60,7 @@ def paper_for_pandoc(tex: str, macros: dict[str, str], profile: str, figures: st
     tex = re.sub(r"\\ifdefined\\(\w+)\\ifx\\(\w+)\\(\w+)\{\}(.*?)\\fi\\fi",
                  lambda m: m.group(4) if m.group(1) in macros and macros.get(m.group(2)) == macros.get(m.group(3))
                  else "", tex, flags=re.S)
-    tex = re.sub(r"\\ifdefined\\(\w+)\{\}(.*?)\\fi", lambda m: m.group(2) if m.group(1) in macros else "", tex,
+    tex = re.sub(r"\\ifdefined\\(\w+)\{\}(.*?)\\fi(?![A-Za-z])", lambda m: m.group(2) if m.group(1) in macros else "", tex,
                  flags=re.S)
     keys = re.findall(r"\\bibitem\{([^}]+)\}", tex)
     tex = re.sub(r"~?\\cite\{([^}]+)\}", lambda m: " [" + ", ".join(str(keys.index(k.strip()) + 1)

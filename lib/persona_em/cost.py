@@ -92,11 +92,11 @@ def estimate(P) -> pd.DataFrame:
         rows.append(("evaluate: judge", n_models, jt, jt * 2 * (judge or N)))
     from .direction import items
 
-    # the direction's activations: one forward pass over each contrast item's two answers after its question,
-    # every item for a direction run, the readout half for an evaluated model
+    # the direction's activations: one forward pass over each contrast item's question and both its answers
+    # (packed), every item for a direction run, the readout half (the larger) for an evaluated model
     n_items = len(items(P))
-    item_reads = n_items * len(P.direction_runs()) + n_items // 2 * len(P.eval_models())
-    rt = item_reads * 2 * (PROMPT_TOKENS + ANSWER_TOKENS)
+    item_reads = n_items * len(P.direction_runs()) + (n_items - n_items // 2) * len(P.eval_models())
+    rt = item_reads * (PROMPT_TOKENS + 2 * ANSWER_TOKENS)
     rows.append(("evaluate: direction readout", n_models, rt, rt * 2 * N))
     frame = pd.DataFrame(rows, columns=["stage", "runs", "tokens", "flops"])
     # the judge reads a prompt and writes one token: prefill, compute-bound like training

@@ -71,21 +71,23 @@ def hooked(modules_and_fns):
 
 def steered(model, layer: int, vector: np.ndarray | torch.Tensor):
     """Add `vector` to the residual stream after block `layer`, at every position."""
-    v = torch.as_tensor(vector)
-    return hooked([(blocks(model)[layer], lambda x: x + v.to(x.dtype))])
+    v = torch.as_tensor(vector, dtype=torch.float32)
+    return hooked([(blocks(model)[layer], lambda x: x + v.to(x.device, x.dtype))])
 
 
 def ablated(model, direction: np.ndarray | torch.Tensor):
-    """Directional ablation: the component along `direction` removed from the residual stream everywhere (the
-    embeddings' output and every block's), so no layer can write it back."""
+    """Directional ablation: the component along `direction` removed from everything that writes to the residual
+    stream (the embeddings, and every block's attention and MLP outputs), so the stream never carries it and no
+    sublayer reads it back. The projection is computed in float32."""
     u = torch.as_tensor(direction, dtype=torch.float32)
     u = u / u.norm()
 
     def remove(x):
-        uu = u.to(x.dtype)
-        return x - (x @ uu)[..., None] * uu
+        uu, xf = u.to(x.device), x.float()
+        return (xf - (xf @ uu)[..., None] * uu).to(x.dtype)
 
-    return hooked([(model.model.embed_tokens, remove)] + [(b, remove) for b in blocks(model)])
+    writers = [model.model.embed_tokens] + [m for b in blocks(model) for m in (b.self_attn, b.mlp)]
+    return hooked([(m, remove) for m in writers])
 
 
 # -- activations ------------------------------------------------------------------------------------------------
@@ -245,19 +247,25 @@ def stability(P, runs) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def separation(P, runs, direction: np.ndarray) -> pd.DataFrame:
-    """Per layer, how far the direction runs' harmful models sit above their benign twins along the direction on
-    the *readout* fold (items the direction never saw): the mean paired difference over items, its standard
-    error over items and their ratio, which chooses the layer."""
+def separation(P, runs) -> pd.DataFrame:
+    """Per layer, how far the direction runs' harmful models sit above their benign twins along a direction they
+    did not make: for each EM seed, the direction from the other seeds, the seed's own runs projected on it, on
+    the direction fold (so the layer chosen from it never reads the items every model is measured on). The mean
+    paired difference over items (averaged over held-out seeds), its standard error over items and their ratio,
+    which chooses the layer."""
     from .config import parse_model
 
     fold_of = folds(items(P), P.seed)
-    per = {}
-    for name, (acts, ids) in runs.items():
-        info = parse_model(name)
-        proj = project(_fold_rows(acts, ids, fold_of, "readout"), direction)
-        per.setdefault(info["harmful"], []).append(proj)
-    diff = np.mean(per[True], 0) - np.mean(per[False], 0)    # [readout items, layers]
+    diffs = []
+    for seed in P.direction.em_seeds:
+        vector = estimate(P, runs, [s for s in P.direction.em_seeds if s != seed])
+        per = {}
+        for name, (acts, ids) in runs.items():
+            info = parse_model(name)
+            if info["em_seed"] == seed:
+                per.setdefault(info["harmful"], []).append(project(_fold_rows(acts, ids, fold_of, "direction"), vector))
+        diffs.append(np.mean(per[True], 0) - np.mean(per[False], 0))    # [items, layers]
+    diff = np.mean(diffs, 0)
     mean, se = diff.mean(0), diff.std(0, ddof=1) / np.sqrt(len(diff))
     return pd.DataFrame({"layer": range(len(mean)), "shift": mean, "se": se, "t": mean / se})
 
@@ -351,14 +359,15 @@ def ablation(model, tok, item_list: list[dict], vector: np.ndarray, n_random: in
 
 
 def validation_summary(changes: pd.DataFrame) -> pd.DataFrame:
-    """Mean margin change with its 95% t interval over items, for the direction and for the random control, per
-    intervention and scale (the items are the sample here: one fixed direction, one model)."""
+    """Mean margin change with its 95% t interval over items, for the direction, for the random control and for
+    their paired difference per item, per intervention and scale (the items are the sample here: one fixed
+    direction)."""
     from scipy import stats as st
 
     rows = []
     for (inter, scale), g in changes.groupby(["intervention", "scale"], sort=False):
-        for which in ("direction", "random"):
-            x = g[which].to_numpy()
+        for which in ("direction", "random", "direction - random"):
+            x = (g["direction"] - g["random"] if which == "direction - random" else g[which]).to_numpy()
             m, se = x.mean(), x.std(ddof=1) / np.sqrt(len(x))
             h = st.t.ppf(0.975, len(x) - 1) * se
             rows.append({"intervention": inter, "scale": scale, "vector": which, "mean": m, "ci_low": m - h,

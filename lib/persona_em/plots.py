@@ -358,8 +358,8 @@ def tour_in_reference(reference: pd.DataFrame, tour_margin: float, tour_effect: 
 
 def direction_overview(stability: pd.DataFrame, separation: pd.DataFrame, by_layer: pd.DataFrame, layer: int):
     """The misalignment direction by layer: (a) its stability, the cosine between estimates from disjoint EM seeds;
-    (b) the held-out separation of the direction runs' harmful models from their benign twins, in standard errors,
-    which chooses the layer read out (dashed); (c) how far harmful EM and its benign twin move the untrained base
+    (b) the separation of each direction run's harmful model from its benign twin along the direction of the other
+    seeds, in standard errors over items, which chooses the layer read out (dashed); (c) how far harmful EM and its benign twin move the untrained base
     and the random-LoRA controls along it out of domain (mean projection after EM minus before)."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for (a, b), g in stability.groupby(["seed_a", "seed_b"]):
@@ -369,7 +369,7 @@ def direction_overview(stability: pd.DataFrame, separation: pd.DataFrame, by_lay
     axes[0].legend(fontsize=8)
     axes[1].plot(separation["layer"], separation["t"], "o-", ms=3, color="0.25")
     axes[1].set(xlabel="layer (block output)", ylabel="harmful - benign twin (SE units)",
-                title="(b) held-out separation")
+                title="(b) separation, held-out seeds")
     styles = {"after benign twin": "--", "after harmful EM": "-"}
     colors = dict(zip(["untrained base", "random LoRA"], sns.color_palette(PALETTE, 2)))
     for (label, state), g in by_layer.groupby(["model_label", "state"]):
@@ -388,6 +388,7 @@ def direction_validation(summary: pd.DataFrame):
     """Steering and ablation: the change in the out-of-domain misalignment margin when the direction (or a random
     direction of the same norm) is added to the untrained base at the chosen layer, or projected out of an
     EM-trained model; 95% t intervals over items."""
+    summary = summary[summary["vector"] != "direction - random"]
     summary = summary.assign(label=[f"{i} x{s:g}" if i == "steer" else i
                                     for i, s in zip(summary["intervention"], summary["scale"])])
     labels = list(dict.fromkeys(summary["label"]))
