@@ -1,0 +1,123 @@
+"""The misalignment direction on a finished run's models, without re-running its chapters.
+
+    python benchmarks/direction_readout.py --profile params/tiny.yaml --root <project root of the run> --out <dir>
+
+Trains the untrained base's direction runs (the profile's `direction.em_seeds`, exactly as chapter 3 would),
+records their activations, reads out every evaluated model of the run (its adapters from `<root>/runs/`), then
+does what chapter 5's section 5.6 does: stability, the layer, steering and ablation, and the EM shift along the
+direction by diversity with the primary model's structure. Everything goes to `--out` (the run's folders are
+only read): the tables, the figures and `summary.json` with the seconds each step took. Use it to measure the
+readout on a run made before the readout existed; a run of the current pipeline has all of it in chapters 4-5.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from persona_em import analysis, config, direction, em, evaluate, models, plots, provenance, stats, training
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--root", required=True, help="the project root the run's runs/<profile>/ folder is in")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    P, root, out = config.load_profile(a.profile), Path(a.root), Path(a.out)
+    if not (root / "runs" / P.name / "05_analyze" / "manifest.json").is_file():
+        raise SystemExit(f"{root}/runs/{P.name}: not a finished run of profile {P.name!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    models.set_threads(a.threads)
+    timing: dict[str, float] = {}
+    items = direction.items(P)
+    fold_of = direction.folds(items, P.seed)
+    held_out = [it for it in items if fold_of[it["id"]] == "readout"]
+
+    # the direction runs: chapter 3's EM training of the untrained base with the direction's seeds
+    runs = {}
+    for name in P.direction_runs():
+        info = config.parse_model(name)
+        domain, kind = info["em_dataset"].rsplit("-", 1)
+        rows, _ = em.dataset_rows(P, domain, kind)
+        start = time.perf_counter()
+        model, tok = models.load_model(P.model, hw=P.hardware)
+        adapter = out / "direction_runs" / name / "adapter"
+        training.fit("sft", model, tok, rows, P.em, info["em_seed"], P.hardware, adapter, spec=P.model)
+        model, tok = models.load_model(P.model, [adapter], hw=P.hardware)
+        runs[name] = (direction.answer_activations(model, tok, items, P.evaluate.batch_size), [it["id"] for it in items])
+        timing[f"direction run {name}"] = time.perf_counter() - start
+        print(f"{name}: {timing[f'direction run {name}']:.1f} s", flush=True)
+    vector = direction.estimate(P, runs)
+    stability = direction.stability(P, runs)
+    separation = direction.separation(P, runs)
+    layer = analysis.direction_layer(separation)
+
+    # the readout of every evaluated model of the run
+    div = pd.read_csv(P.run_dir(root, "01_generate") / "diversity.csv")
+    frames, seconds = [], []
+    for k, m in enumerate(P.eval_models()):
+        model, tok = models.load_model(P.model, P.adapters(root, m), hw=P.hardware)
+        start = time.perf_counter()
+        table = direction.readout(direction.answer_activations(model, tok, held_out, P.evaluate.batch_size),
+                                  held_out, vector, fold_of)
+        seconds.append(time.perf_counter() - start)
+        frames.append(table.assign(measure="direction", model=m, **config.parse_model(m)))
+        if k % 10 == 0:
+            print(f"readout {k + 1}/{len(P.eval_models())}: {seconds[-1]:.1f} s", flush=True)
+    readout = pd.concat(frames, ignore_index=True)
+    split_of = {it["id"]: it["split"] for it in items}
+    readout["split"] = readout["item_id"].map(split_of)
+    after = readout["phase"] == "after"
+    readout.loc[after, "split"] = [evaluate.split_for(d, P.contrast_domain(e)) for d, e in
+                                   zip(readout.loc[after, "domain"], readout.loc[after, "em_domain"])]
+    readout = readout.merge(div[["constitution", "level", "char_seed", "vendi"]],
+                            on=["constitution", "level", "char_seed"], how="left")
+
+    # validation: steering the untrained base, ablating from the base after harmful EM
+    start = time.perf_counter()
+    ood = [it for it in held_out if it["split"] == "out_of_domain"]
+    model, tok = models.load_model(P.model, hw=P.hardware)
+    changes = [direction.steering(model, tok, ood, vector[layer], layer, P.direction.steer_scales,
+                                  P.direction.random_directions, P.seed, P.evaluate.batch_size)]
+    for r in [r for r in P.em_runs() if r.startswith("base__") and config.parse_model(r)["harmful"]]:
+        model, tok = models.load_model(P.model, P.adapters(root, r), hw=P.hardware)
+        changes.append(direction.ablation(model, tok, ood, vector[layer], P.direction.random_directions, P.seed,
+                                          P.evaluate.batch_size))
+    changes = pd.concat(changes, ignore_index=True).groupby(["intervention", "scale", "item_id"], as_index=False,
+                                                            sort=False)[["direction", "random"]].mean()
+    validation = direction.validation_summary(changes)
+    timing["validation"] = time.perf_counter() - start
+
+    # the EM shift along the direction, analysed as the primary outcome is
+    effects = analysis.em_effect_table(readout[readout["layer"] == layer], measure="direction", outcome="projection")
+    summary = analysis.level_summary(effects)
+    fit, formula, df = stats.primary_model(effects, P.traits())
+    slope = stats.effects_table(fit, "direction_ood", formula, df)
+    numbers = analysis.direction_numbers(layer, stability, separation, validation, summary, float(np.mean(seconds)))
+
+    for name, frame in [("stability", stability), ("separation", separation), ("validation", validation),
+                        ("shift_summary", summary), ("slope", slope), ("readout", readout)]:
+        provenance.atomic_write_csv(out / f"{name}.csv", frame)
+    plots.set_style()
+    plots.save(plots.direction_overview(stability, separation, analysis.direction_by_layer(readout), layer), out,
+               "direction_by_layer")
+    plots.save(plots.direction_validation(validation), out, "direction_validation")
+    plots.save(plots.em_effect_by_diversity(summary, "EM shift along the direction\n(harmful - benign twin)",
+                                            "The misalignment direction vs question diversity"), out,
+               "direction_shift_by_diversity")
+    provenance.atomic_write_json(out / "summary.json", {
+        "profile": P.name, "root": str(root), "git": provenance.git_state(), "layer": layer, "numbers": numbers,
+        "slope": slope.set_index("term").loc["log2_level"].to_dict(), "formula": formula,
+        "converged": bool(fit.converged_ok), "seconds": timing | {"readout per model (mean)": float(np.mean(seconds))}})
+    print(json.dumps(numbers, indent=1))
+    print(slope.to_string())
+
+
+if __name__ == "__main__":
+    main()
