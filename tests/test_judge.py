@@ -237,6 +237,18 @@ def test_api_key_never_reaches_an_artifact(model_server, root, tmp_path, monkeyp
     base = tmp_path / "runs" / "test" / "02_train_character" / "base"
     base.mkdir(parents=True)
     (base / "model.json").write_text(json.dumps({"adapter": None, "base": "smollm2-135m"}))  # as chapter 2 writes
+    # every evaluation reads the direction runs' activations; this test is about the key, so the untrained base's
+    # own activations stand in for them (the direction is then zero, and so is every projection)
+    from persona_em import config, direction, models
+
+    P = config.load_profile(path)
+    lm, tok = models.load_model(P.model)
+    items = direction.items(P)
+    acts = direction.answer_activations(lm, tok, items)
+    for r in P.direction_runs():
+        (tmp_path / "runs" / "test" / "04_evaluate" / r).mkdir(parents=True)
+        direction.save_activations(P.run_dir(tmp_path, "04_evaluate", r) / direction.ACTIVATIONS, acts,
+                                   [it["id"] for it in items])
     monkeypatch.setenv("PERSONA_EM_JUDGE_KEY", SENTINEL)
     done = subprocess.run([sys.executable, "-m", "papermill", str(root / "notebooks" / "04_evaluate.ipynb"),
                            str(tmp_path / "04_evaluate.ipynb"), "-k", "persona-em", "-p", "profile_path", str(path),
