@@ -47,16 +47,11 @@ def main() -> None:
     ood = [it for it in items if fold_of[it["id"]] == "readout" and it["split"] == "out_of_domain"]
     scale = max(P.direction.steer_scales)
     base, tok = models.load_model(P.model, hw=P.hardware)
-    harmful = [models.load_model(P.model, P.adapters(root, r), hw=P.hardware)[0] for r in P.em_runs()
-               if r.startswith("base__") and config.parse_model(r)["harmful"]]
+    harmful = [models.load_model(P.model, P.adapters(root, r), hw=P.hardware)[0] for r in direction.ablated_runs(P)]
     rows = []
     for layer in sorted(set(range(0, len(vector), a.every)) | {len(vector) - 1}):
-        changes = [direction.steering(base, tok, ood, vector[layer], layer, [scale], a.random, P.seed,
-                                      P.evaluate.batch_size)]
-        changes += [direction.ablation(m, tok, ood, vector[layer], a.random, P.seed, P.evaluate.batch_size)
-                    for m in harmful]
-        changes = pd.concat(changes).groupby(["intervention", "scale", "item_id"], as_index=False, sort=False)[
-            ["direction", "random"]].mean()
+        changes = direction.validate(base, harmful, tok, ood, vector[layer], layer, [scale], a.random, P.seed,
+                                     P.evaluate.batch_size)
         rows.append(direction.validation_summary(changes).assign(layer=layer))
         print(f"layer {layer}: {time.perf_counter() - start:.0f} s", flush=True)
     table = pd.concat(rows, ignore_index=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from persona_em import analysis, config, direction, em, evaluate, models, plots, provenance, stats, training
+from persona_em import analysis, config, direction, em, models, plots, provenance, stats, training
 
 
 def main() -> None:
@@ -60,38 +60,25 @@ def main() -> None:
 
     # the readout of every evaluated model of the run
     div = pd.read_csv(P.run_dir(root, "01_generate") / "diversity.csv")
-    frames, seconds = [], []
+    tables, seconds = {}, []
     for k, m in enumerate(P.eval_models()):
         model, tok = models.load_model(P.model, P.adapters(root, m), hw=P.hardware)
         start = time.perf_counter()
-        table = direction.readout(direction.answer_activations(model, tok, held_out, P.evaluate.batch_size),
-                                  held_out, vector, fold_of)
+        tables[m] = direction.readout(direction.answer_activations(model, tok, held_out, P.evaluate.batch_size),
+                                      held_out, vector, fold_of)
         seconds.append(time.perf_counter() - start)
-        frames.append(table.assign(measure="direction", model=m, **config.parse_model(m)))
         if k % 10 == 0:
             print(f"readout {k + 1}/{len(P.eval_models())}: {seconds[-1]:.1f} s", flush=True)
-    readout = pd.concat(frames, ignore_index=True)
-    split_of = {it["id"]: it["split"] for it in items}
-    readout["split"] = readout["item_id"].map(split_of)
-    after = readout["phase"] == "after"
-    readout.loc[after, "split"] = [evaluate.split_for(d, P.contrast_domain(e)) for d, e in
-                                   zip(readout.loc[after, "domain"], readout.loc[after, "em_domain"])]
-    readout = readout.merge(div[["constitution", "level", "char_seed", "vendi"]],
-                            on=["constitution", "level", "char_seed"], how="left")
+    readout = analysis.readout_frame(P, tables, div)
 
     # validation: steering the untrained base, ablating from the base after harmful EM
     start = time.perf_counter()
     ood = [it for it in held_out if it["split"] == "out_of_domain"]
-    model, tok = models.load_model(P.model, hw=P.hardware)
-    changes = [direction.steering(model, tok, ood, vector[layer], layer, P.direction.steer_scales,
-                                  P.direction.random_directions, P.seed, P.evaluate.batch_size)]
-    for r in [r for r in P.em_runs() if r.startswith("base__") and config.parse_model(r)["harmful"]]:
-        model, tok = models.load_model(P.model, P.adapters(root, r), hw=P.hardware)
-        changes.append(direction.ablation(model, tok, ood, vector[layer], P.direction.random_directions, P.seed,
-                                          P.evaluate.batch_size))
-    changes = pd.concat(changes, ignore_index=True).groupby(["intervention", "scale", "item_id"], as_index=False,
-                                                            sort=False)[["direction", "random"]].mean()
-    validation = direction.validation_summary(changes)
+    base, tok = models.load_model(P.model, hw=P.hardware)
+    harmful = (models.load_model(P.model, P.adapters(root, r), hw=P.hardware)[0] for r in direction.ablated_runs(P))
+    validation = direction.validation_summary(direction.validate(
+        base, harmful, tok, ood, vector[layer], layer, P.direction.steer_scales, P.direction.random_directions,
+        P.seed, P.evaluate.batch_size))
     timing["validation"] = time.perf_counter() - start
 
     # the EM shift along the direction, analysed as the primary outcome is

@@ -29,13 +29,29 @@ def results_table(P, root) -> tuple[pd.DataFrame, pd.DataFrame]:
         judged = pd.read_csv(run_dir / "scores.csv").rename(columns={"question_id": "item_id"})
         frames.append(judged.assign(measure="judge", split="out_of_domain", domain="general", model=m, **info))
     results = pd.concat(frames, ignore_index=True)
-    # after EM, "in domain" is the domain of the EM dataset that model was trained on
-    after = (results["phase"] == "after") & (results["measure"] == "contrast")
-    results.loc[after, "split"] = [evaluate.split_for(d, P.contrast_domain(e)) for d, e in
-                                   zip(results.loc[after, "domain"], results.loc[after, "em_domain"])]
-    results = results.merge(div[["constitution", "level", "char_seed", "vendi"]],
-                            on=["constitution", "level", "char_seed"], how="left")
-    return results, div
+    return with_design(P, results, div, results["measure"] == "contrast"), div
+
+
+def with_design(P, frame: pd.DataFrame, div: pd.DataFrame, itemised: pd.Series) -> pd.DataFrame:
+    """After EM, "in domain" is the domain of the EM dataset that model was trained on: the `itemised` rows' split
+    re-read from their item's domain; and the measured diversity (Vendi) of each condition's own subset joined."""
+    after = (frame["phase"] == "after") & itemised
+    frame.loc[after, "split"] = [evaluate.split_for(d, P.contrast_domain(e)) for d, e in
+                                 zip(frame.loc[after, "domain"], frame.loc[after, "em_domain"])]
+    return frame.merge(div[["constitution", "level", "char_seed", "vendi"]], on=["constitution", "level", "char_seed"],
+                       how="left")
+
+
+def readout_frame(P, tables: dict[str, pd.DataFrame], div: pd.DataFrame) -> pd.DataFrame:
+    """Models' readouts (model id -> chapter 4's `readout.csv` table) as `measure = direction` rows shaped like the
+    results table: the model's design columns, each item's split, the condition's Vendi score."""
+    from . import direction
+
+    split_of = {it["id"]: it["split"] for it in direction.items(P)}
+    out = pd.concat([t.assign(measure="direction", model=m, **config.parse_model(m)) for m, t in tables.items()],
+                    ignore_index=True)
+    out["split"] = out["item_id"].map(split_of)
+    return with_design(P, out, div, pd.Series(True, index=out.index))
 
 
 def readout_table(P, root, div: pd.DataFrame, layer: int | None = None) -> pd.DataFrame:
@@ -44,29 +60,20 @@ def readout_table(P, root, div: pd.DataFrame, layer: int | None = None) -> pd.Da
     table. Raises if two models read different directions (their manifests record its digest)."""
     from . import direction
 
-    split_of = {it["id"]: it["split"] for it in direction.items(P)}
-    frames, digests, seconds = [], {}, []
+    tables, digests, seconds = {}, {}, []
     for m in P.eval_models():
         run_dir = P.run_dir(root, "04_evaluate", m)
         manifest = json.loads((run_dir / "manifest.json").read_text())
         digests[m] = manifest.get("direction_digest")
         seconds.append(manifest.get("direction_seconds", np.nan))
         frame = pd.read_csv(run_dir / direction.READOUT)
-        if layer is not None:
-            frame = frame[frame["layer"] == layer]
-        frames.append(frame.assign(measure="direction", model=m, **config.parse_model(m)))
+        tables[m] = frame if layer is None else frame[frame["layer"] == layer]
     if len(set(digests.values())) != 1:
         first = next(iter(digests))
         other = next(m for m, d in digests.items() if d != digests[first])
         raise ValueError(f"models read different misalignment directions: {first} {digests[first]}, "
                          f"{other} {digests[other]} (re-run chapter 4 for the stale ones)")
-    out = pd.concat(frames, ignore_index=True)
-    out["split"] = out["item_id"].map(split_of)
-    after = out["phase"] == "after"
-    out.loc[after, "split"] = [evaluate.split_for(d, P.contrast_domain(e)) for d, e in
-                               zip(out.loc[after, "domain"], out.loc[after, "em_domain"])]
-    out = out.merge(div[["constitution", "level", "char_seed", "vendi"]], on=["constitution", "level", "char_seed"],
-                    how="left")
+    out = readout_frame(P, tables, div)
     out.attrs["direction_digest"] = next(iter(digests.values()))
     out.attrs["seconds_per_model"] = float(np.nanmean(seconds))   # the readout's added cost in chapter 4
     return out

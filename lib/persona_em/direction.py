@@ -193,13 +193,18 @@ def digest(direction: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(direction, dtype=np.float32).tobytes()).hexdigest()[:16]
 
 
-def save_activations(path: Path, acts: np.ndarray, item_ids: list[str]) -> None:
+def _save(path: Path, name: str, array: np.ndarray, metadata: dict) -> None:
+    """One float32 tensor with JSON metadata, written under a temporary name and renamed when complete."""
     from safetensors.numpy import save_file
 
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"activations": np.ascontiguousarray(acts, dtype=np.float32)}, str(tmp),
-              metadata={"item_ids": json.dumps(item_ids)})
+    save_file({name: np.ascontiguousarray(array, dtype=np.float32)}, str(tmp),
+              metadata={k: json.dumps(v) for k, v in metadata.items()})
     tmp.replace(path)
+
+
+def save_activations(path: Path, acts: np.ndarray, item_ids: list[str]) -> None:
+    _save(path, "activations", acts, {"item_ids": item_ids})
 
 
 def load_activations(path: Path) -> tuple[np.ndarray, list[str]]:
@@ -306,12 +311,7 @@ def record(P, root, model_id: str, model, tok, out: Path, run, batch_size: int =
 
 def save_direction(path: Path, direction: np.ndarray, layer: int, meta: dict) -> None:
     """The direction, every layer, with what it was estimated from (runs, seeds, items) and the chosen layer."""
-    from safetensors.numpy import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"direction": np.ascontiguousarray(direction, dtype=np.float32)}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in (meta | {"layer": layer, "digest": digest(direction)}).items()})
-    tmp.replace(path)
+    _save(path, "direction", direction, meta | {"layer": layer, "digest": digest(direction)})
 
 
 # -- validation: steering and ablation --------------------------------------------------------------------------
@@ -356,6 +356,24 @@ def ablation(model, tok, item_list: list[dict], vector: np.ndarray, n_random: in
             rand.append(_margins(model, tok, item_list, batch_size) - base)
     return pd.DataFrame({"intervention": "ablate", "scale": 1.0, "item_id": [it["id"] for it in item_list],
                          "direction": d, "random": np.mean(rand, 0)})
+
+
+def ablated_runs(P) -> list[str]:
+    """The EM-trained models the direction is ablated from: the untrained base after harmful EM, every study seed
+    (the direction runs are not among them)."""
+    from .config import parse_model
+
+    return [r for r in P.em_runs() if parse_model(r)["condition"] == "base" and parse_model(r)["harmful"]]
+
+
+def validate(base, harmful_models, tok, item_list: list[dict], vector: np.ndarray, layer: int, scales: list[float],
+             n_random: int, seed: int, batch_size: int = 16) -> pd.DataFrame:
+    """Chapter 5's validation: `steering` of the untrained `base` and `ablation` from each of `harmful_models` (an
+    iterable, so a caller may load them one at a time), per item, the ablations averaged over the models."""
+    changes = [steering(base, tok, item_list, vector, layer, scales, n_random, seed, batch_size)]
+    changes += [ablation(m, tok, item_list, vector, n_random, seed, batch_size) for m in harmful_models]
+    return pd.concat(changes, ignore_index=True).groupby(["intervention", "scale", "item_id"], as_index=False,
+                                                         sort=False)[["direction", "random"]].mean()
 
 
 def validation_summary(changes: pd.DataFrame) -> pd.DataFrame:
