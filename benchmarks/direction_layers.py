@@ -50,9 +50,9 @@ def main() -> None:
     harmful = [models.load_model(P.model, P.adapters(root, r), hw=P.hardware)[0] for r in direction.ablated_runs(P)]
     rows = []
     for layer in sorted(set(range(0, len(vector), a.every)) | {len(vector) - 1}):
-        changes = direction.validate(base, harmful, tok, ood, vector[layer], layer, [scale], a.random, P.seed,
-                                     P.evaluate.batch_size)
-        rows.append(direction.validation_summary(changes).assign(layer=layer))
+        changes = direction.validate(base, harmful, tok, ood, vector, {f"layer {layer}": layer}, [scale], a.random,
+                                     P.seed, P.evaluate.batch_size)
+        rows.append(direction.validation_summary(changes))
         print(f"layer {layer}: {time.perf_counter() - start:.0f} s", flush=True)
     table = pd.concat(rows, ignore_index=True)
     provenance.atomic_write_csv(out / "layers.csv", table)

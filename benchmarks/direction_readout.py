@@ -56,7 +56,8 @@ def main() -> None:
     vector = direction.estimate(P, runs)
     stability = direction.stability(P, runs)
     separation = direction.separation(P, runs)
-    layer = analysis.direction_layer(separation)
+    layer = analysis.direction_layer(stability)
+    layers = {"stability": layer, "separation": analysis.separation_layer(separation)}
 
     # the readout of every evaluated model of the run
     div = pd.read_csv(P.run_dir(root, "01_generate") / "diversity.csv")
@@ -77,7 +78,7 @@ def main() -> None:
     base, tok = models.load_model(P.model, hw=P.hardware)
     harmful = (models.load_model(P.model, P.adapters(root, r), hw=P.hardware)[0] for r in direction.ablated_runs(P))
     validation = direction.validation_summary(direction.validate(
-        base, harmful, tok, ood, vector[layer], layer, P.direction.steer_scales, P.direction.random_directions,
+        base, harmful, tok, ood, vector, layers, P.direction.steer_scales, P.direction.random_directions,
         P.seed, P.evaluate.batch_size))
     timing["validation"] = time.perf_counter() - start
 
@@ -92,7 +93,7 @@ def main() -> None:
                         ("shift_summary", summary), ("slope", slope), ("readout", readout)]:
         provenance.atomic_write_csv(out / f"{name}.csv", frame)
     plots.set_style()
-    plots.save(plots.direction_overview(stability, separation, analysis.direction_by_layer(readout), layer), out,
+    plots.save(plots.direction_overview(stability, separation, analysis.direction_by_layer(readout), layers), out,
                "direction_by_layer")
     plots.save(plots.direction_validation(validation), out, "direction_validation")
     plots.save(plots.em_effect_by_diversity(summary, "EM shift along the direction\n(harmful - benign twin)",

@@ -113,6 +113,40 @@ def test_interventions_report_per_item_changes_against_random_controls(smollm, i
         2.5706 * x.std(ddof=1) / np.sqrt(len(x)), rel=1e-3)   # t(0.975, 5)
 
 
+def test_validation_runs_each_rule_s_layer_once_and_reports_both(smollm, items):
+    """Two rules choosing different layers give one set of rows each, from that layer's direction; rules that
+    agree share one run; the numbers for the paper come from the read-out rule, the registered one beside them."""
+    model, tok = smollm
+    vec = np.random.default_rng(4).standard_normal((model.config.num_hidden_layers, model.config.hidden_size)) * 5
+    changes = direction.validate(model, [model], tok, items, vec, {"stability": 6, "separation": 3}, [1.0], 2, 0)
+    assert set(changes["rule"]) == {"stability", "separation"} and len(changes) == 2 * 2 * len(items)
+    for rule, k in (("stability", 6), ("separation", 3)):   # each rule's rows come from its own layer's direction
+        rows = changes[(changes["rule"] == rule) & (changes["intervention"] == "steer")]
+        alone = direction.steering(model, tok, items, vec[k], k, [1.0], 2, 0)
+        np.testing.assert_allclose(rows["direction"], alone["direction"], atol=1e-6)
+        rows = changes[(changes["rule"] == rule) & (changes["intervention"] == "ablate")]
+        np.testing.assert_allclose(rows["direction"], direction.ablation(model, tok, items, vec[k], 2, 0)["direction"],
+                                   atol=1e-6)
+    same = direction.validate(model, [model], tok, items, vec, {"stability": 6, "separation": 6}, [1.0], 2, 0)
+    a, b = (same[same["rule"] == r].reset_index(drop=True) for r in ("stability", "separation"))
+    pd.testing.assert_frame_equal(a.drop(columns="rule"), b.drop(columns="rule"))
+    summary = direction.validation_summary(changes)
+    assert {"rule", "layer"} <= set(summary.columns) and (summary["n_items"] == len(items)).all()
+    n_layers = model.config.num_hidden_layers
+    stab = pd.DataFrame({"seed_a": 1, "seed_b": 2, "layer": range(n_layers), "cosine": np.linspace(0, 1, n_layers)})
+    stab.loc[stab["layer"] == 6, "cosine"] = 2.0
+    sep = pd.DataFrame({"layer": range(n_layers), "shift": 1.0, "se": 1.0, "t": 1.0})
+    sep.loc[sep["layer"] == 3, "t"] = 9.0
+    shift = pd.DataFrame({"diversity": ["untrained"], "split": ["out_of_domain"], "mean": [0.5], "ci_low": [0.1],
+                          "ci_high": [0.9]})
+    nums = analysis.direction_numbers(analysis.direction_layer(stab), stab, sep, summary, shift, 3.0)
+    assert nums["direction_layer"] == 6 and nums["direction_registered_layer"] == 3
+    for key, rule in (("direction_ablate", "stability"), ("direction_registered_ablate", "separation")):
+        assert nums[key] == pytest.approx(summary.query(
+            f"rule == '{rule}' and intervention == 'ablate' and vector == 'direction'")["mean"].iloc[0])
+    assert nums["direction_ablate"] != pytest.approx(nums["direction_registered_ablate"])
+
+
 def test_random_controls_have_the_norm_of_the_direction():
     v = np.arange(1.0, 9.0)
     r = direction.random_like(v, 5, seed=0)
@@ -158,7 +192,7 @@ def test_estimate_stability_and_layer_choice_on_known_activations(root):
     by_layer = stab.set_index("layer")["cosine"]
     assert by_layer[2] > 0.9 and by_layer[0] < 0.6
     sep = direction.separation(P, runs)
-    assert analysis.direction_layer(sep) == 2
+    assert analysis.direction_layer(stab) == 2 and analysis.separation_layer(sep) == 2
 
 
 def test_direction_and_layer_come_from_the_direction_fold_alone(root):
@@ -172,7 +206,8 @@ def test_direction_and_layer_come_from_the_direction_fold_alone(root):
     est = direction.estimate(P, runs)
     assert direction.cosine_by_layer(est, fold_vec)[2] > 0.95
     assert np.abs(est[[1, 3]]).max() < 1.0   # the readout fold's shift (norm about 20) is absent
-    assert analysis.direction_layer(direction.separation(P, runs)) == 2
+    assert analysis.direction_layer(direction.stability(P, runs)) == 2
+    assert analysis.separation_layer(direction.separation(P, runs)) == 2
 
 
 def test_profile_refuses_direction_seeds_the_study_uses(root, tmp_path):

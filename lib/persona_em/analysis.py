@@ -79,10 +79,17 @@ def readout_table(P, root, div: pd.DataFrame, layer: int | None = None) -> pd.Da
     return out
 
 
-def direction_layer(separation: pd.DataFrame) -> int:
-    """The layer read out: where the direction runs' harmful models sit furthest above their benign twins along
-    the direction on held-out items, in standard errors (the direction's own data and the study's models play
-    no part in the choice)."""
+def direction_layer(stability: pd.DataFrame) -> int:
+    """The layer read out: where directions estimated from disjoint EM seeds agree most (mean cosine over seed
+    pairs), i.e. where the direction runs determine the direction best. Only the direction runs on the direction
+    half of the items play a part in the choice."""
+    return int(stability.groupby("layer")["cosine"].mean().idxmax())
+
+
+def separation_layer(separation: pd.DataFrame) -> int:
+    """The layer the registered rule chose (reported beside the one read out): where the direction runs' harmful
+    models sit furthest above their benign twins along the direction of the other seeds, in standard errors over
+    the direction half's items."""
     return int(separation.loc[separation["t"].idxmax(), "layer"])
 
 
@@ -310,20 +317,26 @@ def _test_numbers(tests: pd.DataFrame) -> dict:
 def direction_numbers(layer: int, stability: pd.DataFrame, separation: pd.DataFrame, validation: pd.DataFrame,
                       summary: pd.DataFrame, seconds_per_model: float) -> dict:
     """The misalignment direction's numbers: the layer read out, its stability there (and the lowest over
-    layers), the held-out separation, steering and ablation with their random controls, the untrained base's EM
-    shift along it, and what the readout adds per evaluated model."""
+    layers), the held-out separation, steering and ablation with their random controls at the layer read out
+    (`validation` rows with `rule` = "stability") and at the registered rule's layer (`rule` = "separation",
+    keys `direction_registered_*`), the untrained base's EM shift along it, and what the readout adds per
+    evaluated model."""
     at = stability[stability["layer"] == layer]["cosine"]
     sep = separation.set_index("layer").loc[layer]
+    registered = separation_layer(separation)
     out = {"direction_layer": int(layer), "direction_n_seeds": int(stability[["seed_a", "seed_b"]].stack().nunique()),
            "direction_stability": float(at.mean()),
            "direction_stability_min": float(stability.groupby("layer")["cosine"].mean().min()),
-           "direction_separation_t": float(sep["t"]), "direction_seconds_per_model": float(seconds_per_model)}
+           "direction_separation_t": float(sep["t"]), "direction_seconds_per_model": float(seconds_per_model),
+           "direction_registered_layer": registered,
+           "direction_registered_stability": float(stability[stability["layer"] == registered]["cosine"].mean())}
     top = validation[validation["intervention"] == "steer"]["scale"].max()   # the paper quotes the largest
     out["direction_steer_scale"] = int(top) if float(top).is_integer() else float(top)
     for _, r in validation.iterrows():
-        keys = [f"direction_{r['intervention']}"]
+        prefix = {"stability": "direction_", "separation": "direction_registered_"}[r["rule"]]
+        keys = [f"{prefix}{r['intervention']}"]
         if r["intervention"] == "steer":
-            keys = [f"direction_steer_x{r['scale']:g}".replace(".", "p")] + (keys if r["scale"] == top else [])
+            keys = [f"{prefix}steer_x{r['scale']:g}".replace(".", "p")] + (keys if r["scale"] == top else [])
         for key in keys:
             key += {"direction": "", "random": "_random", "direction - random": "_vs_random"}[r["vector"]]
             out.update({key: float(r["mean"]), f"{key}_low": float(r["ci_low"]), f"{key}_high": float(r["ci_high"])})

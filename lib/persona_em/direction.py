@@ -10,7 +10,7 @@ reported to resist movement along it. This module measures that for every evalua
   estimates the direction, the *readout* fold is what every model is measured on.
 - **Direction**, per layer: mean activation of the untrained base after harmful EM minus after its benign
   twin, on the direction fold, over EM seeds of its own (`direction.em_seeds`, no evaluated model's). Its
-  stability is the cosine between estimates from disjoint seeds.
+  stability is the cosine between estimates from disjoint seeds; the layer read out is the most stable one.
 - **Readout**: each evaluated model's activation on each readout item projected on the unit direction of its
   layer. The EM shift (after minus before, harmful minus benign twin) is chapter 5's secondary outcome.
 - **Validation** (causal): adding the direction to the untrained model's residual stream at one layer should
@@ -366,28 +366,36 @@ def ablated_runs(P) -> list[str]:
     return [r for r in P.em_runs() if parse_model(r)["condition"] == "base" and parse_model(r)["harmful"]]
 
 
-def validate(base, harmful_models, tok, item_list: list[dict], vector: np.ndarray, layer: int, scales: list[float],
-             n_random: int, seed: int, batch_size: int = 16) -> pd.DataFrame:
-    """Chapter 5's validation: `steering` of the untrained `base` and `ablation` from each of `harmful_models` (an
-    iterable, so a caller may load them one at a time), per item, the ablations averaged over the models."""
-    changes = [steering(base, tok, item_list, vector, layer, scales, n_random, seed, batch_size)]
-    changes += [ablation(m, tok, item_list, vector, n_random, seed, batch_size) for m in harmful_models]
-    return pd.concat(changes, ignore_index=True).groupby(["intervention", "scale", "item_id"], as_index=False,
-                                                         sort=False)[["direction", "random"]].mean()
+def validate(base, harmful_models, tok, item_list: list[dict], direction: np.ndarray, layers: dict[str, int],
+             scales: list[float], n_random: int, seed: int, batch_size: int = 16) -> pd.DataFrame:
+    """Chapter 5's validation at each layer of `layers` (rule -> layer; rules that agree share one run):
+    `steering` of the untrained `base` with the direction of that layer (`direction`: [layers, hidden]) and its
+    `ablation` from each of `harmful_models` (an iterable, so a caller may load them one at a time), per item, the
+    ablations averaged over the models. One row per rule, intervention, scale and item."""
+    unique = sorted(set(layers.values()))
+    changes = [steering(base, tok, item_list, direction[k], k, scales, n_random, seed, batch_size).assign(layer=k)
+               for k in unique]
+    for m in harmful_models:
+        changes += [ablation(m, tok, item_list, direction[k], n_random, seed, batch_size).assign(layer=k)
+                    for k in unique]
+    per_item = pd.concat(changes, ignore_index=True).groupby(["layer", "intervention", "scale", "item_id"],
+                                                             as_index=False, sort=False)[["direction", "random"]].mean()
+    return pd.concat([per_item[per_item["layer"] == k].assign(rule=r) for r, k in layers.items()], ignore_index=True)
 
 
 def validation_summary(changes: pd.DataFrame) -> pd.DataFrame:
     """Mean margin change with its 95% t interval over items, for the direction, for the random control and for
-    their paired difference per item, per intervention and scale (the items are the sample here: one fixed
-    direction)."""
+    their paired difference per item, per intervention and scale (and rule and layer, where `changes` has them;
+    the items are the sample here: one fixed direction)."""
     from scipy import stats as st
 
+    keys = [c for c in ("rule", "layer") if c in changes] + ["intervention", "scale"]
     rows = []
-    for (inter, scale), g in changes.groupby(["intervention", "scale"], sort=False):
+    for key, g in changes.groupby(keys, sort=False):
         for which in ("direction", "random", "direction - random"):
             x = (g["direction"] - g["random"] if which == "direction - random" else g[which]).to_numpy()
             m, se = x.mean(), x.std(ddof=1) / np.sqrt(len(x))
             h = st.t.ppf(0.975, len(x) - 1) * se
-            rows.append({"intervention": inter, "scale": scale, "vector": which, "mean": m, "ci_low": m - h,
-                         "ci_high": m + h, "n_items": len(x)})
+            rows.append(dict(zip(keys, key)) | {"vector": which, "mean": m, "ci_low": m - h, "ci_high": m + h,
+                                                "n_items": len(x)})
     return pd.DataFrame(rows)

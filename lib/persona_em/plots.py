@@ -356,17 +356,18 @@ def tour_in_reference(reference: pd.DataFrame, tour_margin: float, tour_effect: 
     return fig
 
 
-def direction_overview(stability: pd.DataFrame, separation: pd.DataFrame, by_layer: pd.DataFrame, layer: int):
-    """The misalignment direction by layer: (a) its stability, the cosine between estimates from disjoint EM seeds;
-    (b) the separation of each direction run's harmful model from its benign twin along the direction of the other
-    seeds, in standard errors over items, which chooses the layer read out (dashed); (c) how far harmful EM and its benign twin move the untrained base
-    and the random-LoRA controls along it out of domain (mean projection after EM minus before)."""
+def direction_overview(stability: pd.DataFrame, separation: pd.DataFrame, by_layer: pd.DataFrame,
+                       layers: dict[str, int]):
+    """The misalignment direction by layer: (a) its stability, the cosine between estimates from disjoint EM seeds,
+    which chooses the layer read out (dashed); (b) the separation of each direction run's harmful model from its
+    benign twin along the direction of the other seeds, in standard errors over items (the registered rule's
+    choice, dotted); (c) how far harmful EM and its benign twin move the untrained base and the random-LoRA
+    controls along it out of domain (mean projection after EM minus before). `layers`: rule -> layer."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for (a, b), g in stability.groupby(["seed_a", "seed_b"]):
         axes[0].plot(g["layer"], g["cosine"], "o-", ms=3, label=f"seeds {a} vs {b}")
     axes[0].set(xlabel="layer (block output)", ylabel="cosine", ylim=(-0.1, 1.05),
                 title="(a) stability across disjoint EM seeds")
-    axes[0].legend(fontsize=8)
     axes[1].plot(separation["layer"], separation["t"], "o-", ms=3, color="0.25")
     axes[1].set(xlabel="layer (block output)", ylabel="harmful - benign twin (SE units)",
                 title="(b) separation, held-out seeds")
@@ -377,31 +378,44 @@ def direction_overview(stability: pd.DataFrame, separation: pd.DataFrame, by_lay
     axes[2].axhline(0, color="0.4", lw=0.8)
     axes[2].set(xlabel="layer (block output)", ylabel="projection after EM - before",
                 title="(c) controls, out of domain")
-    axes[2].legend(fontsize=7)
-    for ax in axes[1:]:
-        ax.axvline(layer, color="0.5", ls="--", lw=0.8)
+    for ax in axes:
+        ax.axvline(layers["stability"], color="0.3", ls="--", lw=0.9, label=f"read out (layer {layers['stability']})")
+        if layers.get("separation", layers["stability"]) != layers["stability"]:
+            ax.axvline(layers["separation"], color="0.6", ls=":", lw=0.9,
+                       label=f"registered rule (layer {layers['separation']})")
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
 def direction_validation(summary: pd.DataFrame):
     """Steering and ablation: the change in the out-of-domain misalignment margin when the direction (or a random
-    direction of the same norm) is added to the untrained base at the chosen layer, or projected out of an
-    EM-trained model; 95% t intervals over items."""
+    direction of the same norm) is added to the untrained base at a layer, or projected out of an EM-trained
+    model; one panel per layer rule (the layer read out first); 95% t intervals over items."""
     summary = summary[summary["vector"] != "direction - random"]
     summary = summary.assign(label=[f"{i} x{s:g}" if i == "steer" else i
                                     for i, s in zip(summary["intervention"], summary["scale"])])
     labels = list(dict.fromkeys(summary["label"]))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(labels), 3.6))
+    read_out = set(summary.loc[summary["rule"] == "stability", "layer"])
+    panels = [(key, g) for key, g in summary.groupby(["rule", "layer"], sort=False)
+              if key[0] == "stability" or key[1] not in read_out]   # one panel per layer
+    titles = {"stability": "read out", "separation": "registered rule"}
+    fig, axes = plt.subplots(1, len(panels), figsize=((1.6 + 1.3 * len(labels)) * len(panels), 3.6),
+                             sharey=True, squeeze=False)
     colors = dict(zip(["direction", "random"], sns.color_palette(PALETTE, 2)))
-    for k, which in enumerate(["direction", "random"]):
-        g = summary[summary["vector"] == which].set_index("label").loc[labels]
-        x = np.arange(len(labels)) + (k - 0.5) * 0.3
-        ax.errorbar(x, g["mean"], yerr=[g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]], fmt="o",
-                    capsize=3, color=colors[which], label="misalignment direction" if k == 0 else "random, same norm")
-    ax.axhline(0, color="0.4", lw=0.8)
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set(ylabel="change in misalignment margin\n(out of domain)", title="Steering the base, ablating from EM")
-    ax.legend(fontsize=8)
+    for ax, ((rule, layer), panel) in zip(axes[0], panels):
+        for k, which in enumerate(["direction", "random"]):
+            g = panel[panel["vector"] == which].set_index("label").loc[labels]
+            x = np.arange(len(labels)) + (k - 0.5) * 0.3
+            ax.errorbar(x, g["mean"], yerr=[g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]], fmt="o",
+                        capsize=3, color=colors[which],
+                        label="misalignment direction" if k == 0 else "random, same norm")
+        ax.axhline(0, color="0.4", lw=0.8)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_title(f"{titles.get(rule, rule)}: layer {layer}")
+    axes[0][0].set_ylabel("change in misalignment margin\n(out of domain)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Steering the base, ablating from EM", fontsize=11)
     fig.tight_layout()
     return fig
