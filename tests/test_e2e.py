@@ -347,7 +347,7 @@ def test_reference_collects_the_small_artifacts(run, root, tmp_path):
     example = f"candor-L{max(P.generate.levels)}-s0"
     dest = collect(P, root, tmp_path / "ref", example)
     assert {"results.csv", "tests.csv", "gate.csv", "effects.csv", "models.txt", "power.csv", "scorers.csv",
-            "pair_signal.csv"} <= {p.name for p in dest.iterdir()}
+            "pair_signal.csv", "direction_validation.csv", "direction.safetensors"} <= {p.name for p in dest.iterdir()}
     notebooks = sorted(p.name for p in (dest / "notebooks").iterdir())
     assert len(notebooks) == 5 and notebooks[0] == "01_generate.ipynb" and any(example in n for n in notebooks)
     # SHAS.md counts the run's notebook runs by the git state each was made at: here all at this checkout's SHA

@@ -1,5 +1,5 @@
 """Collect a finished run's small artifacts for committing as the reference run (`make reference`):
-the tables of chapter 5, the executed notebooks of chapters 1 and 5 and of one condition's path through
+the tables of chapter 5 and the misalignment direction with its provenance, the executed notebooks of chapters 1 and 5 and of one condition's path through
 chapters 2-4 (the others are the same notebook with other parameters), and the git SHAs they were made at.
 Figures, numbers and the PDF already live in figures/<profile>/ and paper/."""
 from __future__ import annotations
@@ -14,7 +14,8 @@ from .provenance import atomic_dir
 
 TABLES = ["results.csv", "tests.csv", "effects.csv", "models.txt", "gate.csv", "gate.json", "rewards.csv",
           "power.csv", "power_mde.csv", "persona_checks.csv", "persona_summary.csv", "teacher_check.csv",
-          "spread_effects.csv"]
+          "spread_effects.csv", "direction_stability.csv", "direction_separation.csv", "direction_validation.csv",
+          "direction.safetensors"]
 GENERATE_TABLES = ["scorers.csv", "pair_signal.csv", "pair_balance.csv", "diversity.csv"]
 
 
