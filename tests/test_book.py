@@ -104,6 +104,9 @@ def test_the_paper_is_prepared_for_pandoc_as_the_pdf_reads(root):
     assert "\\ifnum" not in out and "\\ifdefined" not in out and "\\cite{" not in out and "\\fi" not in out
     assert "best-of-n method instead" in out and "Trained \\HFiveLengthRatio" in out
     assert "read out at layer \\DirectionLayer" in out and "figures/tiny/direction_by_layer.png" in out
+    assert "the registered rule's choice" in out and "chooses the same layer" not in out   # no registered layer: differs
+    same = paper_for_pandoc(tex, macros | {"DirectionRegisteredLayer": "12"}, "tiny", "figures/tiny")
+    assert "chooses the same layer" in same and "the registered rule's choice" not in same and "\\fi" not in same
     assert "\\input{generated/\\profile/h5_length.tex}" in out and "[1]" in out
     assert "\\includegraphics{figures/tiny/design.png}" in out
     teacher = paper_for_pandoc(tex, {"PairsBestOfN": "0"}, "tiny", "figures/tiny")

@@ -113,6 +113,18 @@ def test_interventions_report_per_item_changes_against_random_controls(smollm, i
         2.5706 * x.std(ddof=1) / np.sqrt(len(x)), rel=1e-3)   # t(0.975, 5)
 
 
+def test_validation_runs_a_layer_two_rules_share_once(smollm, items, monkeypatch):
+    model, tok = smollm
+    vec = np.random.default_rng(4).standard_normal((model.config.num_hidden_layers, model.config.hidden_size))
+    calls = []
+    for name in ("steering", "ablation"):
+        real = getattr(direction, name)
+        monkeypatch.setattr(direction, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    out = direction.validate(model, [model, model], tok, items[:2], vec, {"stability": 6, "separation": 6}, [1.0], 1, 0)
+    assert sorted(calls) == ["ablation", "ablation", "steering"]   # one steering, one ablation per model
+    assert list(out["rule"].unique()) == ["stability", "separation"] and len(out) == 2 * 2 * 2
+
+
 def test_validation_runs_each_rule_s_layer_once_and_reports_both(smollm, items):
     """Two rules choosing different layers give one set of rows each, from that layer's direction; rules that
     agree share one run; the numbers for the paper come from the read-out rule, the registered one beside them."""

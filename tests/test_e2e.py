@@ -224,6 +224,8 @@ def test_analysis_figures_and_paper_numbers(run, root):
     assert len(stab) == 30 and stab["cosine"].between(-1, 1).all()
     val = pd.read_csv(d / "direction_validation.csv")
     assert set(val["intervention"]) == {"steer", "ablate"} and (val["n_items"] == 4).all()
+    assert set(val["rule"]) == {"stability", "separation"}
+    assert set(val["layer"]) == {meta["layer"], meta["registered_layer"]}
     assert (val["ci_low"] <= val["mean"]).all() and (val["mean"] <= val["ci_high"]).all()
     for fig in ("direction_by_layer", "direction_validation", "direction_shift_by_diversity", "design",
                 "em_effect_by_diversity", "diversity_by_level", "training_curves", "vendi_spread", "pool_map",
@@ -258,6 +260,7 @@ def test_analysis_figures_and_paper_numbers(run, root):
     for macro in ("GitSha", "GateResult", "GateStatement", "Primary", "PrimaryLow", "PrimaryFlag", "MdeRun",
                   "HTwoSlopeDifference", "EmOodRandom", "ScorerMainCvAuc", "GapSpreadMax", "Deviations",
                   "PersonaMarginOwn", "RunWallMinutes", "DirectionLayer", "DirectionStability", "DirectionSlope",
+                  "DirectionRegisteredLayer", "DirectionRegisteredAblateVsRandom", "DirectionRegisteredSlope",
                   "DirectionAblate", "DirectionAblateRandomLow", "DirectionSteer", "DirectionSteerXFour", "DirectionSecondsPerModel"):
         assert rf"\newcommand{{\{macro}}}" in numbers
     # the registration is for the tiny reference run: another profile is itself the deviation

@@ -315,12 +315,13 @@ def _test_numbers(tests: pd.DataFrame) -> dict:
 
 
 def direction_numbers(layer: int, stability: pd.DataFrame, separation: pd.DataFrame, validation: pd.DataFrame,
-                      summary: pd.DataFrame, seconds_per_model: float) -> dict:
+                      summary: pd.DataFrame, seconds_per_model: float, registered_fit: pd.DataFrame) -> dict:
     """The misalignment direction's numbers: the layer read out, its stability there (and the lowest over
     layers), the held-out separation, steering and ablation with their random controls at the layer read out
     (`validation` rows with `rule` = "stability") and at the registered rule's layer (`rule` = "separation",
-    keys `direction_registered_*`), the untrained base's EM shift along it, and what the readout adds per
-    evaluated model."""
+    keys `direction_registered_*`, with the EM shift's diversity slope there from `registered_fit`, an
+    `effects_table` outside the Holm family), the untrained base's EM shift along it, and what the readout adds
+    per evaluated model."""
     at = stability[stability["layer"] == layer]["cosine"]
     sep = separation.set_index("layer").loc[layer]
     registered = separation_layer(separation)
@@ -332,8 +333,9 @@ def direction_numbers(layer: int, stability: pd.DataFrame, separation: pd.DataFr
            "direction_registered_stability": float(stability[stability["layer"] == registered]["cosine"].mean())}
     top = validation[validation["intervention"] == "steer"]["scale"].max()   # the paper quotes the largest
     out["direction_steer_scale"] = int(top) if float(top).is_integer() else float(top)
-    for _, r in validation.iterrows():
-        prefix = {"stability": "direction_", "separation": "direction_registered_"}[r["rule"]]
+    prefixes = {"stability": "direction_", "separation": "direction_registered_"}
+    for _, r in validation[validation["rule"].isin(list(prefixes))].iterrows():
+        prefix = prefixes[r["rule"]]
         keys = [f"{prefix}{r['intervention']}"]
         if r["intervention"] == "steer":
             keys = [f"{prefix}steer_x{r['scale']:g}".replace(".", "p")] + (keys if r["scale"] == top else [])
@@ -343,6 +345,12 @@ def direction_numbers(layer: int, stability: pd.DataFrame, separation: pd.DataFr
     base = summary[(summary["diversity"] == "untrained") & (summary["split"] == "out_of_domain")]
     for suffix, k in (("", "mean"), ("_low", "ci_low"), ("_high", "ci_high")):
         out[f"direction_base_shift{suffix}"] = float(base[k].iloc[0]) if len(base) else float("nan")
+    t = registered_fit.set_index("term").loc["log2_level"]
+    out.update({f"direction_registered_slope{s}": float(t[k]) for s, k in
+                (("", "estimate"), ("_low", "ci_low"), ("_high", "ci_high"), ("_p", "p"))})
+    estimable = np.isfinite(t["estimate"]) and np.isfinite(t["p"])
+    out["direction_registered_slope_flag"] = (" [not estimable]" if not estimable else
+                                              "" if t["converged"] else " [fit did not converge]")
     return out
 
 

@@ -55,8 +55,9 @@ def paper_for_pandoc(tex: str, macros: dict[str, str], profile: str, figures: st
     tex = re.sub(r"\\InputIfFileExists\{([^}]+)\}\{\}\{\}",
                  lambda m: f"\\input{{{m.group(1)}}}" if m.group(1).replace("\\profile", profile) in present else "",
                  tex)
-    tex = re.sub(r"\\ifnum\\(\w+)=(\d+)\{\}(.*?)\\else\{\}(.*?)\\fi",
-                 lambda m: m.group(3) if macros.get(m.group(1)) == m.group(2) else m.group(4), tex, flags=re.S)
+    tex = re.sub(r"\\ifnum\\(\w+)=(\d+|\\\w+)\{\}(.*?)\\else\{\}(.*?)\\fi",   # a number or a macro's
+                 lambda m: m.group(3) if macros.get(m.group(1)) == (macros.get(m.group(2)[1:]) if m.group(2)[0] == "\\"
+                                                                     else m.group(2)) else m.group(4), tex, flags=re.S)
     tex = re.sub(r"\\ifdefined\\(\w+)\\ifx\\(\w+)\\(\w+)\{\}(.*?)\\fi\\fi",
                  lambda m: m.group(4) if m.group(1) in macros and macros.get(m.group(2)) == macros.get(m.group(3))
                  else "", tex, flags=re.S)

@@ -280,7 +280,8 @@ class DirectionConfig(Strict):
                                          "readout use, half each (None: all of the profile's EM domains and every "
                                          "out-of-domain item)")
     steer_scales: list[float] = Field([1.0, 4.0], min_length=1, description="validation: multiples of the "
-                                      "direction added to the untrained base's residual stream at the chosen layer")
+                                      "direction added to the untrained base's residual stream after the layer "
+                                      "read out (and the registered rule's layer)")
     random_directions: int = Field(8, ge=2, description="validation: random directions of the same norm, the "
                                    "control for steering and ablation")
 

@@ -255,9 +255,9 @@ def stability(P, runs) -> pd.DataFrame:
 def separation(P, runs) -> pd.DataFrame:
     """Per layer, how far the direction runs' harmful models sit above their benign twins along a direction they
     did not make: for each EM seed, the direction from the other seeds, the seed's own runs projected on it, on
-    the direction fold (so the layer chosen from it never reads the items every model is measured on). The mean
-    paired difference over items (averaged over held-out seeds), its standard error over items and their ratio,
-    which chooses the layer."""
+    the direction fold (so it never reads the items every model is measured on). The mean paired difference over
+    items (averaged over held-out seeds), its standard error over items and their ratio, the pre-registered rule
+    for the layer (reported beside the one read out: `analysis.separation_layer`)."""
     from .config import parse_model
 
     fold_of = folds(items(P), P.seed)

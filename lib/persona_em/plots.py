@@ -392,15 +392,20 @@ def direction_overview(stability: pd.DataFrame, separation: pd.DataFrame, by_lay
 def direction_validation(summary: pd.DataFrame):
     """Steering and ablation: the change in the out-of-domain misalignment margin when the direction (or a random
     direction of the same norm) is added to the untrained base at a layer, or projected out of an EM-trained
-    model; one panel per layer rule (the layer read out first); 95% t intervals over items."""
+    model; one panel per layer (`rule` "stability": the layer read out; "separation": the registered rule's; one
+    panel where they agree or `summary` has no rule); 95% t intervals over items."""
+    if "rule" not in summary:
+        summary = summary.assign(rule="stability", layer=summary.get("layer", "?"))
     summary = summary[summary["vector"] != "direction - random"]
     summary = summary.assign(label=[f"{i} x{s:g}" if i == "steer" else i
                                     for i, s in zip(summary["intervention"], summary["scale"])])
     labels = list(dict.fromkeys(summary["label"]))
     read_out = set(summary.loc[summary["rule"] == "stability", "layer"])
-    panels = [(key, g) for key, g in summary.groupby(["rule", "layer"], sort=False)
-              if key[0] == "stability" or key[1] not in read_out]   # one panel per layer
-    titles = {"stability": "read out", "separation": "registered rule"}
+    panels = sorted(((key, g) for key, g in summary.groupby(["rule", "layer"], sort=False)
+                     if key[0] == "stability" or key[1] not in read_out),   # one panel per layer, read out first
+                    key=lambda kg: kg[0][0] != "stability")
+    agree = len(set(summary["layer"])) == 1 and set(summary["rule"]) == {"stability", "separation"}
+    titles = {"stability": "read out = registered rule" if agree else "read out", "separation": "registered rule"}
     fig, axes = plt.subplots(1, len(panels), figsize=((1.6 + 1.3 * len(labels)) * len(panels), 3.6),
                              sharey=True, squeeze=False)
     colors = dict(zip(["direction", "random"], sns.color_palette(PALETTE, 2)))

@@ -1,6 +1,7 @@
 """Collect a finished run's small artifacts for committing as the reference run (`make reference`):
-the tables of chapter 5 and the misalignment direction with its provenance, the executed notebooks of chapters 1 and 5 and of one condition's path through
-chapters 2-4 (the others are the same notebook with other parameters), and the git SHAs they were made at.
+the tables of chapter 5 and the misalignment direction with its provenance, the executed notebooks of chapters
+1 and 5 and of one condition's path through chapters 2-4 (the others are the same notebook with other
+parameters), and the git SHAs they were made at.
 Figures, numbers and the PDF already live in figures/<profile>/ and paper/."""
 from __future__ import annotations
 
