@@ -151,8 +151,12 @@ def test_validation_runs_each_rule_s_layer_once_and_reports_both(smollm, items):
     sep.loc[sep["layer"] == 3, "t"] = 9.0
     shift = pd.DataFrame({"diversity": ["untrained"], "split": ["out_of_domain"], "mean": [0.5], "ci_low": [0.1],
                           "ci_high": [0.9]})
-    nums = analysis.direction_numbers(analysis.direction_layer(stab), stab, sep, summary, shift, 3.0)
+    fit = pd.DataFrame({"term": ["Intercept", "log2_level"], "estimate": [0.7, 0.02], "ci_low": [0.6, -0.01],
+                        "ci_high": [0.8, 0.05], "p": [1e-5, 0.2], "converged": [True, False]})
+    nums = analysis.direction_numbers(analysis.direction_layer(stab), stab, sep, summary, shift, 3.0, fit)
     assert nums["direction_layer"] == 6 and nums["direction_registered_layer"] == 3
+    assert nums["direction_registered_slope"] == 0.02 and nums["direction_registered_slope_p"] == 0.2
+    assert nums["direction_registered_slope_flag"] == " [fit did not converge]"
     for key, rule in (("direction_ablate", "stability"), ("direction_registered_ablate", "separation")):
         assert nums[key] == pytest.approx(summary.query(
             f"rule == '{rule}' and intervention == 'ablate' and vector == 'direction'")["mean"].iloc[0])
