@@ -45,6 +45,7 @@ def test_paper_macros(tmp_path):
     assert r"\newcommand{\SlopeIn}{-0.123}" in text and r"\newcommand{\NModels}{1{,}200}" in text
     assert r"\newcommand{\Profile}{my\_run}" in text
     assert paper.fmt(-0.000412) == r"\ensuremath{-4.12\times 10^{-4}}" and paper.fmt(0.0) == "0.000"
+    assert paper.fmt(9.99999e-7) == r"\ensuremath{1.00\times 10^{-6}}"   # the mantissa never rounds up to 10
 
 
 def _results(effect_by_level, n_items=30, seed=0):

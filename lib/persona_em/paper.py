@@ -29,8 +29,8 @@ def fmt(value, digits: int = 3) -> str:
         if math.isnan(value):
             return "n/a"
         if value != 0 and abs(value) < 10 ** -digits:  # tiny effects keep their size: -4.12 x 10^-4
-            exp = math.floor(math.log10(abs(value)))
-            return f"\\ensuremath{{{value / 10 ** exp:.2f}\\times 10^{{{exp}}}}}"
+            mantissa, exp = f"{value:.2e}".split("e")   # rounded once, so 9.999e-7 reads 1.00 x 10^-6
+            return f"\\ensuremath{{{mantissa}\\times 10^{{{int(exp)}}}}}"
         return f"{value:.{digits}f}"
     return str(value).replace("_", r"\_")
 
