@@ -297,6 +297,12 @@ def latex_text(s: str) -> str:
     return s.replace("\0", r"\textbackslash{}")
 
 
+def _fit_flag(term: pd.Series) -> str:
+    """What the paper prints beside a fitted term's estimate: nothing, or why it cannot be read as one."""
+    estimable = np.isfinite(term["estimate"]) and np.isfinite(term["p"])
+    return " [not estimable]" if not estimable else "" if term["converged"] else " [fit did not converge]"
+
+
 def _test_numbers(tests: pd.DataFrame) -> dict:
     """Per test: estimate, interval, df, p (and Holm p for secondary tests), and a flag that says when the
     estimate comes from a fit that did not converge (the paper prints it beside the number)."""
@@ -308,9 +314,7 @@ def _test_numbers(tests: pd.DataFrame) -> dict:
                "_df": t["df"]}
         out.update({f"{key}{k}": float(v) for k, v in est.items()})
         out[f"{key}_df"] = int(t["df"]) if np.isfinite(t["df"]) else "n/a"
-        estimable = np.isfinite(t["estimate"]) and np.isfinite(t["p"])
-        out[f"{key}_flag"] = (" [not estimable]" if not estimable else
-                              "" if t["converged"] else " [fit did not converge]")
+        out[f"{key}_flag"] = _fit_flag(t)
     return out
 
 
@@ -348,9 +352,7 @@ def direction_numbers(layer: int, stability: pd.DataFrame, separation: pd.DataFr
     t = registered_fit.set_index("term").loc["log2_level"]
     out.update({f"direction_registered_slope{s}": float(t[k]) for s, k in
                 (("", "estimate"), ("_low", "ci_low"), ("_high", "ci_high"), ("_p", "p"))})
-    estimable = np.isfinite(t["estimate"]) and np.isfinite(t["p"])
-    out["direction_registered_slope_flag"] = (" [not estimable]" if not estimable else
-                                              "" if t["converged"] else " [fit did not converge]")
+    out["direction_registered_slope_flag"] = _fit_flag(t)
     return out
 
 

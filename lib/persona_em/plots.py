@@ -383,7 +383,6 @@ def direction_overview(stability: pd.DataFrame, separation: pd.DataFrame, by_lay
         if layers.get("separation", layers["stability"]) != layers["stability"]:
             ax.axvline(layers["separation"], color="0.6", ls=":", lw=0.9,
                        label=f"registered rule (layer {layers['separation']})")
-    for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
