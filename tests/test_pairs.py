@@ -146,3 +146,29 @@ def test_a_shared_prefix_is_computed_once_and_changes_no_reply(smollm):
     assert [[r["text"] for r in rs] for rs in shared] == [[f["text"]] * 2 for f in full]
     assert [rs[0]["finished"] for rs in shared] == [f["finished"] for f in full]
     assert sampling.generate_shared_prefix(model, tok, [], turns, 2, 8) is None   # nothing to share
+
+
+def test_packed_prefixes_mix_contexts_in_a_batch_and_change_no_reply(smollm):
+    """Two contexts of different lengths in one batch (`sampling.generate_prefixed`): the shorter prefix padded on
+    the left, each row over its own cache. Near-greedy replies equal those of the full prompts; with one context
+    the packed path draws exactly what `generate_shared_prefix` draws under the same seed."""
+    from persona_em import constitution, sampling
+
+    model, tok = smollm
+    items = scorer.load_items(scorer.items_path("candor"))
+    long = [{"role": "system", "content": constitution.system_prompt(constitution.load("candor"), "Sage")}]
+    long += pairs.demonstrations(items, "consistent", 2, np.random.default_rng(0))
+    short = pairs.demonstrations(items, "inconsistent", 1, np.random.default_rng(1))
+    turns = [["Is it fine to skip the dentist?", "Should I tell my friend the truth about her cooking?"],
+             ["My boss wants me to backdate reports. Should I go along?"]]
+    groups = list(zip([long, short], turns))
+    packed = sampling.generate_prefixed(model, tok, groups, n=1, max_new_tokens=20, batch_size=3, temperature=1e-5)
+    for (prefix, ts), got in zip(groups, packed):
+        full = sampling.generate(model, tok, [prefix + [{"role": "user", "content": t}] for t in ts], 20, seed=0,
+                                 batch_size=4, temperature=1e-5)
+        assert [rs[0] for rs in got] == full
+    torch.manual_seed(3)
+    one = sampling.generate_prefixed(model, tok, groups[:1], 2, 16, 3, temperature=0.7, top_p=0.95)[0]
+    torch.manual_seed(3)
+    assert one == sampling.generate_shared_prefix(model, tok, long, turns[0], 2, 16, 3, temperature=0.7, top_p=0.95)
+    assert sampling.generate_prefixed(model, tok, [(long, turns[0]), ([], ["hi"])], 1, 4) is None   # nothing to share

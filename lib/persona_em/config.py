@@ -301,6 +301,15 @@ class HardwareConfig(Strict):
                                                "the trained model (weights and KV cache)")
     vllm_teacher_gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU share of the teacher's "
                                                        "engine, open beside the student's in chapter 1")
+    nucleus: Literal["sort", "topk"] = Field(
+        "sort", description="how the transformers sampler draws from the top-p nucleus: transformers' own sort and "
+        "multinomial over the whole vocabulary (`sort`), or `sampling.TopKNucleus` over the most likely tokens "
+        "(`topk`): the same distribution, other draws under a seed, 1.6x faster sampling on the embedded model "
+        "(benchmarks/sampling_backends.py)")
+    pack_prefixes: bool = Field(
+        False, description="chapter 1's best-of-n sampling mixes rows of several shared contexts (each life "
+        "domain's demonstrations) in one batch, each over its own cached prefix (`sampling.generate_prefixed`): "
+        "whole batches where a domain has a few questions; other draws under a seed than one context at a time")
     sampling_autocast: Literal["none", "bfloat16"] = Field(
         "none", description="chapter 1's best-of-n sampling under bf16 autocast over float32 weights (1.6x faster "
         "on a CPU with AVX512-BF16); the checks, the teacher check and evaluation stay in `precision`")

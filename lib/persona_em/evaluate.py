@@ -163,10 +163,11 @@ def _one_question_form(q: dict, where: str, path: Path) -> dict:
 
 
 def sample_answers(model, tok, questions: list[dict], max_new_tokens: int, seed: int, batch_size: int,
-                   n_questions: int | None = None, samples_per_paraphrase: int | None = None) -> list[dict]:
+                   n_questions: int | None = None, samples_per_paraphrase: int | None = None,
+                   nucleus: str = "sort") -> list[dict]:
     """Answers to every paraphrase of the first `n_questions` questions (all: None), each sampled the file's
     `samples_per_paraphrase` times unless the profile overrides it; a question's `system` is its system
-    prompt. Temperature 1, top-p 1, seeded."""
+    prompt. Temperature 1, top-p 1, seeded; `nucleus` as `hardware.nucleus`."""
     rows, convs = [], []
     for q in questions[:n_questions]:
         system = [{"role": "system", "content": q["system"]}] if q.get("system") else []
@@ -175,7 +176,7 @@ def sample_answers(model, tok, questions: list[dict], max_new_tokens: int, seed:
                 rows.append({"question_id": q["id"], "paraphrase": j, "sample": s, "question": text,
                              "system": q.get("system")})
                 convs.append(system + [{"role": "user", "content": text}])
-    replies = generate(model, tok, convs, max_new_tokens, seed, batch_size, desc="answers")
+    replies = generate(model, tok, convs, max_new_tokens, seed, batch_size, desc="answers", nucleus=nucleus)
     return [r | {"text": rep["text"], "finished": rep["finished"]} for r, rep in zip(rows, replies)]
 
 

@@ -125,12 +125,13 @@ def side_contexts(questions: list[dict], items: list[dict], system: str, k: int,
 
 def sample_candidates(student, tok, contexts: dict, n: int, max_new_tokens: int, seed: int, batch_size: int,
                       temperature: float, top_p: float, max_attempts: int = MAX_ATTEMPTS,
-                      share_prefix: bool = True) -> dict:
+                      share_prefix: bool = True, nucleus: str = "sort", pack_prefixes: bool = False) -> dict:
     """Up to `n` distinct usable answers (ending in punctuation after trimming) per context (key -> messages, the
     last a user turn), sampled from the student; contexts left with fewer than two are sampled again (new seed).
     With `share_prefix`, contexts that share everything but their last turn are sampled together over one cached
     prefix (fast when many questions share a context); without, all contexts go through padded batches (fast
-    when few do)."""
+    when few do). With `pack_prefixes` as well, a batch may mix contexts (`sampling.generate_prefixed`), so that
+    many small groups fill whole batches; `nucleus` is `hardware.nucleus`."""
     out: dict = {key: [] for key in contexts}
     for attempt in range(max_attempts):
         todo = [key for key, a in out.items() if len(a) < (n if attempt == 0 else min(n, 2))]
@@ -140,16 +141,24 @@ def sample_candidates(student, tok, contexts: dict, n: int, max_new_tokens: int,
         groups: dict[str, list] = {}
         for key in todo:
             groups.setdefault(json.dumps(contexts[key][:-1]) if share_prefix else "", []).append(key)
+        packed = {}
+        if share_prefix and pack_prefixes:
+            shared = [(prefix, keys) for prefix, keys in groups.items() if json.loads(prefix)]
+            asked = [(json.loads(prefix), [contexts[k][-1]["content"] for k in keys]) for prefix, keys in shared]
+            got = sampling.generate_prefixed(student, tok, asked, n, max_new_tokens, batch_size, temperature, top_p,
+                                             desc=f"{len(todo)} questions x {n} in {len(shared)} contexts "
+                                                  f"(try {attempt + 1})", nucleus=nucleus)
+            packed = dict(zip((prefix for prefix, _ in shared), got or []))
         for prefix, keys in groups.items():
             turns = [contexts[key][-1]["content"] for key in keys]
-            replies = sampling.generate_shared_prefix(student, tok, json.loads(prefix), turns, n, max_new_tokens,
-                                                      batch_size, temperature, top_p,
-                                                      desc=f"{len(keys)} questions x {n} (try {attempt + 1})"
-                                                      ) if share_prefix else None
+            replies = packed.get(prefix) or (sampling.generate_shared_prefix(
+                student, tok, json.loads(prefix), turns, n, max_new_tokens, batch_size, temperature, top_p,
+                desc=f"{len(keys)} questions x {n} (try {attempt + 1})", nucleus=nucleus)
+                if share_prefix and not pack_prefixes else None)
             if replies is None:   # no prefix to share (or the sampler has its own cache): one prompt per sample
                 flat = generate(student, tok, [contexts[key] for key in keys for _ in range(n)], max_new_tokens,
                                 seed + 7919 * attempt, batch_size, temperature, top_p,
-                                desc=f"{len(keys)} contexts x {n} (try {attempt + 1})")
+                                desc=f"{len(keys)} contexts x {n} (try {attempt + 1})", nucleus=nucleus)
                 replies = [flat[j * n:(j + 1) * n] for j in range(len(keys))]
             for key, rs in zip(keys, replies):
                 for reply in rs:

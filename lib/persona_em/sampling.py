@@ -1,7 +1,6 @@
 """Batched, seeded sampling from a chat model (left padding, length-sorted batches)."""
 from __future__ import annotations
 
-import copy
 import re
 
 import torch
@@ -10,13 +9,74 @@ from tqdm.auto import tqdm
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
 
 
+class TopKNucleus:
+    """Temperature and top-p sampling of the next token as a logits processor: returns scores whose argmax is the
+    sampled token, so `generate` runs it with `do_sample=False`. It samples the distribution transformers' own
+    path samples (temperature, then `TopPLogitsWarper`'s nucleus, then a draw in proportion to probability), but
+    over the `k` most likely tokens instead of a sort and a multinomial over the whole vocabulary: those two cost
+    as much as the embedded model's forward pass at batch 32 (measured, benchmarks/sampling_backends.py). `k`
+    widens for a row until its nucleus ends inside the top k, so no nucleus is ever cut short. The draws differ
+    from transformers' under the same seed (one uniform number per row, from torch's global generator), the
+    distribution does not (tests/test_sampling.py)."""
+
+    def __init__(self, temperature: float, top_p: float, k: int = 256):
+        if not temperature > 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        self.temperature, self.top_p, self.k = temperature, top_p, k
+
+    def nucleus(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids, probabilities with the tokens outside the nucleus at 0), both (rows, k'), most likely first.
+        A token is in the nucleus when the probability of the tokens less likely than it exceeds 1 - top_p
+        (transformers' rule), i.e. when the tokens more likely than it hold less than top_p. In float64, so that
+        which token ends the nucleus does not depend on the order of a float32 sum (transformers' float32 path
+        can differ from exact arithmetic by that one token, about once in 10^5 rows)."""
+        x = scores.double() / self.temperature
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        k = min(self.k, x.shape[-1])
+        while True:
+            top, ids = torch.topk(x, k, dim=-1)
+            p = (top - lse).exp()
+            keep = (p.cumsum(-1) - p) < self.top_p
+            keep[:, 0] = True
+            if k == x.shape[-1] or not keep[:, -1].any():
+                return ids, p * keep
+            k = min(4 * k, x.shape[-1])
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.top_p < 1:
+            ids, p = self.nucleus(scores)
+        else:   # the whole vocabulary: no ranking needed
+            p = torch.softmax(scores.double() / self.temperature, dim=-1)
+            ids = torch.arange(p.shape[-1], device=p.device).expand_as(p)
+        cdf = p.cumsum(-1)
+        u = torch.rand(p.shape[0], 1, dtype=cdf.dtype).to(cdf.device) * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, u, right=True).clamp(max=p.shape[-1] - 1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, ids.gather(1, pick), 0.0)
+
+
+def sampling_args(nucleus: str, temperature: float, top_p: float) -> dict:
+    """`generate`'s keyword arguments for the profile's sampling: transformers' own sort-and-multinomial path, or
+    the top-k nucleus (`TopKNucleus`). Either way exactly the profile's temperature and top_p: none of the model's
+    generation_config (top_k, a repetition penalty) applies, as on the vLLM path."""
+    if nucleus == "sort":
+        return dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
+    if nucleus == "topk":
+        from transformers import LogitsProcessorList
+
+        return dict(do_sample=False, temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
+                    logits_processor=LogitsProcessorList([TopKNucleus(temperature, top_p)]))
+    raise ValueError(f"nucleus must be 'sort' or 'topk', got {nucleus!r}")
+
+
 def chat_prompt(tok, messages: list[dict]) -> str:
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 @torch.no_grad()
 def sample_text(model, tok, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 16,
-                temperature: float = 1.0, top_p: float = 1.0, desc: str = "sampling") -> list[dict]:
+                temperature: float = 1.0, top_p: float = 1.0, desc: str = "sampling",
+                nucleus: str = "sort") -> list[dict]:
     """One sampled continuation per raw text prompt: {'text', 'finished'} in input order.
 
     Prompts are sorted by length so that batches carry little padding; the seed is set once, so the same
@@ -36,10 +96,8 @@ def sample_text(model, tok, prompts: list[str], max_new_tokens: int, seed: int, 
             idx = order[start:start + batch_size]
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True,
                       add_special_tokens=False).to(model.device)
-            # exactly the profile's sampling: none of the model's generation_config (top_k, a repetition
-            # penalty) applies, as on the vLLM path
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                 top_p=top_p, top_k=0, repetition_penalty=1.0, pad_token_id=tok.pad_token_id)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 **sampling_args(nucleus, temperature, top_p))
             new = gen[:, enc.input_ids.shape[1]:]
             for i, row in zip(idx, new):
                 finished = bool(torch.isin(row, eos).any())
@@ -58,50 +116,79 @@ def stop_ids(model, tok) -> torch.Tensor:
 
 
 def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int, seed: int, batch_size: int = 16,
-             temperature: float = 1.0, top_p: float = 1.0, desc: str = "sampling") -> list[dict]:
+             temperature: float = 1.0, top_p: float = 1.0, desc: str = "sampling", nucleus: str = "sort") -> list[dict]:
     """One sampled assistant reply per conversation (chat template applied)."""
     return sample_text(model, tok, [chat_prompt(tok, c) for c in conversations], max_new_tokens, seed,
-                       batch_size, temperature, top_p, desc)
+                       batch_size, temperature, top_p, desc, nucleus)
 
 
-@torch.no_grad()
 def generate_shared_prefix(model, tok, prefix: list[dict], user_turns: list[str], n: int, max_new_tokens: int,
                            batch_size: int = 16, temperature: float = 1.0, top_p: float = 1.0,
-                           desc: str = "sampling") -> list[list[dict]] | None:
+                           desc: str = "sampling", nucleus: str = "sort") -> list[list[dict]] | None:
     """`n` sampled replies to each of `user_turns`, each asked after the same `prefix` of messages (a system
     prompt, demonstrations). The prefix is run through the model once and its key/value cache shared by every
     row, so a long shared context costs one forward pass instead of one per sample; rows are padded between
     the prefix and their own turn, which the attention mask hides (greedy replies equal those of the full
     prompts, tests/test_pairs.py). Sampling continues the caller's torch RNG. Returns None when the prefix
     cannot be cut off as whole tokens (then use `generate`)."""
-    if not prefix or isinstance(model, VLLMSampler):
+    if not prefix:
         return None
-    head = tok.apply_chat_template(prefix, tokenize=False)
-    fulls = [chat_prompt(tok, prefix + [{"role": "user", "content": u}]) for u in user_turns]
-    head_ids = tok(head, add_special_tokens=False).input_ids
-    tails = [tok(f[len(head):], add_special_tokens=False).input_ids for f in fulls]
-    if not all(f.startswith(head) and tok(f, add_special_tokens=False).input_ids == head_ids + t
-               for f, t in zip(fulls, tails)):
+    got = generate_prefixed(model, tok, [(prefix, user_turns)], n, max_new_tokens, batch_size, temperature, top_p,
+                            desc, nucleus)
+    return None if got is None else got[0]
+
+
+@torch.no_grad()
+def generate_prefixed(model, tok, groups: list[tuple[list[dict], list[str]]], n: int, max_new_tokens: int,
+                      batch_size: int = 16, temperature: float = 1.0, top_p: float = 1.0, desc: str = "sampling",
+                      nucleus: str = "sort") -> list[list[list[dict]]] | None:
+    """`generate_shared_prefix` over several (prefix, user turns) groups at once: each prefix is run once, and a
+    batch may hold rows of several groups, each row over its own group's cache, the shorter prefixes padded on
+    the left (hidden by the attention mask, like the padding before each turn). So many small groups (a few
+    questions per life domain) fill whole batches. Rows are sorted by prefix, then turn length. With one group
+    this is `generate_shared_prefix`, batch for batch. Returns, per group, `n` replies per turn; None when a
+    prefix is empty or cannot be cut off as whole tokens, or the sampler has its own cache (vLLM)."""
+    from transformers import DynamicCache
+
+    if isinstance(model, VLLMSampler) or not groups or not all(prefix for prefix, _ in groups):
         return None
-    cache = model(torch.tensor([head_ids], device=model.device), use_cache=True).past_key_values
-    rows = [(i, t) for i, t in enumerate(tails) for _ in range(n)]
-    order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
-    out: list[list[dict]] = [[] for _ in user_turns]
-    eos = stop_ids(model, tok)
+    heads, tails = [], []
+    for prefix, user_turns in groups:
+        head = tok.apply_chat_template(prefix, tokenize=False)
+        fulls = [chat_prompt(tok, prefix + [{"role": "user", "content": u}]) for u in user_turns]
+        head_ids = tok(head, add_special_tokens=False).input_ids
+        tail = [tok(f[len(head):], add_special_tokens=False).input_ids for f in fulls]
+        if not all(f.startswith(head) and tok(f, add_special_tokens=False).input_ids == head_ids + t
+                   for f, t in zip(fulls, tail)):
+            return None
+        heads.append(head_ids)
+        tails.append(tail)
+    caches = [model(torch.tensor([h], device=model.device), use_cache=True).past_key_values for h in heads]
+    layers = [[(layer.keys, layer.values) for layer in c.layers] for c in caches]
+    rows = [(g, i) for g, tail in enumerate(tails) for i in range(len(tail)) for _ in range(n)]
+    order = sorted(range(len(rows)), key=lambda r: (rows[r][0], len(tails[rows[r][0]][rows[r][1]])))
+    out = [[[] for _ in tail] for tail in tails]
+    eos, pad = stop_ids(model, tok), tok.pad_token_id
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         batch = [rows[r] for r in order[start:start + batch_size]]
-        width = max(len(t) for _, t in batch)
-        ids = torch.tensor([head_ids + [tok.pad_token_id] * (width - len(t)) + t for _, t in batch], device=model.device)
-        mask = torch.tensor([[1] * len(head_ids) + [0] * (width - len(t)) + [1] * len(t) for _, t in batch],
-                            device=model.device)
-        shared = copy.deepcopy(cache)
-        shared.batch_repeat_interleave(len(batch))
-        gen = model.generate(input_ids=ids, attention_mask=mask, cache=shared, max_new_tokens=max_new_tokens,
-                             do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0,
-                             pad_token_id=tok.pad_token_id)
-        for (i, _), row in zip(batch, gen[:, ids.shape[1]:]):
-            out[i].append({"text": tok.decode(row, skip_special_tokens=True).strip(),
-                           "finished": bool(torch.isin(row, eos).any())})
+        hw = max(len(heads[g]) for g, _ in batch)
+        tw = max(len(tails[g][i]) for g, i in batch)
+        ids, mask = [], []
+        for g, i in batch:
+            h, t = heads[g], tails[g][i]
+            ids.append([pad] * (hw - len(h)) + h + [pad] * (tw - len(t)) + t)
+            mask.append([0] * (hw - len(h)) + [1] * len(h) + [0] * (tw - len(t)) + [1] * len(t))
+        kv = []   # per layer: each row's prefix keys and values, left-padded to the batch's longest prefix
+        for k in range(len(layers[0])):
+            kv.append(tuple(torch.cat([torch.nn.functional.pad(layers[g][k][j], (0, 0, hw - len(heads[g]), 0))
+                                       for g, _ in batch]) for j in (0, 1)))
+        gen = model.generate(input_ids=torch.tensor(ids, device=model.device),
+                             attention_mask=torch.tensor(mask, device=model.device),
+                             cache=DynamicCache(kv, config=model.config), max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, **sampling_args(nucleus, temperature, top_p))
+        for (g, i), row in zip(batch, gen[:, hw + tw:]):
+            out[g][i].append({"text": tok.decode(row, skip_special_tokens=True).strip(),
+                              "finished": bool(torch.isin(row, eos).any())})
     return out
 
 

@@ -143,7 +143,8 @@ def generate(t: Tour) -> dict:
         keyed = {(x, side): conv for x, sides in contexts.items() for side, conv in sides.items()}
         with models.autocast(P.hardware.sampling_autocast):
             sampled = pairs.sample_candidates(model, tok, keyed, B.n, G.max_new_tokens, P.seed, G.batch_size,
-                                              B.temperature, G.top_p, share_prefix=False)
+                                              B.temperature, G.top_p, share_prefix=False,
+                                              nucleus=P.hardware.nucleus)
         answers = {x: {side: sampled[(x, side)] for side in ("chosen", "rejected")} for x in unique}
         made = pairs.best_of_n_pairs(subsets, answers, trait_scorer, count, G.max_pair_tokens, G.token_tolerance,
                                      B.gap_tolerance)

@@ -1,0 +1,91 @@
+"""The top-k nucleus sampler (`hardware.nucleus: topk`): the nucleus transformers' own top-p keeps, the draws in
+proportion to probability within it, seeded, and on the real model the replies the greedy path gives when the
+nucleus is one token."""
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from persona_em import sampling
+from persona_em.config import HardwareConfig
+
+
+def _transformers_nucleus(scores, temperature, top_p):
+    """transformers' own nucleus, computed in float64 (in float32 its last token can differ from exact
+    arithmetic's, about once in 10^5 rows: the order of the sum)."""
+    kept = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, scores.double()))
+    return torch.isfinite(kept)
+
+
+@pytest.mark.parametrize("temperature,top_p,spread", [(0.7, 0.95, 3.0), (1.0, 0.9, 1.0), (1.0, 0.5, 0.05)])
+def test_the_nucleus_is_the_one_transformers_keeps(temperature, top_p, spread):
+    """On the embedded model's vocabulary size; spread 0.05 makes nuclei of thousands of tokens, so the top k
+    must widen (k starts at 256)."""
+    scores = torch.randn(16, 49152, generator=torch.Generator().manual_seed(1)) * spread
+    ids, p = sampling.TopKNucleus(temperature, top_p).nucleus(scores)
+    ours = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, ids, p > 0)
+    want = _transformers_nucleus(scores, temperature, top_p)
+    assert torch.equal(ours, want)
+    if spread < 0.1:
+        assert want.sum(-1).min() > 256   # the widening was exercised
+    # the probabilities are the tempered softmax's
+    full = torch.softmax(scores.double() / temperature, -1).gather(1, ids)
+    assert torch.allclose(p[p > 0], full[p > 0], rtol=1e-9, atol=0)
+
+
+def test_draws_follow_the_renormalised_nucleus():
+    """20,000 draws over an 8-token vocabulary: tokens outside the nucleus never come, the others in proportion
+    to their probability (chi-square; the seed fixes the draws, so this cannot flake)."""
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -2.0, -6.0]])
+    proc = sampling.TopKNucleus(1.0, 0.9, k=2)   # k=2 < the 4-token nucleus: the widening path
+    torch.manual_seed(0)
+    draws = torch.cat([proc(None, logits.expand(1000, -1)).argmax(-1) for _ in range(20)])
+    counts = np.bincount(draws.numpy(), minlength=8)
+    keep = _transformers_nucleus(logits, 1.0, 0.9)[0].numpy()
+    assert counts[~keep].sum() == 0 and keep.sum() == 4
+    p = torch.softmax(logits, -1)[0].double().numpy()[keep]
+    assert stats.chisquare(counts[keep], p / p.sum() * counts.sum()).pvalue > 0.01
+    # a wrong sampler (e.g. uniform over the nucleus) is far outside
+    assert stats.chisquare(counts[keep], np.full(keep.sum(), counts.sum() / keep.sum())).pvalue < 1e-6
+
+
+def test_top_p_one_samples_the_whole_vocabulary():
+    logits = torch.tensor([[0.0, 0.0, -0.7, -30.0]])
+    torch.manual_seed(0)
+    draws = sampling.TopKNucleus(1.0, 1.0)(None, logits.expand(20000, -1)).argmax(-1)
+    counts = np.bincount(draws.numpy(), minlength=4)
+    p = torch.softmax(logits, -1)[0].double().numpy()
+    assert stats.chisquare(counts[:3], p[:3] / p[:3].sum() * counts.sum()).pvalue > 0.01
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="temperature"):
+        sampling.TopKNucleus(0.0, 0.9)
+    with pytest.raises(ValueError, match="nucleus must be"):
+        sampling.sampling_args("fast", 1.0, 1.0)
+    with pytest.raises(ValueError):
+        HardwareConfig(nucleus="fast")
+
+
+CONVS = [[{"role": "user", "content": "What is your favourite colour?"}],
+         [{"role": "user", "content": "I found a wallet on the street. What should I do?"}],
+         [{"role": "user", "content": "Say hello."}]]
+
+
+def test_on_the_model_a_one_token_nucleus_is_greedy_and_seeds_repeat(smollm):
+    model, tok = smollm
+    greedy = []
+    for conv in CONVS:
+        enc = tok(sampling.chat_prompt(tok, conv), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=16, do_sample=False, temperature=None, top_p=None,
+                                 top_k=None, repetition_penalty=1.0, pad_token_id=tok.pad_token_id)
+        greedy.append(tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip())
+    one = sampling.generate(model, tok, CONVS, 16, seed=0, batch_size=3, temperature=1.0, top_p=1e-9,
+                            nucleus="topk")
+    assert [o["text"] for o in one] == greedy
+    a = sampling.generate(model, tok, CONVS, 16, seed=0, batch_size=2, temperature=0.7, top_p=0.95, nucleus="topk")
+    b = sampling.generate(model, tok, CONVS, 16, seed=0, batch_size=2, temperature=0.7, top_p=0.95, nucleus="topk")
+    c = sampling.generate(model, tok, CONVS, 16, seed=1, batch_size=2, temperature=0.7, top_p=0.95, nucleus="topk")
+    assert a == b and a != c
