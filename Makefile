@@ -24,7 +24,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-dev setup-vllm reproduce test test-fast check paper book tour clean-runs dryrun reference h5
+.PHONY: setup setup-dev setup-vllm reproduce test test-fast bench check paper book tour clean-runs dryrun reference h5
 
 setup: $(STAMP)
 
@@ -80,6 +80,11 @@ test: setup-dev setup-vllm
 # vLLM engines (server), the browser and the unit tests of 10 s or more (slow); `make test` (CI) runs everything.
 test-fast: setup-dev
 	$(BIN)/python -m pytest -q -m "not e2e and not server and not browser and not slow"
+
+# Every performance figure of the README, each with its ratio to this machine's matmul peak or a baseline
+# (benchmarks/bench.py; about half an hour on 2 cores, run it with nothing else running).
+bench: setup-dev setup-vllm
+	$(BIN)/python benchmarks/bench.py
 
 paper:
 	@if command -v latexmk > /dev/null; then \

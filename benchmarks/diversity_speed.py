@@ -5,6 +5,8 @@ and their Vendi score are from float32's, and the embedding's FLOP rate against 
 matmul peaks (the floor on the embedding time at this question length).
 
     .venv/bin/python benchmarks/diversity_speed.py [N]
+
+Writes benchmarks/results/diversity_speed.csv (`record`'s format).
 """
 import sys
 import time
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 from peak import matmul_peak
+from record import write
 from persona_em import diversity, models, questions
 
 torch.set_num_threads(2)
@@ -74,3 +77,12 @@ print(f"embedding {tokens} tokens = {flops / 1e12:.1f} TFLOP: fp32 at {flops / t
       f"({flops / t_embed / p32:.0%} of the fp32 matmul peak {p32 / 1e9:.0f}), bf16 at {flops / t_embed16 / 1e9:.0f} "
       f"GFLOP/s ({flops / t_embed16 / p16:.0%} of the bf16 peak {p16 / 1e9:.0f}); at 100% of peak the embedding "
       f"alone would take {flops / p32:.0f} s (fp32) / {flops / p16:.0f} s (bf16)")
+write("diversity_speed", [
+    {"figure": f"embedding {n} questions, MiniLM float32 ({tokens} tokens)", "value": t_embed, "unit": "s",
+     "ratio": flops / t_embed / p32, "against": "fp32 matmul peak"},
+    {"figure": f"embedding {n} questions, MiniLM bf16 autocast (mean cosine to float32 {agree:.4f})",
+     "value": t_embed16, "unit": "s", "ratio": t_embed16 / (flops / p16), "against": "its floor at the bf16 peak (x)"},
+    {"figure": f"diversity measures and k-means on {n} embeddings", "value": t_measure, "unit": "s", "ratio": "",
+     "against": ""},
+    {"figure": f"Vendi and mean distance on {k} questions vs the naive n x n computation", "value": t_fast,
+     "unit": "s", "ratio": t_naive / t_fast, "against": "naive baseline (x faster)"}])

@@ -12,6 +12,8 @@ drifts by up to a third between calls; the highest rate seen is what the cores c
 conservative). Threads default to 1, as `make reproduce` runs its jobs (THREADS=1, one job per core).
 
     .venv/bin/python benchmarks/training_speed.py [N_PAIRS] [BATCH] [THREADS]
+
+Writes benchmarks/results/training_speed.csv (`record`'s format).
 """
 import sys
 import time
@@ -21,6 +23,7 @@ import torch
 from persona_em import evaluate, models, pairs, questions, training
 from persona_em.config import HardwareConfig, load_profile
 from peak import matmul_peak
+from record import write
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 32
 batch = int(sys.argv[2]) if len(sys.argv) > 2 else 8
@@ -67,3 +70,10 @@ for autocast, (counter, secs, setup, params, log) in results.items():
     print(f"  padding: {counter.padding:.1%} of processed tokens (goal < 15%)")
 speedup = results["none"][1] / results["bfloat16"][1]
 print(f"bf16 autocast / float32 training speed: {speedup:.2f}x")
+write("training_speed", [
+    {"figure": f"DPO {'float32' if a == 'none' else 'bf16 autocast'}, batch {batch}, {threads} thread(s): non-pad "
+               f"tokens/s (4 x parameters per token; padding {c.padding:.1%})",
+     "value": c.real / secs, "unit": "tokens/s", "ratio": 4 * params * c.real / secs / fp32_peak,
+     "against": "fp32 matmul peak"} for a, (c, secs, setup, params, log) in results.items()] + [
+    {"figure": "DPO bf16 autocast vs float32", "value": results["bfloat16"][0].real / results["bfloat16"][1],
+     "unit": "tokens/s", "ratio": speedup, "against": "float32 DPO"}])

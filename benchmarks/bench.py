@@ -1,0 +1,48 @@
+"""`make bench`: every performance figure of the README in one command. Runs each benchmark in turn (nothing
+else should run beside it: they share the cores), each writing benchmarks/results/<name>.csv, then gathers them
+into benchmarks/results/bench.csv and bench.md (the table the README points to) and prints the table. Every
+figure carries its ratio: against this machine's matmul peak measured in the same benchmark, a naive baseline,
+or a target.
+
+    .venv/bin/python benchmarks/bench.py [NAME ...]     (default: all of BENCHMARKS)
+"""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from record import COLUMNS, RESULTS, read
+
+HERE = Path(__file__).resolve().parent
+# name -> arguments: sizes that keep `make bench` near half an hour on 2 cores
+BENCHMARKS = {
+    "run_overhead": ["2"],               # each chapter's start twice, the faster counted
+    "diversity_speed": ["10000"],        # 10,000 pool questions
+    "training_speed": ["32", "8", "1"],  # 32 DPO pairs, batch 8, one thread as jobs run
+    "sampling_backends": ["4", "2"],     # 160 samples of chapter 1's contexts (4 life domains), 2 threads
+}
+
+
+def main(names: list[str]) -> None:
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {unknown}; one of {sorted(BENCHMARKS)}")
+    for name in names or BENCHMARKS:
+        print(f"== {name} {' '.join(BENCHMARKS[name])}", flush=True)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, str(HERE / f"{name}.py"), *BENCHMARKS[name]], check=True, cwd=HERE)
+        print(f"== {name}: {time.perf_counter() - t0:.0f} s\n", flush=True)
+    rows = [r for name in BENCHMARKS if (RESULTS / f"{name}.csv").exists() for r in read(name)]
+    with open(RESULTS / "bench.csv", "w") as f:
+        f.write(",".join(COLUMNS) + "\n")
+        for r in rows:
+            f.write(",".join('"' + str(r[c]).replace('"', '""') + '"' for c in COLUMNS) + "\n")
+    table = ["| figure | value | unit | ratio | against |", "| --- | ---: | --- | ---: | --- |"]
+    table += [f"| {r['figure']} | {r['value']} | {r['unit']} | {r['ratio']} | {r['against']} |" for r in rows]
+    (RESULTS / "bench.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    print(f"\nwrote {RESULTS / 'bench.csv'} and bench.md")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,177 @@
+"""Chapter 1's sampling on the embedded model, backend by backend, in one run: generated tokens per second and
+their share of this machine's matmul peak (2 x parameters FLOPs per generated token), on the contexts chapter 1
+samples in (`tiny`'s best-of-n: 3 same-domain demonstrations before each question, both sides, 2 answers each,
+40 new tokens, temperature 0.7, top-p 0.95; 10 questions per life domain, about as many as `tiny`'s draws hold,
+from the first N_DOMAINS domains).
+
+Backends: transformers' `generate` over the full prompts in float32 and under bf16 autocast; the shared-prefix
+path of chapter 1 (each domain's demonstrations run once, their cache shared), one context per batch or packed
+(`sampling.generate_prefixed`: several contexts per batch); transformers' own top-p (`sort`) and
+`sampling.TopKNucleus` (`topk`); larger length-sorted batches; a static KV cache under `torch.compile`; and
+vLLM's CPU build (`.venv-vllm`, the engine the project's `VLLMSampler` opens; its start reported apart). Tokens are counted the same way for every backend: the reply's tokens, plus one for a reply that ended.
+The peaks are the fastest of several matmuls before and after (this VM's rate drifts).
+
+    .venv/bin/python benchmarks/sampling_backends.py [N_DOMAINS] [THREADS] [compile]
+
+`compile` adds the static cache under torch.compile: each new batch shape compiles again (minutes each on 2
+cores), so it is measured on request, not by `make bench`.
+
+Writes benchmarks/results/sampling_backends.csv (`record`'s format).
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from persona_em import constitution, models, pairs, questions, sampling, scorer
+from peak import matmul_peak
+from record import write
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+n_domains = int(sys.argv[1]) if len(sys.argv) > 1 else 4
+threads = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+with_compile = "compile" in sys.argv[3:]
+N, MAX_NEW, T, TOP_P = 2, 40, 0.7, 0.95
+torch.set_num_threads(threads)
+
+
+def peaks():
+    return (max(matmul_peak(torch.float32) for _ in range(3)), max(matmul_peak(torch.bfloat16) for _ in range(3)))
+
+
+model, tok = models.load_model(models.EMBEDDED)
+params = sum(p.numel() for p in model.parameters())
+c = constitution.load("candor")
+pool = questions.build_pool("candor", 0, c.traits[0], 10 * len(questions.situations()["domains"]), seed=0)
+pool = [q for q in pool if q["cell"] in sorted({q["cell"] for q in pool})[:n_domains]]
+contexts = pairs.side_contexts(pool, scorer.load_items(scorer.items_path("candor")),
+                               constitution.system_prompt(c, "Sage"), k=3, seed=0)
+convs = [ctx for sides in contexts.values() for ctx in sides.values() for _ in range(N)]
+prompts = [sampling.chat_prompt(tok, m) for m in convs]
+groups = {}
+for sides in contexts.values():
+    for ctx in sides.values():
+        groups.setdefault(json.dumps(ctx[:-1]), []).append(ctx[-1]["content"])
+prompt_tokens = sum(len(tok(p, add_special_tokens=False).input_ids) for p in prompts) / len(prompts)
+
+
+def count(replies):
+    return sum(len(tok(r["text"], add_special_tokens=False).input_ids) + r["finished"] for r in replies)
+
+
+def flat(nucleus, batch):
+    return lambda: sampling.sample_text(model, tok, prompts, MAX_NEW, 0, batch, T, TOP_P, nucleus=nucleus)
+
+
+def shared(nucleus, batch):
+    def go():
+        torch.manual_seed(0)
+        return [r for prefix, turns in groups.items() for rs in sampling.generate_shared_prefix(
+            model, tok, json.loads(prefix), turns, N, MAX_NEW, batch, T, TOP_P, nucleus=nucleus) for r in rs]
+    return go
+
+
+def packed(nucleus, batch):
+    def go():
+        torch.manual_seed(0)
+        got = sampling.generate_prefixed(model, tok, [(json.loads(p), turns) for p, turns in groups.items()], N,
+                                         MAX_NEW, batch, T, TOP_P, nucleus=nucleus)
+        return [r for g in got for rs in g for r in rs]
+    return go
+
+
+def compiled(batch):
+    """Static KV cache, the forward pass under torch.compile (the first call compiles; timed: the second)."""
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, dynamic=False)
+    try:
+        t0 = time.perf_counter()
+        flat("topk", batch)()
+        print(f"  compile and first call: {time.perf_counter() - t0:.0f} s", flush=True)
+        return flat("topk", batch)
+    except Exception as e:   # report, do not hide: the table says it failed
+        print(f"  torch.compile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None
+
+
+def vllm():
+    """The project's VLLMSampler under .venv-vllm on the same prompts; (seconds sampling, engine start, replies)."""
+    py = ROOT / ".venv-vllm" / "bin" / "python"
+    if not py.exists():
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "in.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": MAX_NEW,
+                                                     "temperature": T, "top_p": TOP_P}))
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "lib"), "VLLM_CPU_KVCACHE_SPACE": "2",
+               "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
+        run = subprocess.run([str(py), str(ROOT / "benchmarks" / "vllm_sampling.py"), f"{d}/in.json", f"{d}/out.json"],
+                             env=env, capture_output=True, text=True, timeout=1800)
+        if run.returncode != 0:
+            print("  vLLM failed:", run.stderr[-1500:], flush=True)
+            return None
+        return json.loads((Path(d) / "out.json").read_text())
+
+
+p32, p16 = peaks()
+print(f"{len(prompts)} samples of {len(pool)} questions over {len(groups)} shared contexts, {prompt_tokens:.0f} prompt tokens on average; "
+      f"peaks fp32 {p32 / 1e9:.0f}, bf16 {p16 / 1e9:.0f} GFLOP/s at {threads} threads", flush=True)
+bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+fp32 = lambda: torch.autocast("cpu", enabled=False)
+cases = [("generate, float32, sort, batch 32", fp32, flat("sort", 32)),
+         ("generate, bf16 autocast, sort, batch 32", bf16, flat("sort", 32)),
+         ("shared prefix, bf16 autocast, sort, batch 32 (tiny's chapter 1)", bf16, shared("sort", 32)),
+         ("shared prefix, bf16 autocast, topk, batch 32", bf16, shared("topk", 32)),
+         ("packed prefixes, bf16 autocast, topk, batch 32", bf16, packed("topk", 32)),
+         ("packed prefixes, bf16 autocast, topk, batch 64", bf16, packed("topk", 64)),
+         ("packed prefixes, float32, topk, batch 64", fp32, packed("topk", 64)),
+         ("generate, bf16 autocast, topk, batch 32", bf16, flat("topk", 32)),
+         ("generate, bf16 autocast, topk, batch 64", bf16, flat("topk", 64))]
+rows = []
+for name, ctx, fn in cases:
+    with ctx():
+        t0 = time.perf_counter()
+        replies = fn()
+        secs = time.perf_counter() - t0
+    rows.append({"backend": name, "tokens": count(replies), "seconds": round(secs, 2)})
+    print(f"  {name}: {rows[-1]['tokens'] / secs:.0f} tok/s", flush=True)
+with bf16():
+    fn = compiled(64) if with_compile else None
+    if fn is not None:
+        t0 = time.perf_counter()
+        replies = fn()
+        rows.append({"backend": "generate, bf16 autocast, topk, batch 64, static cache + torch.compile",
+                     "tokens": count(replies), "seconds": round(time.perf_counter() - t0, 2)})
+        print(f"  {rows[-1]['backend']}: {rows[-1]['tokens'] / rows[-1]['seconds']:.0f} tok/s", flush=True)
+got = vllm()
+if got is not None:
+    rows.append({"backend": f"vLLM CPU build (VLLMSampler; engine start {got['start_seconds']:.0f} s apart)",
+                 "tokens": count(got["replies"]), "seconds": round(got["seconds"], 2)})
+    print(f"  {rows[-1]['backend']}: {rows[-1]['tokens'] / rows[-1]['seconds']:.0f} tok/s", flush=True)
+a32, a16 = peaks()
+p32, p16 = max(p32, a32), max(p16, a16)
+base = rows[0]["tokens"] / rows[0]["seconds"]
+for r in rows:
+    rate = r["tokens"] / r["seconds"]
+    r |= {"tokens_per_s": round(rate, 1), "vs_float32_generate": round(rate / base, 2),
+          "share_fp32_peak": round(2 * params * rate / p32, 3), "share_bf16_peak": round(2 * params * rate / p16, 3)}
+best = max(rows[1:], key=lambda r: r["tokens_per_s"])
+dest = write("sampling_backends", [
+    {"figure": f"sampling: {r['backend']}", "value": r["tokens_per_s"], "unit": "tokens/s",
+     "ratio": r["share_fp32_peak"], "against": "fp32 matmul peak"} for r in rows] + [
+    {"figure": f"sampling: fastest ({best['backend']}) vs float32 generate", "value": best["tokens_per_s"],
+     "unit": "tokens/s", "ratio": best["vs_float32_generate"], "against": "float32 generate, batch 32"},
+    {"figure": "sampling: fp32 matmul peak", "value": p32 / 1e9, "unit": "GFLOP/s", "ratio": "", "against": ""},
+    {"figure": "sampling: bf16 matmul peak", "value": p16 / 1e9, "unit": "GFLOP/s", "ratio": p16 / p32,
+     "against": "fp32 matmul peak"}])
+print(f"\n{'backend':72s} {'tok/s':>7s} {'x fp32':>7s} {'%fp32pk':>8s} {'%bf16pk':>8s}")
+for r in rows:
+    print(f"{r['backend']:72s} {r['tokens_per_s']:7.1f} {r['vs_float32_generate']:7.2f} "
+          f"{100 * r['share_fp32_peak']:7.1f}% {100 * r['share_bf16_peak']:7.1f}%")
+print(f"fp32 peak {p32 / 1e9:.0f} GFLOP/s, bf16 peak {p16 / 1e9:.0f} GFLOP/s, {threads} threads; wrote {dest}")
