@@ -81,8 +81,9 @@ test: setup-dev setup-vllm
 test-fast: setup-dev
 	$(BIN)/python -m pytest -q -m "not e2e and not server and not browser and not slow"
 
-# Every performance figure of the README, each with its ratio to this machine's matmul peak or a baseline
-# (benchmarks/bench.py; about half an hour on 2 cores, run it with nothing else running).
+# The README's speed figures (run overhead, embedding, DPO, sampling), each with its ratio to this machine's matmul
+# peak or a baseline (benchmarks/bench.py; about half an hour on 2 cores, with nothing else running). The
+# end-to-end times of `make reproduce` and `make test` are benchmarks/reproduce_time.sh's.
 bench: setup-dev setup-vllm
 	$(BIN)/python benchmarks/bench.py
 

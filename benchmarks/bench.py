@@ -5,6 +5,8 @@ figure carries its ratio: against this machine's matmul peak measured in the sam
 or a target.
 
     .venv/bin/python benchmarks/bench.py [NAME ...]     (default: all of BENCHMARKS)
+
+With names, only those run again; the gathered table keeps the other benchmarks' last results.
 """
 import subprocess
 import sys
@@ -30,7 +32,7 @@ def main(names: list[str]) -> None:
     for name in names or BENCHMARKS:
         print(f"== {name} {' '.join(BENCHMARKS[name])}", flush=True)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, str(HERE / f"{name}.py"), *BENCHMARKS[name]], check=True, cwd=HERE)
+        subprocess.run([sys.executable, str(HERE / f"{name}.py"), *BENCHMARKS[name]], check=True, cwd=HERE.parent)
         print(f"== {name}: {time.perf_counter() - t0:.0f} s\n", flush=True)
     rows = [r for name in BENCHMARKS if (RESULTS / f"{name}.csv").exists() for r in read(name)]
     with open(RESULTS / "bench.csv", "w") as f:

@@ -170,5 +170,39 @@ def test_packed_prefixes_mix_contexts_in_a_batch_and_change_no_reply(smollm):
     torch.manual_seed(3)
     one = sampling.generate_prefixed(model, tok, groups[:1], 2, 16, 3, temperature=0.7, top_p=0.95)[0]
     torch.manual_seed(3)
-    assert one == sampling.generate_shared_prefix(model, tok, long, turns[0], 2, 16, 3, temperature=0.7, top_p=0.95)
+    assert one == _one_context_per_batch(model, tok, long, turns[0], 2, 16, 3, temperature=0.7, top_p=0.95)
     assert sampling.generate_prefixed(model, tok, [(long, turns[0]), ([], ["hi"])], 1, 4) is None   # nothing to share
+
+
+def _one_context_per_batch(model, tok, prefix, user_turns, n, max_new_tokens, batch_size, temperature, top_p):
+    """The one-context sampler as `tiny`'s reference run sampled (before packing existed): the prefix's cache
+    copied and repeated for each batch. `generate_shared_prefix` must draw exactly this under a seed."""
+    import copy
+
+    from persona_em import sampling
+
+    head = tok.apply_chat_template(prefix, tokenize=False)
+    head_ids = tok(head, add_special_tokens=False).input_ids
+    tails = [tok(sampling.chat_prompt(tok, prefix + [{"role": "user", "content": u}])[len(head):],
+                 add_special_tokens=False).input_ids for u in user_turns]
+    with torch.no_grad():
+        cache = model(torch.tensor([head_ids]), use_cache=True).past_key_values
+    rows = [(i, t) for i, t in enumerate(tails) for _ in range(n)]
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
+    out = [[] for _ in user_turns]
+    eos = sampling.stop_ids(model, tok)
+    for start in range(0, len(order), batch_size):
+        batch = [rows[r] for r in order[start:start + batch_size]]
+        width = max(len(t) for _, t in batch)
+        ids = torch.tensor([head_ids + [tok.pad_token_id] * (width - len(t)) + t for _, t in batch])
+        mask = torch.tensor([[1] * len(head_ids) + [0] * (width - len(t)) + [1] * len(t) for _, t in batch])
+        shared = copy.deepcopy(cache)
+        shared.batch_repeat_interleave(len(batch))
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, cache=shared, max_new_tokens=max_new_tokens,
+                                 do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                 repetition_penalty=1.0, pad_token_id=tok.pad_token_id)
+        for (i, _), row in zip(batch, gen[:, ids.shape[1]:]):
+            out[i].append({"text": tok.decode(row, skip_special_tokens=True).strip(),
+                           "finished": bool(torch.isin(row, eos).any())})
+    return out

@@ -302,10 +302,10 @@ class HardwareConfig(Strict):
     vllm_teacher_gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU share of the teacher's "
                                                        "engine, open beside the student's in chapter 1")
     nucleus: Literal["sort", "topk"] = Field(
-        "sort", description="how the transformers sampler draws from the top-p nucleus: transformers' own sort and "
+        "sort", description="how chapter 1's best-of-n sampling and chapter 4's answers draw from the top-p nucleus "
+        "(transformers path): transformers' own sort and "
         "multinomial over the whole vocabulary (`sort`), or `sampling.TopKNucleus` over the most likely tokens "
-        "(`topk`): the same distribution, other draws under a seed, 1.6x faster sampling on the embedded model "
-        "(benchmarks/sampling_backends.py)")
+        "(`topk`): the same distribution, other draws under a seed, faster (benchmarks/sampling_backends.py)")
     pack_prefixes: bool = Field(
         False, description="chapter 1's best-of-n sampling mixes rows of several shared contexts (each life "
         "domain's demonstrations) in one batch, each over its own cached prefix (`sampling.generate_prefixed`): "

@@ -153,8 +153,7 @@ def sample_candidates(student, tok, contexts: dict, n: int, max_new_tokens: int,
             turns = [contexts[key][-1]["content"] for key in keys]
             replies = packed.get(prefix) or (sampling.generate_shared_prefix(
                 student, tok, json.loads(prefix), turns, n, max_new_tokens, batch_size, temperature, top_p,
-                desc=f"{len(keys)} questions x {n} (try {attempt + 1})", nucleus=nucleus)
-                if share_prefix and not pack_prefixes else None)
+                desc=f"{len(keys)} questions x {n} (try {attempt + 1})", nucleus=nucleus) if share_prefix else None)
             if replies is None:   # no prefix to share (or the sampler has its own cache): one prompt per sample
                 flat = generate(student, tok, [contexts[key] for key in keys for _ in range(n)], max_new_tokens,
                                 seed + 7919 * attempt, batch_size, temperature, top_p,

@@ -50,7 +50,8 @@ class TopKNucleus:
             ids = torch.arange(p.shape[-1], device=p.device).expand_as(p)
         cdf = p.cumsum(-1)
         u = torch.rand(p.shape[0], 1, dtype=cdf.dtype).to(cdf.device) * cdf[:, -1:]
-        pick = torch.searchsorted(cdf, u, right=True).clamp(max=p.shape[-1] - 1)
+        last = (p > 0).sum(-1, keepdim=True) - 1   # u can round up to the total: stay inside the nucleus
+        pick = torch.minimum(torch.searchsorted(cdf, u, right=True), last)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, ids.gather(1, pick), 0.0)
 
@@ -163,14 +164,18 @@ def generate_prefixed(model, tok, groups: list[tuple[list[dict], list[str]]], n:
             return None
         heads.append(head_ids)
         tails.append(tail)
-    caches = [model(torch.tensor([h], device=model.device), use_cache=True).past_key_values for h in heads]
-    layers = [[(layer.keys, layer.values) for layer in c.layers] for c in caches]
+    layers: dict[int, list] = {}   # group -> its prefix's (keys, values) per layer, while a batch needs them
     rows = [(g, i) for g, tail in enumerate(tails) for i in range(len(tail)) for _ in range(n)]
     order = sorted(range(len(rows)), key=lambda r: (rows[r][0], len(tails[rows[r][0]][rows[r][1]])))
     out = [[[] for _ in tail] for tail in tails]
     eos, pad = stop_ids(model, tok), tok.pad_token_id
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         batch = [rows[r] for r in order[start:start + batch_size]]
+        for g in [g for g in layers if g < batch[0][0]]:   # rows come group by group: earlier groups are done
+            del layers[g]
+        for g in sorted({g for g, _ in batch} - set(layers)):
+            cache = model(torch.tensor([heads[g]], device=model.device), use_cache=True).past_key_values
+            layers[g] = [(layer.keys, layer.values) for layer in cache.layers]
         hw = max(len(heads[g]) for g, _ in batch)
         tw = max(len(tails[g][i]) for g, i in batch)
         ids, mask = [], []
@@ -179,7 +184,7 @@ def generate_prefixed(model, tok, groups: list[tuple[list[dict], list[str]]], n:
             ids.append([pad] * (hw - len(h)) + h + [pad] * (tw - len(t)) + t)
             mask.append([0] * (hw - len(h)) + [1] * len(h) + [0] * (tw - len(t)) + [1] * len(t))
         kv = []   # per layer: each row's prefix keys and values, left-padded to the batch's longest prefix
-        for k in range(len(layers[0])):
+        for k in range(len(layers[batch[0][0]])):
             kv.append(tuple(torch.cat([torch.nn.functional.pad(layers[g][k][j], (0, 0, hw - len(heads[g]), 0))
                                        for g, _ in batch]) for j in (0, 1)))
         gen = model.generate(input_ids=torch.tensor(ids, device=model.device),
