@@ -59,6 +59,16 @@ def test_top_p_one_samples_the_whole_vocabulary():
     assert stats.chisquare(counts[:3], p[:3] / p[:3].sum() * counts.sum()).pvalue > 0.01
 
 
+def test_a_near_zero_temperature_picks_the_argmax_wherever_it_is():
+    """At temperature 1e-3 every other token's probability underflows to 0 in the unsorted vocabulary of top-p 1
+    (and in the nucleus): the draw is the most likely token, not one whose probability is 0."""
+    logits = torch.zeros(3, 10)
+    logits[0, 7], logits[1, 0], logits[2, 9] = 5.0, 5.0, 5.0
+    for top_p in (1.0, 0.9):
+        torch.manual_seed(0)
+        assert sampling.TopKNucleus(1e-3, top_p)(None, logits).argmax(-1).tolist() == [7, 0, 9]
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="temperature"):
         sampling.TopKNucleus(0.0, 0.9)

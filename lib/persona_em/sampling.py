@@ -50,7 +50,9 @@ class TopKNucleus:
             ids = torch.arange(p.shape[-1], device=p.device).expand_as(p)
         cdf = p.cumsum(-1)
         u = torch.rand(p.shape[0], 1, dtype=cdf.dtype).to(cdf.device) * cdf[:, -1:]
-        last = (p > 0).sum(-1, keepdim=True) - 1   # u can round up to the total: stay inside the nucleus
+        # u can round up to the total: then the first entry that reaches it (the last with probability > 0; with
+        # top-p 1 the vocabulary is unsorted, so zeros that underflowed can sit anywhere)
+        last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True)
         pick = torch.minimum(torch.searchsorted(cdf, u, right=True), last)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, ids.gather(1, pick), 0.0)
