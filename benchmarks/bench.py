@@ -8,6 +8,7 @@ or a target.
 
 With names, only those run again; the gathered table keeps the other benchmarks' last results.
 """
+import csv
 import subprocess
 import sys
 import time
@@ -34,11 +35,16 @@ def main(names: list[str]) -> None:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, str(HERE / f"{name}.py"), *BENCHMARKS[name]], check=True, cwd=HERE.parent)
         print(f"== {name}: {time.perf_counter() - t0:.0f} s\n", flush=True)
+    gather()
+
+
+def gather() -> None:
+    """Every benchmark's last results into bench.csv and bench.md, printed."""
     rows = [r for name in BENCHMARKS if (RESULTS / f"{name}.csv").exists() for r in read(name)]
-    with open(RESULTS / "bench.csv", "w") as f:
-        f.write(",".join(COLUMNS) + "\n")
-        for r in rows:
-            f.write(",".join('"' + str(r[c]).replace('"', '""') + '"' for c in COLUMNS) + "\n")
+    with open(RESULTS / "bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
     table = ["| figure | value | unit | ratio | against |", "| --- | ---: | --- | ---: | --- |"]
     table += [f"| {r['figure']} | {r['value']} | {r['unit']} | {r['ratio']} | {r['against']} |" for r in rows]
     (RESULTS / "bench.md").write_text("\n".join(table) + "\n")

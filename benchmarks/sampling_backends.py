@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from persona_em import constitution, models, pairs, questions, sampling, scorer
-from peak import matmul_peak
+from peak import fastest_peak
 from record import write
 
 warnings.filterwarnings("ignore")
@@ -43,7 +43,7 @@ torch.set_num_threads(threads)
 
 
 def peaks():
-    return (max(matmul_peak(torch.float32) for _ in range(3)), max(matmul_peak(torch.bfloat16) for _ in range(3)))
+    return fastest_peak(torch.float32), fastest_peak(torch.bfloat16)
 
 
 model, tok = models.load_model(models.EMBEDDED)

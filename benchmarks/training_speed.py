@@ -22,17 +22,13 @@ import torch
 
 from persona_em import evaluate, models, pairs, questions, training
 from persona_em.config import HardwareConfig, load_profile
-from peak import matmul_peak
+from peak import fastest_peak as peak
 from record import write
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 32
 batch = int(sys.argv[2]) if len(sys.argv) > 2 else 8
 threads = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 torch.set_num_threads(threads)
-
-
-def peak(dtype=torch.float32, tries: int = 3) -> float:
-    return max(matmul_peak(dtype) for _ in range(tries))
 
 
 # realistic pairs: pool questions, with project-authored aligned/misaligned answers of varied length
