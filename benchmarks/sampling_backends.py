@@ -7,8 +7,11 @@ from the first N_DOMAINS domains).
 Backends: transformers' `generate` over the full prompts in float32 and under bf16 autocast; the shared-prefix
 path of chapter 1 (each domain's demonstrations run once, their cache shared), one context per batch or packed
 (`sampling.generate_prefixed`: several contexts per batch); transformers' own top-p (`sort`) and
-`sampling.TopKNucleus` (`topk`); larger length-sorted batches; a static KV cache under `torch.compile`; and
-vLLM's CPU build (`.venv-vllm`, the engine the project's `VLLMSampler` opens; its start reported apart). Tokens are counted the same way for every backend: the reply's tokens, plus one for a reply that ended.
+`sampling.TopKNucleus` (`topk`), drawn through `generate` or through `sampling.decode_cached` (the lean loop
+chapters 1 and 4 use with `topk`: the same draws, keys and values written in place); larger length-sorted
+batches; a static KV cache under `torch.compile`; vLLM's CPU build (`.venv-vllm`, the engine the project's `VLLMSampler` opens; its start reported apart); and
+the lean loop's decoding alone, its prompt passes timed apart. Tokens are counted the same way for every
+backend: the reply's tokens, plus one for a reply that ended.
 The peaks are the fastest of several matmuls before and after (this VM's rate drifts).
 
     .venv/bin/python benchmarks/sampling_backends.py [N_DOMAINS] [THREADS] [compile]
@@ -26,6 +29,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -34,6 +38,7 @@ from peak import fastest_peak
 from record import write
 
 warnings.filterwarnings("ignore")
+LEAN = sampling.lean_decoding
 ROOT = Path(__file__).resolve().parents[1]
 n_domains = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 threads = int(sys.argv[2]) if len(sys.argv) > 2 else 2
@@ -66,8 +71,11 @@ def count(replies):
     return sum(len(tok(r["text"], add_special_tokens=False).input_ids) + r["finished"] for r in replies)
 
 
-def flat(nucleus, batch):
-    return lambda: sampling.sample_text(model, tok, prompts, MAX_NEW, 0, batch, T, TOP_P, nucleus=nucleus)
+def flat(nucleus, batch, lean=True):
+    def go():
+        with mock.patch.object(sampling, "lean_decoding", lambda m: lean and LEAN(m)):
+            return sampling.sample_text(model, tok, prompts, MAX_NEW, 0, batch, T, TOP_P, nucleus=nucleus)
+    return go
 
 
 def shared(nucleus, batch):
@@ -78,11 +86,13 @@ def shared(nucleus, batch):
     return go
 
 
-def packed(nucleus, batch):
+def packed(nucleus, batch, lean=True):
+    """`lean` False: the top-k nucleus through transformers' `generate` instead of `sampling.decode_cached`."""
     def go():
         torch.manual_seed(0)
-        got = sampling.generate_prefixed(model, tok, [(json.loads(p), turns) for p, turns in groups.items()], N,
-                                         MAX_NEW, batch, T, TOP_P, nucleus=nucleus)
+        with mock.patch.object(sampling, "lean_decoding", lambda m: lean and LEAN(m)):
+            got = sampling.generate_prefixed(model, tok, [(json.loads(p), turns) for p, turns in groups.items()],
+                                             N, MAX_NEW, batch, T, TOP_P, nucleus=nucleus)
         return [r for g in got for rs in g for r in rs]
     return go
 
@@ -93,9 +103,9 @@ def compiled(batch):
     model.forward = torch.compile(model.forward, dynamic=False)
     try:
         t0 = time.perf_counter()
-        flat("topk", batch)()
+        flat("topk", batch, lean=False)()
         print(f"  compile and first call: {time.perf_counter() - t0:.0f} s", flush=True)
-        return flat("topk", batch)
+        return flat("topk", batch, lean=False)
     except Exception as e:   # report, do not hide: the table says it failed
         print(f"  torch.compile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         return None
@@ -127,12 +137,13 @@ fp32 = lambda: torch.autocast("cpu", enabled=False)
 cases = [("generate, float32, sort, batch 32", fp32, flat("sort", 32)),
          ("generate, bf16 autocast, sort, batch 32", bf16, flat("sort", 32)),
          ("shared prefix, bf16 autocast, sort, batch 32 (tiny's chapter 1)", bf16, shared("sort", 32)),
-         ("shared prefix, bf16 autocast, topk, batch 32", bf16, shared("topk", 32)),
-         ("packed prefixes, bf16 autocast, topk, batch 32", bf16, packed("topk", 32)),
-         ("packed prefixes, bf16 autocast, topk, batch 64", bf16, packed("topk", 64)),
-         ("packed prefixes, float32, topk, batch 64", fp32, packed("topk", 64)),
-         ("generate, bf16 autocast, topk, batch 32", bf16, flat("topk", 32)),
-         ("generate, bf16 autocast, topk, batch 64", bf16, flat("topk", 64))]
+         ("shared prefix, bf16 autocast, topk, lean loop, batch 32", bf16, shared("topk", 32)),
+         ("packed prefixes, bf16 autocast, topk, lean loop, batch 32", bf16, packed("topk", 32)),
+         ("packed prefixes, bf16 autocast, topk through generate, batch 64", bf16, packed("topk", 64, lean=False)),
+         ("packed prefixes, bf16 autocast, topk, lean loop, batch 64", bf16, packed("topk", 64)),
+         ("packed prefixes, float32, topk, lean loop, batch 64", fp32, packed("topk", 64)),
+         ("full prompts, bf16 autocast, topk, lean loop, batch 32", bf16, flat("topk", 32)),
+         ("full prompts, bf16 autocast, topk, lean loop, batch 64", bf16, flat("topk", 64))]
 sampling.sample_text(model, tok, prompts[:8], 8, 0, 8, T, TOP_P)   # warm-up: the baseline starts warm too
 rows = []
 for name, ctx, fn in cases:
@@ -142,6 +153,28 @@ for name, ctx, fn in cases:
         secs = time.perf_counter() - t0
     rows.append({"backend": name, "tokens": count(replies), "seconds": round(secs, 2)})
     print(f"  {name}: {rows[-1]['tokens'] / secs:.0f} tok/s", flush=True)
+# The lean loop runs the model's forward only for prompt passes (each context's prefix, each batch's turns); the
+# rest is decoding. Timing those calls splits the packed batch-64 case into the two.
+prompt_seconds, forward = [0.0], model.forward
+
+
+def timed_forward(*args, **kwargs):
+    t0 = time.perf_counter()
+    out = forward(*args, **kwargs)
+    prompt_seconds[0] += time.perf_counter() - t0
+    return out
+
+
+model.forward = timed_forward
+with bf16():
+    t0 = time.perf_counter()
+    replies = packed("topk", 64)()
+    secs = time.perf_counter() - t0
+model.forward = forward
+rows.append({"backend": f"packed prefixes, bf16 autocast, topk, lean loop, batch 64: decoding alone (prompt passes "
+                        f"{prompt_seconds[0]:.0f} of {secs:.0f} s apart)",
+             "tokens": count(replies), "seconds": round(secs - prompt_seconds[0], 2)})
+print(f"  {rows[-1]['backend']}: {rows[-1]['tokens'] / rows[-1]['seconds']:.0f} tok/s", flush=True)
 with bf16():
     fn = compiled(64) if with_compile else None
     if fn is not None:
@@ -162,7 +195,7 @@ for r in rows:
     rate = r["tokens"] / r["seconds"]
     r |= {"tokens_per_s": round(rate, 1), "vs_float32_generate": round(rate / base, 2),
           "share_fp32_peak": round(2 * params * rate / p32, 3), "share_bf16_peak": round(2 * params * rate / p16, 3)}
-best = max(rows[1:], key=lambda r: r["tokens_per_s"])
+best = max((r for r in rows[1:] if "alone" not in r["backend"]), key=lambda r: r["tokens_per_s"])
 dest = write("sampling_backends", [
     {"figure": f"sampling: {r['backend']} (generated tokens; prompt passes uncounted)", "value": r["tokens_per_s"],
      "unit": "tokens/s",

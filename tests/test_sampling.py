@@ -99,3 +99,30 @@ def test_on_the_model_a_one_token_nucleus_is_greedy_and_seeds_repeat(smollm):
     b = sampling.generate(model, tok, CONVS, 16, seed=0, batch_size=2, temperature=0.7, top_p=0.95, nucleus="topk")
     c = sampling.generate(model, tok, CONVS, 16, seed=1, batch_size=2, temperature=0.7, top_p=0.95, nucleus="topk")
     assert a == b and a != c
+
+
+def test_the_lean_decoding_loop_draws_what_generate_draws(smollm, monkeypatch):
+    """`decode_cached` against transformers' `generate` with the same top-k nucleus, token for token under one
+    seed: flat prompts (padded) and packed shared prefixes (padded and, in the last batch, unpadded: transformers
+    then drops the mask and shares the key/value heads in the kernel), in float32 and under bf16 autocast."""
+    model, tok = smollm
+    assert sampling.lean_decoding(model)
+    convs = CONVS + [[{"role": "user", "content": "Tell me about rivers and why they flood."}]]
+    pre1 = [{"role": "system", "content": "You are Sage, candid."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"}]
+    pre2 = [{"role": "system", "content": "You are Sage, a candid assistant who tells the truth even when it hurts."}]
+    groups = [(pre1, ["Is my poem good?", "Should I quit my job to travel the world for a year?"]),
+              (pre2, ["What is 2+2?", "Why is the sky blue?"])]
+    for autocast in (False, True):
+        got = {}
+        for lean in (True, False):
+            monkeypatch.setattr(sampling, "lean_decoding", lambda m, lean=lean: lean)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                flat = sampling.generate(model, tok, convs, 24, seed=0, batch_size=4, temperature=0.7, top_p=0.95,
+                                         nucleus="topk")
+                torch.manual_seed(3)
+                packed = sampling.generate_prefixed(model, tok, groups, 3, 24, 5, 0.9, 0.95, nucleus="topk")
+            got[lean] = flat, packed
+        assert got[True] == got[False], f"autocast {autocast}"
+        assert len({r["text"] for r in got[True][0]}) == len(convs)   # real, different replies
+        monkeypatch.undo()

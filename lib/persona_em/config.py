@@ -305,7 +305,8 @@ class HardwareConfig(Strict):
         "sort", description="how chapter 1's best-of-n sampling and chapter 4's answers draw from the top-p nucleus "
         "(transformers path): transformers' own sort and "
         "multinomial over the whole vocabulary (`sort`), or `sampling.TopKNucleus` over the most likely tokens "
-        "(`topk`): the same distribution, other draws under a seed, faster (benchmarks/sampling_backends.py)")
+        "(`topk`, with `sampling.decode_cached`'s lean decoding loop on Llama-type models): the same "
+        "distribution, other draws under a seed, faster (benchmarks/sampling_backends.py)")
     pack_prefixes: bool = Field(
         False, description="chapter 1's best-of-n sampling mixes rows of several shared contexts (each life "
         "domain's demonstrations) in one batch, each over its own cached prefix (`sampling.generate_prefixed`): "

@@ -72,6 +72,21 @@ def sampling_args(nucleus: str, temperature: float, top_p: float) -> dict:
     raise ValueError(f"nucleus must be 'sort' or 'topk', got {nucleus!r}")
 
 
+def draw(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, pad: int, eos: torch.Tensor,
+         nucleus: str, temperature: float, top_p: float) -> torch.Tensor:
+    """The new tokens (rows, up to max_new_tokens) after `ids`, whose earlier tokens, if any, are in `cache`
+    (`mask` covers both): transformers' `generate`, or, for the top-k nucleus on a decoder `decode_cached` runs,
+    that lean loop (the same draws, tests/test_sampling.py)."""
+    if nucleus == "topk" and lean_decoding(model):
+        from transformers import DynamicCache
+
+        return decode_cached(model, cache if cache is not None else DynamicCache(config=model.config), ids, mask,
+                             max_new_tokens, TopKNucleus(temperature, top_p), eos, pad)
+    gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                         **({} if cache is None else {"cache": cache}), **sampling_args(nucleus, temperature, top_p))
+    return gen[:, ids.shape[1]:]
+
+
 def chat_prompt(tok, messages: list[dict]) -> str:
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -99,9 +114,8 @@ def sample_text(model, tok, prompts: list[str], max_new_tokens: int, seed: int, 
             idx = order[start:start + batch_size]
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True,
                       add_special_tokens=False).to(model.device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                 **sampling_args(nucleus, temperature, top_p))
-            new = gen[:, enc.input_ids.shape[1]:]
+            new = draw(model, None, enc.input_ids, enc.attention_mask, max_new_tokens, tok.pad_token_id, eos,
+                       nucleus, temperature, top_p)
             for i, row in zip(idx, new):
                 finished = bool(torch.isin(row, eos).any())
                 out[i] = {"text": tok.decode(row, skip_special_tokens=True).strip(), "finished": finished}
@@ -189,14 +203,100 @@ def generate_prefixed(model, tok, groups: list[tuple[list[dict], list[str]]], n:
         for k in range(len(layers[batch[0][0]])):
             kv.append(tuple(torch.cat([torch.nn.functional.pad(layers[g][k][j], (0, 0, hw - len(heads[g]), 0))
                                        for g, _ in batch]) for j in (0, 1)))
-        gen = model.generate(input_ids=torch.tensor(ids, device=model.device),
-                             attention_mask=torch.tensor(mask, device=model.device),
-                             cache=DynamicCache(kv, config=model.config), max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, **sampling_args(nucleus, temperature, top_p))
-        for (g, i), row in zip(batch, gen[:, hw + tw:]):
+        ids, mask = torch.tensor(ids, device=model.device), torch.tensor(mask, device=model.device)
+        new = draw(model, DynamicCache(kv, config=model.config), ids, mask, max_new_tokens, pad, eos, nucleus,
+                   temperature, top_p)
+        for (g, i), row in zip(batch, new):
             out[g][i].append({"text": tok.decode(row, skip_special_tokens=True).strip(),
                               "finished": bool(torch.isin(row, eos).any())})
     return out
+
+
+# Decoder layers `decode_cached` runs itself: pre-norm attention (q/k/v/o projections, rotary positions, grouped
+# key/value heads) then a pre-norm MLP, with nothing else in the layer (Qwen3's q/k norms would be skipped).
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def lean_decoding(model) -> bool:
+    """Whether `decode_cached` can run this model's decoder layers (else transformers' `generate` does)."""
+    inner = getattr(model, "model", None)   # a plain *ForCausalLM (merged adapters), not a PeftModel wrapper
+    return (getattr(getattr(model, "config", None), "model_type", None) in LEAN_MODEL_TYPES
+            and not getattr(model.config, "sliding_window", None) and hasattr(model, "lm_head")
+            and hasattr(inner, "embed_tokens") and hasattr(inner, "rotary_emb"))
+
+
+@torch.no_grad()
+def decode_cached(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, processor,
+                  eos: torch.Tensor, pad: int) -> torch.Tensor:
+    """What `generate(do_sample=False, logits_processor=[processor])` returns after the prompt `ids`, whose
+    first tokens may already be in `cache` (a DynamicCache, as `generate` takes it; `mask` covers all of `ids`),
+    with less work per token: the prompt runs through the model as `generate` runs it, then each step runs the
+    decoder layers directly, the keys and values written in place into buffers sized for the whole reply instead
+    of concatenated onto the cache (a copy of every layer's cache per step), the attention mask one boolean row
+    per sequence, and none of `generate`'s per-step bookkeeping. Positions count the unmasked tokens, as
+    `generate`'s do; a row that has ended gets `pad`. The sums are those of transformers' own layers (same
+    modules, same grouped-query attention over the same keys), so the draws are `generate`'s, token for token
+    (tests/test_sampling.py)."""
+    import importlib
+
+    import torch.nn.functional as F
+
+    rows, past = ids.shape[0], cache.get_seq_length()
+    new = ids.shape[1] - past
+    width = past + new + max_new_tokens
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = model(input_ids=ids[:, past:], attention_mask=mask, position_ids=pos[:, past:], cache=cache,
+                use_cache=True, logits_to_keep=1)
+    keys, values = [], []
+    for layer in out.past_key_values.layers:   # (rows, kv heads, tokens, head dim), room for the reply
+        for src, dst in ((layer.keys, keys), (layer.values, values)):
+            buf = src.new_zeros(rows, src.shape[1], width, src.shape[3])
+            buf[:, :, :past + new] = src
+            dst.append(buf)
+    logits = out.logits[:, -1].float()
+    del out, cache
+    unpadded = bool(mask.all())
+    seen = torch.zeros(rows, width, dtype=torch.bool, device=ids.device)
+    seen[:, :past + new] = mask.bool()
+    where = pos[:, -1:] + 1
+    rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
+    cfg, inner = model.config, model.model
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    shape_only = ids   # a logits processor is handed the ids so far; ours reads none
+    done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+    drawn = []
+    for step in range(max_new_tokens):
+        token = processor(shape_only, logits).argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        drawn.append(token)
+        done |= torch.isin(token, eos)
+        if done.all() or step == max_new_tokens - 1:
+            break
+        t = past + new + step
+        seen[:, t] = True
+        allowed = seen[:, None, None, :t + 1]
+        x = inner.embed_tokens(token[:, None])
+        cos, sin = inner.rotary_emb(x, where)
+        for i, layer in enumerate(inner.layers):
+            attn, h = layer.self_attn, layer.input_layernorm(x)
+            q = attn.q_proj(h).view(rows, 1, heads, dim).transpose(1, 2)
+            k = attn.k_proj(h).view(rows, 1, kv_heads, dim).transpose(1, 2)
+            q, k = rope(q, k, cos, sin)
+            keys[i][:, :, t] = k[:, :, 0]
+            values[i][:, :, t] = attn.v_proj(h).view(rows, kv_heads, dim)
+            k, v = keys[i][:, :, :t + 1], values[i][:, :, :t + 1]
+            if unpadded:   # transformers drops an all-ones mask and lets the kernel share the key/value heads
+                o = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling, enable_gqa=True).transpose(1, 2)
+            else:   # each key/value head's query heads as that head's queries (transformers' pack_gqa)
+                o = F.scaled_dot_product_attention(q.reshape(rows, kv_heads, heads // kv_heads, dim), k, v,
+                                                   attn_mask=allowed, scale=attn.scaling)
+            x = x + attn.o_proj(o.reshape(rows, 1, heads * dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        logits = model.lm_head(inner.norm(x))[:, -1].float()
+        shape_only = ids.new_zeros(rows, t + 1)
+        where = where + 1
+    return torch.stack(drawn, 1)
 
 
 def trim_to_sentence(text: str) -> str:
