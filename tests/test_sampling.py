@@ -101,6 +101,7 @@ def test_on_the_model_a_one_token_nucleus_is_greedy_and_seeds_repeat(smollm):
     assert a == b and a != c
 
 
+@pytest.mark.slow
 def test_the_lean_decoding_loop_draws_what_generate_draws(smollm, monkeypatch):
     """`decode_cached` against transformers' `generate` with the same top-k nucleus, token for token under one
     seed: flat prompts (padded) and packed shared prefixes (padded and, in the last batch, unpadded: transformers
