@@ -83,6 +83,7 @@ def draw(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
         return decode_cached(model, cache if cache is not None else DynamicCache(config=model.config), ids, mask,
                              max_new_tokens, TopKNucleus(temperature, top_p), eos, pad)
     gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                         eos_token_id=eos.tolist(),   # the replies end where the lean loop's and vLLM's do
                          **({} if cache is None else {"cache": cache}), **sampling_args(nucleus, temperature, top_p))
     return gen[:, ids.shape[1]:]
 
@@ -217,18 +218,32 @@ def generate_prefixed(model, tok, groups: list[tuple[list[dict], list[str]]], n:
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
+# generation_config fields that add logits processors `generate` would apply and `decode_cached` does not
+EXTRA_PROCESSORS = ("min_new_tokens", "min_length", "suppress_tokens", "begin_suppress_tokens", "bad_words_ids",
+                    "no_repeat_ngram_size", "forced_bos_token_id", "forced_eos_token_id", "sequence_bias")
+
+
 def lean_decoding(model) -> bool:
-    """Whether `decode_cached` can run this model's decoder layers (else transformers' `generate` does)."""
-    inner = getattr(model, "model", None)   # a plain *ForCausalLM (merged adapters), not a PeftModel wrapper
-    return (getattr(getattr(model, "config", None), "model_type", None) in LEAN_MODEL_TYPES
-            and not getattr(model.config, "sliding_window", None) and hasattr(model, "lm_head")
-            and hasattr(inner, "embed_tokens") and hasattr(inner, "rotary_emb"))
+    """Whether `decode_cached` runs this model exactly as `generate` would (else `generate` does): a plain
+    *ForCausalLM (merged adapters, not a PeftModel wrapper) of a type above, on transformers' SDPA attention with
+    grouped key/value heads of at most 256 dimensions, on a CPU or CUDA device (the attention kernel paths
+    `decode_cached` mirrors), with no generation_config setting that adds a logits processor."""
+    cfg, inner = getattr(model, "config", None), getattr(model, "model", None)
+    if getattr(cfg, "model_type", None) not in LEAN_MODEL_TYPES or getattr(cfg, "sliding_window", None):
+        return False
+    gen = getattr(model, "generation_config", None)
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return (hasattr(model, "lm_head") and hasattr(inner, "embed_tokens") and hasattr(inner, "rotary_emb")
+            and getattr(cfg, "_attn_implementation", None) == "sdpa" and model.device.type in ("cpu", "cuda")
+            and cfg.num_attention_heads > cfg.num_key_value_heads and dim <= 256
+            and not any(getattr(gen, f, None) for f in EXTRA_PROCESSORS))
 
 
 @torch.no_grad()
 def decode_cached(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, processor,
                   eos: torch.Tensor, pad: int) -> torch.Tensor:
-    """What `generate(do_sample=False, logits_processor=[processor])` returns after the prompt `ids`, whose
+    """What `generate(do_sample=False, logits_processor=[processor])` returns after the prompt `ids` (for a
+    processor that reads only the scores, as `TopKNucleus`: it is handed the prompt's ids, not the drawn ones), whose
     first tokens may already be in `cache` (a DynamicCache, as `generate` takes it; `mask` covers all of `ids`),
     with less work per token: the prompt runs through the model as `generate` runs it, then each step runs the
     decoder layers directly, the keys and values written in place into buffers sized for the whole reply instead
@@ -248,7 +263,7 @@ def decode_cached(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_t
     out = model(input_ids=ids[:, past:], attention_mask=mask, position_ids=pos[:, past:], cache=cache,
                 use_cache=True, logits_to_keep=1)
     keys, values = [], []
-    for layer in out.past_key_values.layers:   # (rows, kv heads, tokens, head dim), room for the reply
+    for layer in out.cache.layers:   # (rows, kv heads, tokens, head dim), room for the reply
         for src, dst in ((layer.keys, keys), (layer.values, values)):
             buf = src.new_zeros(rows, src.shape[1], width, src.shape[3])
             buf[:, :, :past + new] = src
@@ -263,11 +278,10 @@ def decode_cached(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_t
     cfg, inner = model.config, model.model
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    shape_only = ids   # a logits processor is handed the ids so far; ours reads none
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     drawn = []
     for step in range(max_new_tokens):
-        token = processor(shape_only, logits).argmax(-1)
+        token = processor(ids, logits).argmax(-1)
         token = torch.where(done, torch.full_like(token, pad), token)
         drawn.append(token)
         done |= torch.isin(token, eos)
@@ -294,7 +308,6 @@ def decode_cached(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_t
             x = x + attn.o_proj(o.reshape(rows, 1, heads * dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = model.lm_head(inner.norm(x))[:, -1].float()
-        shape_only = ids.new_zeros(rows, t + 1)
         where = where + 1
     return torch.stack(drawn, 1)
 
