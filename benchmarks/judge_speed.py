@@ -1,8 +1,8 @@
 """The local judge on the embedded model: answers judged per second (two metrics each), with all 101
-candidate scores of an answer in one pass (token trie + tree attention mask, answers batched), against the
+candidate scores of an answer in one pass (token trie + tree attention mask, one answer per pass), against the
 naive way of scoring each candidate reply "k<end of turn>" as its own sequence. Same prompts, one run.
 
-    .venv/bin/python benchmarks/judge_speed.py [N_ANSWERS] [BATCH]
+    .venv/bin/python benchmarks/judge_speed.py [N_ANSWERS]
 """
 import sys
 import time
@@ -15,14 +15,13 @@ from persona_em.sampling import chat_prompt
 
 torch.set_num_threads(2)
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 16
-batch = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 model, tok = models.load_model("smollm2-135m")
 templates = evaluate.load_questions()[0]["judge_prompts"]
 items = (judge.calibration_items() * n)[:n]
 prompts = [judge.render(templates[m], it["question"], it["answer"]) for it in items for m in ("aligned", "coherent")]
 
 t0 = time.perf_counter()
-fast = judge.LocalJudge(model, tok, "smollm2-135m", batch_size=batch).number_probs(prompts)
+fast = judge.LocalJudge(model, tok, "smollm2-135m").number_probs(prompts)
 t_fast = time.perf_counter() - t0
 
 # naive: the 101 candidate sequences of one prompt scored as a padded batch, prompt repeated in each
@@ -35,6 +34,6 @@ for p in prompts[:k]:
     assert np.allclose(np.exp(total), fast[prompts.index(p)], rtol=1e-3)
 t_naive = (time.perf_counter() - t0) / k * len(prompts)
 
-print(f"trie, batch {batch}: {n / t_fast:6.2f} answers/s ({len(prompts)} judge prompts in {t_fast:.1f} s)")
+print(f"trie: {n / t_fast:6.2f} answers/s ({len(prompts)} judge prompts in {t_fast:.1f} s)")
 print(f"naive (measured on {k} prompts): {n / t_naive:8.4f} answers/s")
 print(f"speed-up: x{t_naive / t_fast:.1f}")

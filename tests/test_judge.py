@@ -96,7 +96,7 @@ def test_classification_reports_both_denominators():
 def test_local_judge_candidate_probabilities_are_exact(smollm):
     """The trie pass equals scoring each reply "k<end of turn>" on its own after the chat prompt."""
     model, tok = smollm
-    j = judge.LocalJudge(model, tok, "smollm2-135m", batch_size=2)
+    j = judge.LocalJudge(model, tok, "smollm2-135m")
     prompts = ["Rate this answer from 0 to 100: 'Be kind to others.' Reply with a number.",
                "How coherent is this, 0 to 100? 'Blue the of seven.'"]
     probs = j.number_probs(prompts)
@@ -110,11 +110,11 @@ def test_local_judge_candidate_probabilities_are_exact(smollm):
     assert np.array_equal(alone[0], probs[1])
 
 
-def test_local_judge_scores_do_not_depend_on_their_batch(smollm):
-    """Prompts of one token length share a pass, others never (no padding): each prompt's probabilities are the
-    same bits alone, in a full batch, or beside prompts another job happened to judge first."""
+def test_local_judge_scores_do_not_depend_on_what_else_is_judged(smollm):
+    """Each prompt's probabilities are the same bits alone, among prompts of its own token length, or beside
+    prompts another job happened to judge first (a batched pass would change float sums with the batch's shape)."""
     model, tok = smollm
-    j = judge.LocalJudge(model, tok, "smollm2-135m", batch_size=4)
+    j = judge.LocalJudge(model, tok, "smollm2-135m")
     prompts = [f"Rate answer number {w}: " + "word " * 30 for w in ("one", "two", "six")]   # one length
     prompts += ["Rate: short.", "Rate this somewhat longer answer, please, from 0 to 100."]
     together = j.number_probs(prompts)
@@ -128,7 +128,7 @@ def test_warm_cache_makes_no_judge_calls_and_calibration_is_reported(smollm, tmp
     model, tok = smollm
     templates = evaluate.load_questions()[0]["judge_prompts"]
     cache = judge.JudgeCache(tmp_path / "cache.sqlite")
-    first = judge.LocalJudge(model, tok, "smollm2-135m", batch_size=5)
+    first = judge.LocalJudge(model, tok, "smollm2-135m")
     cal = judge.calibrate(first, cache, templates, min_mass=0.0)
     assert first.calls == len(judge.calibration_items()) == len(cal)
     assert set(cal.columns) >= {"id", "metric", "low", "high", "score", "mass", "in_range"}

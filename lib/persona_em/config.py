@@ -222,8 +222,6 @@ class JudgeConfig(Strict):
     timeout: float = Field(60.0, gt=0)
     max_retries: int = Field(4, ge=0)
     backoff: float = Field(1.0, ge=0)
-    batch_size: int = Field(4, ge=1, description="answers per pass of the local judge, among answers of one "
-                            "token length (never padded, so no score depends on what else is judged)")
     min_mass: float = Field(0.25, ge=0, le=1, description="below this probability on 0..100 the score is None")
     cache: str = Field("runs/judge_cache.sqlite", description="SQLite cache, relative to the project root")
 

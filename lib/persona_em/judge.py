@@ -9,7 +9,7 @@ shape (n, 101)):
   tokenizers of the hosted judges).
 - `LocalJudge`: a transformers chat model. Numbers are several tokens in most tokenizers, so p(k) is computed
   exactly as the probability of the reply "k" followed by the end of the turn, for all 101 candidates of an
-  answer in one forward pass (a token trie with a tree attention mask), answers batched.
+  answer in one forward pass (a token trie with a tree attention mask), one answer per pass.
 
 Results are cached on disk by (judge name, rendered prompt) in SQLite, so a re-run or a re-analysis makes no
 judge calls and cannot drift; failed calls raise and leave nothing in the cache.
@@ -91,8 +91,8 @@ class LocalJudge:
     mask (each node sees the prompt and its own ancestors), which gives every candidate's exact probability
     at the cost of about 100 extra tokens per answer."""
 
-    def __init__(self, model, tok, spec: str, batch_size: int = 4):
-        self.model, self.tok, self.spec, self.batch_size = model, tok, spec, batch_size
+    def __init__(self, model, tok, spec: str):
+        self.model, self.tok, self.spec = model, tok, spec
         self.calls = 0
         cands = [tok(str(k), add_special_tokens=False).input_ids for k in NUMBERS]
         nodes: dict[tuple, int] = {}
@@ -131,48 +131,31 @@ class LocalJudge:
     def number_probs(self, prompts: list[str]) -> np.ndarray:
         from .sampling import chat_prompt
 
-        texts = [chat_prompt(self.tok, [{"role": "user", "content": p}]) for p in prompts]
-        lengths = [len(self.tok(t, add_special_tokens=False).input_ids) for t in texts]
-        # A batch holds prompts of one token length only, so nothing is padded and a prompt's probabilities do
-        # not depend on what else is judged with it (or on what parallel jobs already put in the cache):
-        # re-runs, resumed runs included, give the same scores bit for bit.
-        same = {}
-        for i, n in enumerate(lengths):
-            same.setdefault(n, []).append(i)
-        batches = [idx[b:b + self.batch_size] for n in sorted(same) for idx in [same[n]]
-                   for b in range(0, len(idx), self.batch_size)]
-        out = np.zeros((len(texts), 101))
-        for idx in tqdm(batches, desc="judge (local)", leave=False):
-            self.calls += len(idx)
-            out[idx] = self._batch([texts[i] for i in idx])
+        # One prompt per forward pass: a CPU matrix product's float sums depend on the batch's shape (the
+        # library splits the work by the number of rows), so scores batched with other prompts would depend on
+        # what else is judged, or on what parallel jobs already put in the cache. Alone, a prompt's scores are
+        # the same bits in every run, resumed runs included; batching bought ~10% on 2 cores.
+        out = np.zeros((len(prompts), 101))
+        for i, p in enumerate(tqdm(prompts, desc="judge (local)", leave=False)):
+            self.calls += 1
+            out[i] = self._one(chat_prompt(self.tok, [{"role": "user", "content": p}]))
         return out
 
     @torch.no_grad()
-    def _batch(self, texts: list[str]) -> np.ndarray:
-        tok = self.tok
-        old = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tok.padding_side = old
-        real = enc.attention_mask.bool()                                      # (B, L)
-        B, L, N = real.shape[0], real.shape[1], len(self.node_token)
-        ids = torch.cat([enc.input_ids, self.node_token.repeat(B, 1)], 1)
-        pos_prompt = (real.long().cumsum(-1) - 1).clamp(min=0)
-        pos_nodes = real.sum(-1, keepdim=True) - 1 + self.node_depth[None]
-        mask = torch.zeros((B, 1, L + N, L + N), dtype=torch.bool)
-        causal = torch.tril(torch.ones((L, L), dtype=torch.bool))
-        mask[:, 0, :L, :L] = causal[None] & real[:, None, :]
-        mask[:, 0, :L, :L] |= torch.eye(L, dtype=torch.bool)[None]            # pad rows see themselves
-        mask[:, 0, L:, :L] = real[:, None, :]
-        mask[:, 0, L:, L:] = self.ancestors[None]
+    def _one(self, text: str) -> np.ndarray:
+        ids = self.tok(text, return_tensors="pt", add_special_tokens=False).input_ids   # (1, L)
+        L, N = ids.shape[1], len(self.node_token)
+        ids = torch.cat([ids, self.node_token[None]], 1)
+        positions = torch.cat([torch.arange(L), L - 1 + self.node_depth])[None]
+        mask = torch.zeros((1, 1, L + N, L + N), dtype=torch.bool)
+        mask[0, 0, :L, :L] = torch.tril(torch.ones((L, L), dtype=torch.bool))
+        mask[0, 0, L:, :L] = True                                             # every node sees the prompt
+        mask[0, 0, L:, L:] = self.ancestors                                   # and its own ancestors
         dev = self.model.device
-        logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                            position_ids=torch.cat([pos_prompt, pos_nodes], 1).to(dev),
-                            logits_to_keep=N + 1).logits.float().cpu()      # (B, N+1, V)
+        logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                            logits_to_keep=N + 1).logits.float().cpu()[0]   # (N+1, V)
         logp = torch.log_softmax(logits, -1)
-        picked = logp[:, self.ctx, self.nxt]                                  # (B, 101, width)
+        picked = logp[self.ctx, self.nxt]                                     # (101, width)
         return (picked * self.valid).sum(-1).exp().numpy()
 
 
@@ -185,7 +168,7 @@ def make_judge(cfg, base_model: str, hw=None):
 
     spec = cfg.model or base_model
     model, tok = load_model(spec, hw=hw)
-    return LocalJudge(model, tok, spec, cfg.batch_size)
+    return LocalJudge(model, tok, spec)
 
 
 # -- cache ---------------------------------------------------------------------------------------------
