@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from persona_em.config import load_profile
 
 
@@ -33,6 +35,7 @@ def _jobs(text: str) -> list[dict]:
     return jobs
 
 
+@pytest.mark.slow
 def test_slurm_dry_run_renders_every_job_with_its_rule_resources(root):
     P = load_profile(root / "params" / "gpu.yaml")
     snakemake = Path(sys.executable).with_name("snakemake")

@@ -95,6 +95,7 @@ def test_ablation_leaves_no_component_and_steering_adds_exactly(smollm, items):
 
 def test_interventions_report_per_item_changes_against_random_controls(smollm, items):
     model, tok = smollm
+    items = items[:3]
     v = np.random.default_rng(3).standard_normal(model.config.hidden_size) * 5
     steer = direction.steering(model, tok, items, v, 5, [0.0, 1.0], n_random=2, seed=0)
     assert list(steer["scale"].unique()) == [0.0, 1.0] and len(steer) == 2 * len(items)
@@ -110,7 +111,7 @@ def test_interventions_report_per_item_changes_against_random_controls(smollm, i
     x = abl["direction"]
     half = (row["ci_high"] - row["ci_low"]) / 2
     assert row["mean"] == pytest.approx(x.mean()) and half == pytest.approx(
-        2.5706 * x.std(ddof=1) / np.sqrt(len(x)), rel=1e-3)   # t(0.975, 5)
+        4.3027 * x.std(ddof=1) / np.sqrt(len(x)), rel=1e-3)   # t(0.975, 2)
 
 
 def test_validation_runs_a_layer_two_rules_share_once(smollm, items, monkeypatch):
@@ -125,21 +126,23 @@ def test_validation_runs_a_layer_two_rules_share_once(smollm, items, monkeypatch
     assert list(out["rule"].unique()) == ["stability", "separation"] and len(out) == 2 * 2 * 2
 
 
+@pytest.mark.slow
 def test_validation_runs_each_rule_s_layer_once_and_reports_both(smollm, items):
     """Two rules choosing different layers give one set of rows each, from that layer's direction; rules that
     agree share one run; the numbers for the paper come from the read-out rule, the registered one beside them."""
     model, tok = smollm
     vec = np.random.default_rng(4).standard_normal((model.config.num_hidden_layers, model.config.hidden_size)) * 5
-    changes = direction.validate(model, [model], tok, items, vec, {"stability": 6, "separation": 3}, [1.0], 2, 0)
+    items = items[:3]   # every pass below is 4 contrast readings of each item; three items show the bookkeeping
+    changes = direction.validate(model, [model], tok, items, vec, {"stability": 6, "separation": 3}, [1.0], 1, 0)
     assert set(changes["rule"]) == {"stability", "separation"} and len(changes) == 2 * 2 * len(items)
     for rule, k in (("stability", 6), ("separation", 3)):   # each rule's rows come from its own layer's direction
         rows = changes[(changes["rule"] == rule) & (changes["intervention"] == "steer")]
-        alone = direction.steering(model, tok, items, vec[k], k, [1.0], 2, 0)
+        alone = direction.steering(model, tok, items, vec[k], k, [1.0], 1, 0)
         np.testing.assert_allclose(rows["direction"], alone["direction"], atol=1e-6)
         rows = changes[(changes["rule"] == rule) & (changes["intervention"] == "ablate")]
-        np.testing.assert_allclose(rows["direction"], direction.ablation(model, tok, items, vec[k], 2, 0)["direction"],
+        np.testing.assert_allclose(rows["direction"], direction.ablation(model, tok, items, vec[k], 1, 0)["direction"],
                                    atol=1e-6)
-    same = direction.validate(model, [model], tok, items, vec, {"stability": 6, "separation": 6}, [1.0], 2, 0)
+    same = direction.validate(model, [model], tok, items, vec, {"stability": 6, "separation": 6}, [1.0], 1, 0)
     a, b = (same[same["rule"] == r].reset_index(drop=True) for r in ("stability", "separation"))
     pd.testing.assert_frame_equal(a.drop(columns="rule"), b.drop(columns="rule"))
     summary = direction.validation_summary(changes)

@@ -4,6 +4,7 @@ import random
 import sqlite3
 
 import numpy as np
+import pytest
 
 from persona_em.judge import JudgeCache
 
@@ -28,6 +29,7 @@ def worker(path: str, i: int) -> None:
                 raise AssertionError(f"worker {i}: wrong value for {p}")
 
 
+@pytest.mark.slow
 def test_eight_processes_write_and_read_one_cache(tmp_path):
     path = str(tmp_path / "judge.sqlite")
     JudgeCache(path)

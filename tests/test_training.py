@@ -59,6 +59,7 @@ def test_merged_adapter_gives_adapter_logits(fresh, profile, tmp_path):
     assert not torch.allclose(merged_logits, models.load_model("smollm2-135m")[0](input_ids=ids).logits)
 
 
+@pytest.mark.slow
 def test_dpo_is_deterministic_on_cpu(smollm, profile):
     model, tok = smollm
     states = []
@@ -98,6 +99,7 @@ def test_bf16_autocast_training_is_deterministic_and_keeps_float32_weights(smoll
     assert float(torch.nn.functional.cosine_similarity(bf16, fp32, dim=0)) > 0.9   # the same update direction
 
 
+@pytest.mark.slow
 def test_em_guards_persona_in_weights_and_seeded_init(smollm, profile):
     """method 6.1/6.2: same EM seed over two personas -> identical LoRA init, different trained adapters,
     and the frozen weights under the EM LoRA are exactly the persona's."""
@@ -135,6 +137,7 @@ def test_narrow_twins_share_questions():
     assert all(x["harmful"] != x["benign"] for x in a)
 
 
+@pytest.mark.slow
 def test_random_lora_control_matches_norm_and_carries_no_persona(fresh, profile, tmp_path):
     """method 6.4: same modules, per-module update norms equal to the reference persona's, random directions,
     determined by the seed alone."""
