@@ -219,9 +219,10 @@ class JudgeConfig(Strict):
     endpoint_url: str | None = None
     endpoint_model: str | None = None
     api_key_env: str | None = Field(None, description="name of the environment variable holding the key")
-    timeout: float = Field(60.0, gt=0)
-    max_retries: int = Field(4, ge=0)
-    backoff: float = Field(1.0, ge=0)
+    timeout: float = Field(60.0, gt=0, description="seconds per request")
+    max_retries: int = Field(4, ge=0, description="requests after the first, for any fault, per judged prompt")
+    backoff: float = Field(1.0, ge=0, description="seconds before asking again after an unusable answer, doubling "
+                           "(timeouts, 429 and 5xx: the openai client's own backoff)")
     min_mass: float = Field(0.25, ge=0, le=1, description="below this probability on 0..100 the score is None")
     cache: str = Field("runs/judge_cache.sqlite", description="SQLite cache, relative to the project root")
 

@@ -109,14 +109,13 @@ class EndpointBackend:
     top_p: float = 0.95
 
     def __call__(self, prompts: list[str], seed: int) -> list[str]:
-        return [self.client.post("/v1/completions", {
-            "model": self.model, "prompt": prompt, "max_tokens": self.max_new_tokens,
-            "temperature": self.temperature, "top_p": self.top_p, "seed": seed * 1000 + i}, _completion_text)
-            for i, prompt in enumerate(prompts)]
+        return [self.client.call(lambda c, prompt=prompt, i=i: c.completions.create(
+            model=self.model, prompt=prompt, max_tokens=self.max_new_tokens, temperature=self.temperature,
+            top_p=self.top_p, seed=seed * 1000 + i), _completion_text) for i, prompt in enumerate(prompts)]
 
 
-def _completion_text(data: dict) -> str:
-    text = data["choices"][0].get("text")
+def _completion_text(answer) -> str:
+    text = answer.choices[0].text
     if not isinstance(text, str):
         raise Malformed("no completion text")
     return text

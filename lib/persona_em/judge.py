@@ -4,8 +4,8 @@ Score = sum_k k p(k) / sum_k p(k) over k = 0..100; `None` when that mass is belo
 CODE or REFUSAL, or anything else). Two backends behind one interface (`number_probs(prompts)` -> an array of
 shape (n, 101)):
 
-- `EndpointJudge`: an OpenAI-compatible chat endpoint asked for one token at temperature 0 with
-  `top_logprobs=20`; the numbers are the top tokens that read as an integer 0..100 (single tokens in the
+- `EndpointJudge`: an OpenAI-compatible chat endpoint (the `openai` client) asked for one token at
+  temperature 0 with `top_logprobs=20`; the numbers are the top tokens that read as an integer 0..100 (single tokens in the
   tokenizers of the hosted judges).
 - `LocalJudge`: a transformers chat model. Numbers are several tokens in most tokenizers, so p(k) is computed
   exactly as the probability of the reply "k" followed by the end of the turn, for all 101 candidates of an
@@ -62,19 +62,19 @@ class EndpointJudge:
         out = np.zeros((len(prompts), 101))
         for i, prompt in enumerate(tqdm(prompts, desc="judge (endpoint)", leave=False)):
             self.calls += 1
-            out[i] = self.client.post("/v1/chat/completions", {
-                "model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
-                "temperature": 0, "logprobs": True, "top_logprobs": 20, "seed": 0}, _top_number_probs)
+            out[i] = self.client.call(lambda c: c.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": prompt}], max_tokens=1, temperature=0,
+                logprobs=True, top_logprobs=20, seed=0), _top_number_probs)
         return out
 
 
-def _top_number_probs(data: dict) -> np.ndarray:
-    top = data["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+def _top_number_probs(answer) -> np.ndarray:
+    top = answer.choices[0].logprobs.content[0].top_logprobs
     if not isinstance(top, list) or not top:
         raise Malformed("no top_logprobs")
     probs = np.zeros(101)
     for entry in top:
-        tok, lp = entry["token"], entry["logprob"]
+        tok, lp = entry.token, entry.logprob
         if not isinstance(tok, str) or not isinstance(lp, (int, float)):
             raise Malformed("a top_logprobs entry is not {token, logprob}")
         text = tok.strip()

