@@ -127,3 +127,67 @@ def test_the_lean_decoding_loop_draws_what_generate_draws(smollm, monkeypatch):
         assert got[True] == got[False], f"autocast {autocast}"
         assert len({r["text"] for r in got[True][0]}) == len(convs)   # real, different replies
         monkeypatch.undo()
+
+
+class _Recording(sampling.TopKNucleus):
+    """The top-k nucleus, keeping the scores it is handed at each step."""
+
+    def __init__(self, temperature, top_p):
+        super().__init__(temperature, top_p)
+        self.seen = []
+
+    def __call__(self, input_ids, scores):
+        self.seen.append(scores.clone())
+        return super().__call__(input_ids, scores)
+
+
+def _tiny_decoder(kind: str):
+    """A randomly initialised decoder of each type the lean loop admits: 2 layers, 4 query heads over 2
+    key/value heads, a 512-token vocabulary; its logits spread so that some nuclei hold more than k = 256 tokens
+    and the top k widens."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
+    cfg = {"llama": lambda: LlamaConfig(**common), "mistral": lambda: MistralConfig(**common, sliding_window=None),
+           "qwen2": lambda: Qwen2Config(**common)}[kind]()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_lean_loop_hands_the_sampler_generate_s_scores_bit_for_bit(kind, padded, autocast):
+    """Per step, the scores `decode_cached` hands the sampler equal those `generate` hands it, to the bit (so
+    equal draws are no coincidence), on every decoder type the lean loop admits, with left padding and without,
+    in float32 and under bf16 autocast; a quarter of the vocabulary ends a reply, so rows finish at different
+    steps and the finished rows' padding runs through both loops."""
+    from transformers import DynamicCache, LogitsProcessorList
+
+    model = _tiny_decoder(kind)
+    assert sampling.lean_decoding(model)
+    pad, eos = 0, torch.arange(1, 512, 4)
+    ids = torch.randint(1, 512, (4, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    if padded:
+        for row, n in enumerate((3, 0, 5, 1)):
+            ids[row, :n], mask[row, :n] = pad, 0
+    runs = {}
+    for lean in (True, False):
+        proc = _Recording(0.9, 0.95)
+        torch.manual_seed(2)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if lean:
+                new = sampling.decode_cached(model, DynamicCache(config=model.config), ids, mask, 12, proc, eos, pad)
+            else:
+                new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, pad_token_id=pad,
+                                     eos_token_id=eos.tolist(), logits_processor=LogitsProcessorList([proc]),
+                                     **{k: v for k, v in sampling.sampling_args("topk", 0.9, 0.95).items()
+                                        if k != "logits_processor"})[:, ids.shape[1]:]
+        runs[lean] = new, proc.seen
+    (lean_new, lean_seen), (gen_new, gen_seen) = runs[True], runs[False]
+    assert torch.equal(lean_new, gen_new)
+    assert len(lean_seen) == len(gen_seen) and all(torch.equal(a, b) for a, b in zip(lean_seen, gen_seen))
+    finished = torch.isin(lean_new, eos).any(1)
+    assert finished.any() and len(lean_seen) > 1   # some rows ended early, and the loop went on past them
