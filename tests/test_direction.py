@@ -132,7 +132,7 @@ def test_validation_runs_each_rule_s_layer_once_and_reports_both(smollm, items):
     agree share one run; the numbers for the paper come from the read-out rule, the registered one beside them."""
     model, tok = smollm
     vec = np.random.default_rng(4).standard_normal((model.config.num_hidden_layers, model.config.hidden_size)) * 5
-    items = items[:3]   # every pass below is 4 contrast readings of each item; three items show the bookkeeping
+    items = items[:3]   # each call below reads every item's contrast 3 times; three items show the bookkeeping
     changes = direction.validate(model, [model], tok, items, vec, {"stability": 6, "separation": 3}, [1.0], 1, 0)
     assert set(changes["rule"]) == {"stability", "separation"} and len(changes) == 2 * 2 * len(items)
     for rule, k in (("stability", 6), ("separation", 3)):   # each rule's rows come from its own layer's direction

@@ -130,11 +130,16 @@ def test_the_lean_decoding_loop_draws_what_generate_draws(smollm, monkeypatch):
 
 
 class _Recording(sampling.TopKNucleus):
-    """The top-k nucleus, keeping the scores it is handed at each step."""
+    """The top-k nucleus, keeping the scores it is handed at each step and whether its top k had to widen."""
 
     def __init__(self, temperature, top_p):
         super().__init__(temperature, top_p)
-        self.seen = []
+        self.seen, self.widened = [], False
+
+    def nucleus(self, scores):
+        ids, p = super().nucleus(scores)
+        self.widened |= ids.shape[1] > self.k
+        return ids, p
 
     def __call__(self, input_ids, scores):
         self.seen.append(scores.clone())
@@ -143,12 +148,12 @@ class _Recording(sampling.TopKNucleus):
 
 def _tiny_decoder(kind: str):
     """A randomly initialised decoder of each type the lean loop admits: 2 layers, 4 query heads over 2
-    key/value heads, a 512-token vocabulary; its logits spread so that some nuclei hold more than k = 256 tokens
-    and the top k widens."""
+    key/value heads, a 512-token vocabulary; small initial weights keep its logits flat, so nuclei hold more than
+    k = 256 tokens and the top k widens."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
+                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.05)
     cfg = {"llama": lambda: LlamaConfig(**common), "mistral": lambda: MistralConfig(**common, sliding_window=None),
            "qwen2": lambda: Qwen2Config(**common)}[kind]()
     torch.manual_seed(0)
@@ -185,9 +190,10 @@ def test_the_lean_loop_hands_the_sampler_generate_s_scores_bit_for_bit(kind, pad
                                      eos_token_id=eos.tolist(), logits_processor=LogitsProcessorList([proc]),
                                      **{k: v for k, v in sampling.sampling_args("topk", 0.9, 0.95).items()
                                         if k != "logits_processor"})[:, ids.shape[1]:]
-        runs[lean] = new, proc.seen
-    (lean_new, lean_seen), (gen_new, gen_seen) = runs[True], runs[False]
+        runs[lean] = new, proc.seen, proc.widened
+    (lean_new, lean_seen, widened), (gen_new, gen_seen, _) = runs[True], runs[False]
     assert torch.equal(lean_new, gen_new)
     assert len(lean_seen) == len(gen_seen) and all(torch.equal(a, b) for a, b in zip(lean_seen, gen_seen))
-    finished = torch.isin(lean_new, eos).any(1)
-    assert finished.any() and len(lean_seen) > 1   # some rows ended early, and the loop went on past them
+    ends = [int(torch.isin(row, eos).nonzero()[0]) if torch.isin(row, eos).any() else len(lean_seen) for row in lean_new]
+    assert min(ends) < len(lean_seen) - 1 and max(ends) > min(ends)   # a row ended while others went on
+    assert widened   # some nucleus held more than k tokens, so the top k widened
