@@ -109,7 +109,7 @@ class EndpointBackend:
     top_p: float = 0.95
 
     def __call__(self, prompts: list[str], seed: int) -> list[str]:
-        return [self.client.call(lambda c, prompt=prompt, i=i: c.completions.create(
+        return [self.client.call(lambda c: c.completions.create(
             model=self.model, prompt=prompt, max_tokens=self.max_new_tokens, temperature=self.temperature,
             top_p=self.top_p, seed=seed * 1000 + i), _completion_text) for i, prompt in enumerate(prompts)]
 
