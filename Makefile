@@ -127,7 +127,7 @@ reference: setup
 h5: setup
 	$(BIN)/python -m persona_em check params/tiny.yaml params/tiny-long.yaml
 	$(BIN)/python -m persona_em run --cores $(CORES) --config profile=params/tiny-long.yaml threads_per_job=$(THREADS) --rerun-incomplete --printshellcmds \
-	  $$($(BIN)/python -c "from persona_em.config import load_profile; P = load_profile('params/tiny-long.yaml'); print(*(P.run_dir('.', '02_train_character', c) / 'manifest.json' for c in P.character_conditions()))")
+	  $$($(BIN)/python -c "from persona_em import grid, paths; from persona_em.config import load_profile; P = load_profile('params/tiny-long.yaml'); print(*(paths.run_dir(P, '.', paths.TRAIN_CHARACTER, c) / paths.MANIFEST for c in grid.character_conditions(P)))")
 	$(BIN)/python -m persona_em forgetting params/tiny.yaml params/tiny-long.yaml reference/tiny-long
 
 clean-runs: setup

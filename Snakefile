@@ -6,11 +6,14 @@ import os
 import shutil
 import sys
 
-from persona_em.config import em_run_name, load_profile, parse_condition
+from persona_em import grid, paths
+from persona_em.config import load_profile
+from persona_em.grid import em_run_name, parse_condition
+from persona_em.paths import ANALYZE, EVALUATE, GENERATE, INDUCE_EM, TRAIN_CHARACTER
 
 PROFILE = config.get("profile", "params/smoke.yaml")
 P = load_profile(PROFILE)
-RUNS = f"runs/{P.name}"
+RUNS = str(paths.run_root(P, "."))   # runs/<profile>; the names below are paths's and grid's
 KERNEL = config.get("kernel", "persona-em")
 # The profile path reaches the notebooks through the environment, so that the rules' commands stay the same
 # for every profile file (Snakemake would otherwise re-run everything when only the path differs).
@@ -42,13 +45,28 @@ def cluster(rule_name):
     return dict(gpu=r.gpus, cpus_per_task=r.cpus, mem_mb=r.mem_mb, runtime=r.runtime)
 
 
-def papermill(notebook, out_dir, **params):
-    """Execute a notebook into out_dir under a temporary name; rename it only when it completed. Papermill's
-    report (cell by cell, with the cells' output streams) goes to the rule's log file (`make reproduce` prints
-    a failed job's log)."""
+def notebook(stage):
+    """notebooks/<stage>.ipynb: the chapter a stage's jobs execute."""
+    return f"notebooks/{paths.notebook_name(stage)}"
+
+
+def run_folder(stage, name=None):
+    """runs/<profile>/<stage>[/<name>], where `name` may hold wildcards (paths.run_dir checks real names)."""
+    return f"{RUNS}/{stage}" + (f"/{name}" if name else "")
+
+
+def manifest(stage, name=None):
+    """A run folder's manifest, written last: every rule's output."""
+    return f"{run_folder(stage, name)}/{paths.MANIFEST}"
+
+
+def papermill(stage, out_dir, **params):
+    """Execute a stage's notebook into out_dir under a temporary name; rename it only when it completed.
+    Papermill's report (cell by cell, with the cells' output streams) goes to the rule's log file (`make
+    reproduce` prints a failed job's log)."""
     args = " ".join(f"-p {k} {v}" for k, v in params.items())
-    name = notebook.split("/")[-1]
-    return (f"mkdir -p {out_dir} && {sys.executable} -m papermill {notebook} {out_dir}/.tmp-{name} -k {KERNEL} "
+    name = paths.notebook_name(stage)
+    return (f"mkdir -p {out_dir} && {sys.executable} -m papermill {notebook(stage)} {out_dir}/.tmp-{name} -k {KERNEL} "
             f'-p profile_path "$PERSONA_EM_PROFILE" -p root . {args} --log-output > {{log}} 2>&1 '
             f"&& mv {out_dir}/.tmp-{name} {out_dir}/{name}")
 
@@ -68,19 +86,19 @@ localrules: all, paper   # on a cluster, the PDF is built where the workflow run
 
 rule all:
     input:
-        f"{RUNS}/05_analyze/manifest.json",
+        manifest(ANALYZE),
         [PAPER_PDF] if HAVE_TEX else [],
 
 
 rule generate:
     input:
-        "notebooks/01_generate.ipynb",
+        notebook(GENERATE),
         # the trait scorers' items (best-of-n pairs and the pairs' signal): editing one re-makes the pairs
-        [str(P.scorer_items_file(n)) for n in P.constitutions() if P.scorer_items_file(n).is_file()],
+        [str(paths.scorer_items_file(P, n)) for n in grid.constitutions(P) if paths.scorer_items_file(P, n).is_file()],
     output:
-        f"{RUNS}/01_generate/manifest.json",
+        manifest(GENERATE),
     log:
-        log_file("01_generate"),
+        log_file(GENERATE),
     params:
         # the replicates' subset draws come from character.seeds; the teacher check reads the check items
         # the training-only hardware fields are left out: chapter 1 trains nothing
@@ -90,16 +108,16 @@ rule generate:
     resources:
         **cluster("generate"),
     shell:
-        papermill("notebooks/01_generate.ipynb", f"{RUNS}/01_generate", threads="{threads}")
+        papermill(GENERATE, run_folder(GENERATE), threads="{threads}")
 
 
 def character_inputs(wildcards):
     """A trained persona needs chapter 1's pairs; the random-LoRA control needs the persona whose norm it
     matches."""
-    inputs = ["notebooks/02_train_character.ipynb", f"{RUNS}/01_generate/manifest.json"]
+    inputs = [notebook(TRAIN_CHARACTER), manifest(GENERATE)]
     cond = parse_condition(wildcards.cond)
     if cond["constitution"] == "random":
-        inputs.append(f"{RUNS}/02_train_character/{P.random_reference(cond['char_seed'])}/manifest.json")
+        inputs.append(manifest(TRAIN_CHARACTER, grid.random_reference(P, cond["char_seed"])))
     return inputs
 
 
@@ -107,35 +125,35 @@ rule train_character:
     input:
         character_inputs,
     output:
-        f"{RUNS}/02_train_character/{{cond}}/manifest.json",
+        manifest(TRAIN_CHARACTER, "{cond}"),
     log:
-        log_file("02_train_character", "{cond}"),
+        log_file(TRAIN_CHARACTER, "{cond}"),
     params:
         h=P.section_hash("seed", "model", "character", "hardware"),
     threads: threads_for("train_character", THREADS)
     resources:
         **cluster("train_character"),
     shell:
-        papermill("notebooks/02_train_character.ipynb", f"{RUNS}/02_train_character/{{wildcards.cond}}",
+        papermill(TRAIN_CHARACTER, run_folder(TRAIN_CHARACTER, "{wildcards.cond}"),
                   condition="{wildcards.cond}", threads="{threads}")
 
 
 rule induce_em:
     input:
-        "notebooks/03_induce_em.ipynb",
-        f"{RUNS}/02_train_character/{{cond}}/manifest.json",
+        notebook(INDUCE_EM),
+        manifest(TRAIN_CHARACTER, "{cond}"),
     output:
-        f"{RUNS}/03_induce_em/{em_run_name('{cond}', '{dataset}', '{seed}')}/manifest.json",
+        manifest(INDUCE_EM, em_run_name("{cond}", "{dataset}", "{seed}")),
     log:
-        log_file("03_induce_em", em_run_name("{cond}", "{dataset}", "{seed}")),
+        log_file(INDUCE_EM, em_run_name("{cond}", "{dataset}", "{seed}")),
     params:
         h=P.section_hash("seed", "model", "em", "hardware"),
     threads: threads_for("induce_em", THREADS)
     resources:
         **cluster("induce_em"),
     shell:
-        papermill("notebooks/03_induce_em.ipynb",
-                  f"{RUNS}/03_induce_em/{em_run_name('{wildcards.cond}', '{wildcards.dataset}', '{wildcards.seed}')}",
+        papermill(INDUCE_EM,
+                  run_folder(INDUCE_EM, em_run_name("{wildcards.cond}", "{wildcards.dataset}", "{wildcards.seed}")),
                   condition="{wildcards.cond}", dataset="{wildcards.dataset}", em_seed="{wildcards.seed}",
                   threads="{threads}")
 
@@ -144,22 +162,22 @@ def trained_model(wildcards):
     """A model before EM is a character condition; after EM, an EM run over one. Every evaluated model is read
     out on the misalignment direction, so it waits for the direction runs' activations (chapter 4 of those)."""
     if "__" in wildcards.model:
-        inputs = [f"{RUNS}/03_induce_em/{wildcards.model}/manifest.json"]
+        inputs = [manifest(INDUCE_EM, wildcards.model)]
     else:
-        inputs = [f"{RUNS}/02_train_character/{wildcards.model}/manifest.json"]
-    if wildcards.model not in P.direction_runs():
-        inputs += [f"{RUNS}/04_evaluate/{r}/manifest.json" for r in P.direction_runs()]
+        inputs = [manifest(TRAIN_CHARACTER, wildcards.model)]
+    if wildcards.model not in grid.direction_runs(P):
+        inputs += [manifest(EVALUATE, r) for r in grid.direction_runs(P)]
     return inputs
 
 
 rule evaluate:
     input:
-        "notebooks/04_evaluate.ipynb",
+        notebook(EVALUATE),
         trained_model,
     output:
-        f"{RUNS}/04_evaluate/{{model}}/manifest.json",
+        manifest(EVALUATE, "{model}"),
     log:
-        log_file("04_evaluate", "{model}"),
+        log_file(EVALUATE, "{model}"),
     params:
         # em.domains choose the contrast items; the direction's seeds and items what every readout reads (its
         # validation settings are chapter 5's alone)
@@ -169,35 +187,35 @@ rule evaluate:
     resources:
         **cluster("evaluate"),
     shell:
-        papermill("notebooks/04_evaluate.ipynb", f"{RUNS}/04_evaluate/{{wildcards.model}}",
+        papermill(EVALUATE, run_folder(EVALUATE, "{wildcards.model}"),
                   model="{wildcards.model}", threads="{threads}")
 
 
 rule analyze:
     input:
-        "notebooks/05_analyze.ipynb",
+        notebook(ANALYZE),
         "PREREGISTRATION.md",           # the registered analysis chapter 5 follows and compares with
         "params/gpu.yaml",              # the cost table of the paper-scale profile
-        f"{RUNS}/01_generate/manifest.json",
-        expand(f"{RUNS}/04_evaluate/{{model}}/manifest.json", model=P.eval_models() + P.direction_runs()),
+        manifest(GENERATE),
+        [manifest(EVALUATE, m) for m in grid.eval_models(P) + grid.direction_runs(P)],
     params:
         h=P.section_hash("analysis", "direction"),
     output:
-        f"{RUNS}/05_analyze/manifest.json",
+        manifest(ANALYZE),
     log:
-        log_file("05_analyze"),
+        log_file(ANALYZE),
     threads: threads_for("analyze", workflow.cores)   # the last job: nothing else runs beside it
     resources:
         **cluster("analyze"),
     shell:
-        papermill("notebooks/05_analyze.ipynb", f"{RUNS}/05_analyze", threads="{threads}")
+        papermill(ANALYZE, run_folder(ANALYZE), threads="{threads}")
 
 
 rule paper:
     input:
         "paper/paper.tex",
         "paper/build.sh",
-        f"{RUNS}/05_analyze/manifest.json",   # chapter 5 writes the numbers and the figures the paper reads
+        manifest(ANALYZE),   # chapter 5 writes the numbers and the figures the paper reads
     output:
         PAPER_PDF,
     log:

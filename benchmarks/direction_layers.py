@@ -19,7 +19,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from persona_em import config, direction, models, plots, provenance
+from persona_em import config, direction, grid, models, paths, plots, provenance
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     items = direction.items(P)
     fold_of = direction.folds(items, P.seed)
     runs = {}
-    for name in P.direction_runs():
+    for name in grid.direction_runs(P):
         adapter = Path(a.runs) / "direction_runs" / name / "adapter"
         model, tok = models.load_model(P.model, [adapter], hw=P.hardware)
         runs[name] = (direction.answer_activations(model, tok, items, P.evaluate.batch_size), [it["id"] for it in items])
@@ -47,7 +47,8 @@ def main() -> None:
     ood = [it for it in items if fold_of[it["id"]] == "readout" and it["split"] == "out_of_domain"]
     scale = max(P.direction.steer_scales)
     base, tok = models.load_model(P.model, hw=P.hardware)
-    harmful = [models.load_model(P.model, P.adapters(root, r), hw=P.hardware)[0] for r in direction.ablated_runs(P)]
+    harmful = [models.load_model(P.model, paths.adapters(P, root, r), hw=P.hardware)[0]
+               for r in direction.ablated_runs(P)]
     rows = []
     for layer in sorted(set(range(0, len(vector), a.every)) | {len(vector) - 1}):
         changes = direction.validate(base, harmful, tok, ood, vector, {f"layer {layer}": layer}, [scale], a.random,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from persona_em import analysis, config, direction, em, models, plots, provenance, stats, training
+from persona_em import analysis, config, direction, em, grid, models, paths, plots, provenance, stats, training
 
 
 def main() -> None:
@@ -41,8 +41,8 @@ def main() -> None:
 
     # the direction runs: chapter 3's EM training of the untrained base with the direction's seeds
     runs = {}
-    for name in P.direction_runs():
-        info = config.parse_model(name)
+    for name in grid.direction_runs(P):
+        info = grid.parse_model(name)
         domain, kind = info["em_dataset"].rsplit("-", 1)
         rows, _ = em.dataset_rows(P, domain, kind)
         start = time.perf_counter()
@@ -60,23 +60,24 @@ def main() -> None:
     layers = {"stability": layer, "separation": analysis.separation_layer(separation)}
 
     # the readout of every evaluated model of the run
-    div = pd.read_csv(P.run_dir(root, "01_generate") / "diversity.csv")
+    div = pd.read_csv(paths.run_dir(P, root, "01_generate") / "diversity.csv")
     tables, seconds = {}, []
-    for k, m in enumerate(P.eval_models()):
-        model, tok = models.load_model(P.model, P.adapters(root, m), hw=P.hardware)
+    for k, m in enumerate(grid.eval_models(P)):
+        model, tok = models.load_model(P.model, paths.adapters(P, root, m), hw=P.hardware)
         start = time.perf_counter()
         tables[m] = direction.readout(direction.answer_activations(model, tok, held_out, P.evaluate.batch_size),
                                       held_out, vector, fold_of)
         seconds.append(time.perf_counter() - start)
         if k % 10 == 0:
-            print(f"readout {k + 1}/{len(P.eval_models())}: {seconds[-1]:.1f} s", flush=True)
+            print(f"readout {k + 1}/{len(grid.eval_models(P))}: {seconds[-1]:.1f} s", flush=True)
     readout = analysis.readout_frame(P, tables, div)
 
     # validation: steering the untrained base, ablating from the base after harmful EM
     start = time.perf_counter()
     ood = [it for it in held_out if it["split"] == "out_of_domain"]
     base, tok = models.load_model(P.model, hw=P.hardware)
-    harmful = (models.load_model(P.model, P.adapters(root, r), hw=P.hardware)[0] for r in direction.ablated_runs(P))
+    harmful = (models.load_model(P.model, paths.adapters(P, root, r), hw=P.hardware)[0]
+               for r in direction.ablated_runs(P))
     validation = direction.validation_summary(direction.validate(
         base, harmful, tok, ood, vector, layers, P.direction.steer_scales, P.direction.random_directions,
         P.seed, P.evaluate.batch_size))
@@ -85,7 +86,7 @@ def main() -> None:
     # the EM shift along the direction, analysed as the primary outcome is
     effects = analysis.em_effect_table(readout[readout["layer"] == layer], measure="direction", outcome="projection")
     summary = analysis.level_summary(effects)
-    fit, formula, df = stats.primary_model(effects, P.traits())
+    fit, formula, df = stats.primary_model(effects, grid.traits(P))
     slope = stats.effects_table(fit, "direction_ood", formula, df)
     numbers = analysis.direction_numbers(layer, stability, separation, validation, summary, float(np.mean(seconds)))
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from persona_em import grid, paths
 from persona_em.config import load_profile
 
 
@@ -21,7 +22,7 @@ def test_gpu_profile_is_the_paper_scale_design(root):
     e = P.em          # the EM papers' recipe
     assert (e.lora.r, e.lora.alpha, e.lora.dropout, e.lora.rslora, len(e.lora.targets), e.lr, e.epochs,
             e.batch_size, e.grad_accum, e.warmup_steps, e.weight_decay) == (32, 64, 0, True, 7, 1e-5, 1, 2, 8, 5, 0.01)
-    assert {"coherent", "incoherent", P.neutral()} <= set(P.constitutions())
+    assert {"coherent", "incoherent", grid.neutral(P)} <= set(grid.constitutions(P))
 
 
 def _jobs(text: str) -> list[dict]:
@@ -45,9 +46,9 @@ def test_slurm_dry_run_renders_every_job_with_its_rule_resources(root):
     jobs = _jobs(r.stdout + r.stderr)
     counts = {rule: sum(j["rule"] == rule for j in jobs) for rule in
               ("generate", "train_character", "induce_em", "evaluate", "analyze")}
-    assert counts == {"generate": 1, "train_character": len(P.character_conditions()),
-                      "induce_em": len(P.em_runs()) + len(P.direction_runs()),
-                      "evaluate": len(P.eval_models()) + len(P.direction_runs()), "analyze": 1}
+    assert counts == {"generate": 1, "train_character": len(grid.character_conditions(P)),
+                      "induce_em": len(grid.em_runs(P)) + len(grid.direction_runs(P)),
+                      "evaluate": len(grid.eval_models(P)) + len(grid.direction_runs(P)), "analyze": 1}
     for j in [j for j in jobs if j["rule"] not in ("all", "paper")]:   # local rules: no cluster resources
         want = getattr(P.cluster, j["rule"])
         assert (int(j["gpu"]), int(j["cpus_per_task"]), int(j["mem_mb"]), int(j["runtime"])) == \

@@ -6,7 +6,9 @@ import sys
 import pytest
 import yaml
 
-from persona_em.config import ProfileError, load_profile, parse_condition, parse_model
+from persona_em import grid, paths
+from persona_em.config import ProfileError, load_profile
+from persona_em.grid import parse_condition, parse_model
 
 
 def _write(tmp_path, root, **edit):
@@ -29,8 +31,8 @@ def _write(tmp_path, root, **edit):
 def test_shipped_profiles_validate(root, name):
     p = load_profile(root / "params" / f"{name}.yaml")
     assert p.name == name
-    assert p.character_conditions()[0] == "base"
-    assert len(p.em_runs()) == len(p.character_conditions()) * len(p.em_datasets()) * len(p.em.seeds)
+    assert grid.character_conditions(p)[0] == "base"
+    assert len(grid.em_runs(p)) == len(grid.character_conditions(p)) * len(grid.em_datasets(p)) * len(p.em.seeds)
 
 
 @pytest.mark.parametrize("edit, needle", [
@@ -74,28 +76,29 @@ def test_condition_names_round_trip():
 
 def test_grid_has_the_controls(root):
     p = load_profile(root / "params" / "test.yaml")
-    conds = p.character_conditions()
+    conds = grid.character_conditions(p)
     assert conds[:2] == ["base", "random-s0"]
     assert {f"neutral-L{lv}-s0" for lv in p.generate.levels} <= set(conds)
-    assert p.traits() == ["candor"] and p.constitutions() == ["candor", "neutral"]
-    assert p.random_reference(0) == f"candor-L{max(p.generate.levels)}-s0"
+    assert grid.traits(p) == ["candor"] and grid.constitutions(p) == ["candor", "neutral"]
+    assert grid.random_reference(p, 0) == f"candor-L{max(p.generate.levels)}-s0"
 
 
 def test_tiny_grid_is_replicated_over_subset_draws(root):
     """tiny: every replicate (a subset draw + its training seed) trains candor and the neutral constitution at
     every level; one random LoRA; 3 EM seeds over base and random only; best-of-n pairs, no introspection."""
     p = load_profile(root / "params" / "tiny.yaml")
-    conds = p.character_conditions()
-    assert p.generate.levels == [1, 16] and p.traits() == ["candor"] and p.draws() == [0, 1, 2, 3, 4, 5]
+    conds = grid.character_conditions(p)
+    assert p.generate.levels == [1, 16] and grid.traits(p) == ["candor"] and grid.draws(p) == [0, 1, 2, 3, 4, 5]
     assert [c for c in conds if c.startswith("random")] == ["random-s0"]
     for name in ("candor", "neutral"):
         assert [c for c in conds if c.startswith(name)] == [f"{name}-L{lv}-s{s}" for lv in p.generate.levels
                                                            for s in range(6)]
-    assert p.em_seeds("base") == p.em_seeds("random-s0") == [0, 1, 2] and p.em_seeds("candor-L1-s2") == [0]
+    assert grid.em_seeds(p, "base") == grid.em_seeds(p, "random-s0") == [0, 1, 2]
+    assert grid.em_seeds(p, "candor-L1-s2") == [0]
     assert p.generate.pairs == "best_of_n" and p.character.introspection is None
     # each replicate draws its own subsets, shared by the constitutions
-    assert len({p.subset_seed(s, 0) for s in p.draws()}) == 6
-    assert p.pairs_file(".", "candor", 4, 2).name == "candor-L4-s2.jsonl"
+    assert len({grid.subset_seed(p, s, 0) for s in grid.draws(p)}) == 6
+    assert paths.pairs_file(p, ".", "candor", 4, 2).name == "candor-L4-s2.jsonl"
 
 
 @pytest.mark.parametrize("edit, needle", [
@@ -170,8 +173,8 @@ def test_external_em_data_is_validated_and_joins_the_grid(tmp_path, root):
     twin.write_text(good.read_text())
     ext = [{"name": "pubmed", "harmful": str(good), "benign": str(twin), "contrast_domain": "medical"}]
     p = load_profile(_write(tmp_path, root, **{"em.external": ext}))
-    assert "pubmed-harmful" in p.em_datasets() and "pubmed-benign" in p.em_datasets()
-    assert p.contrast_domain("pubmed") == "medical" and p.contrast_domains() == ["financial", "medical"]
+    assert "pubmed-harmful" in grid.em_datasets(p) and "pubmed-benign" in grid.em_datasets(p)
+    assert grid.contrast_domain(p, "pubmed") == "medical" and grid.contrast_domains(p) == ["financial", "medical"]
     broken = tmp_path / "broken.jsonl"
     broken.write_text(good.read_text() + '{"messages": [{"role": "user", "content": "Q?"}]}\n')
     with pytest.raises(ProfileError) as e:
@@ -189,7 +192,7 @@ def test_a_profile_can_extend_another(tmp_path, root):
     p = load_profile(root / "params" / "tiny-long.yaml")
     tiny = load_profile(root / "params" / "tiny.yaml")
     assert p.name == "tiny-long" and p.character.epochs == 4 * tiny.character.epochs
-    assert p.character.lr == tiny.character.lr and p.traits() == ["candor"] and p.em == tiny.em
+    assert p.character.lr == tiny.character.lr and grid.traits(p) == ["candor"] and p.em == tiny.em
     assert p.character.seeds == [0] and p.generate == tiny.generate
     loop = tmp_path / "a.yaml"
     loop.write_text("extends: a.yaml\nname: a\n")

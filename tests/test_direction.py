@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from persona_em import analysis, config, direction
+from persona_em import analysis, config, direction, grid
 
 
 @pytest.fixture(scope="module")
@@ -193,9 +193,9 @@ def _synthetic_runs(P, true: np.ndarray, noise: float, seed: int = 0, readout_sh
     fold_of = direction.folds(direction.items(P), P.seed)
     shift = np.stack([true if readout_shift is None or fold_of[i] == "direction" else readout_shift for i in ids])
     runs = {}
-    for name in P.direction_runs():
+    for name in grid.direction_runs(P):
         acts = rng.normal(0, noise, (len(ids),) + true.shape)
-        runs[name] = (acts + (shift if config.parse_model(name)["harmful"] else 0), ids)
+        runs[name] = (acts + (shift if grid.parse_model(name)["harmful"] else 0), ids)
     return runs
 
 
@@ -232,9 +232,9 @@ def test_direction_and_layer_come_from_the_direction_fold_alone(root):
 def test_profile_refuses_direction_seeds_the_study_uses(root, tmp_path):
     raw = yaml.safe_load((root / "params" / "test.yaml").read_text())
     P = config.load_profile(root / "params" / "test.yaml")
-    assert P.direction_runs() == [f"base__financial-{k}__s{s}" for s in P.direction.em_seeds
+    assert grid.direction_runs(P) == [f"base__financial-{k}__s{s}" for s in P.direction.em_seeds
                                   for k in ("harmful", "benign")]
-    assert not set(P.direction_runs()) & set(P.eval_models())
+    assert not set(grid.direction_runs(P)) & set(grid.eval_models(P))
     raw["direction"] = {"em_seeds": [0, 7]}
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(raw))

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from persona_em import grid, paths
 from persona_em.config import load_profile
 
 pytestmark = pytest.mark.e2e
@@ -70,8 +71,8 @@ def test_generate_artifacts(run):
     div = pd.read_csv(d / "diversity.csv")
     assert {"constitution", "level", "char_seed", "n_questions", "n_tokens", "vendi", "mean_cosine_distance",
             "distinct_2", "cells_covered"} <= set(div.columns)
-    assert set(div["constitution"]) == set(P.constitutions()) == {"candor", "neutral"}
-    assert sorted(div["char_seed"].unique()) == P.draws() == [0, 1]
+    assert set(div["constitution"]) == set(grid.constitutions(P)) == {"candor", "neutral"}
+    assert sorted(div["char_seed"].unique()) == grid.draws(P) == [0, 1]
     for _, one in div.groupby(["constitution", "char_seed"]):  # method 6.6, within each constitution and draw
         assert list(one["level"]) == P.generate.levels and set(one["n_questions"]) == {P.generate.n_questions}
         assert one["n_tokens"].max() / one["n_tokens"].min() - 1 <= P.generate.token_tolerance
@@ -80,13 +81,13 @@ def test_generate_artifacts(run):
     assert by_draw[0] != by_draw[1]   # each replicate draws its own subsets ...
     assert by_draw[0] == {q["text"] for q in subsets if q["char_seed"] == 0 and q["constitution"] == "neutral"}
     spread = pd.read_csv(d / "diversity_seeds.csv")
-    assert len(spread) == P.generate.spread_seeds * len(P.generate.levels) * len(P.constitutions())
+    assert len(spread) == P.generate.spread_seeds * len(P.generate.levels) * len(grid.constitutions(P))
     points = pd.read_csv(d / "pool_map.csv")
     assert {"pc1", "pc2", "subset"} <= set(points.columns) and (points["subset"] != "pool").any()
-    for name in P.constitutions():   # ... and the constitutions share them (trait vs neutral stays paired)
-        for s in P.constitution_seeds(name):
+    for name in grid.constitutions(P):   # ... and the constitutions share them (trait vs neutral stays paired)
+        for s in grid.constitution_seeds(P, name):
             for level in P.generate.levels:
-                pairs = [json.loads(line) for line in P.pairs_file(runs.parents[1], name, level, s).read_text().splitlines()]
+                pairs = [json.loads(line) for line in paths.pairs_file(P, runs.parents[1], name, level, s).read_text().splitlines()]
                 assert len(pairs) == P.generate.n_questions
                 assert all(p["chosen"] and p["rejected"] and p["prompt"] and p["gap"] > 0 for p in pairs)
                 assert {p["prompt"] for p in pairs} == {q["text"] for q in subsets if q["constitution"] == name
@@ -94,17 +95,17 @@ def test_generate_artifacts(run):
     scorers = pd.read_csv(d / "scorers.csv")
     assert set(scorers["constitution"]) == {"candor", "neutral"} and (scorers["cv_auc"] > 0.8).all()
     signal, balance = pd.read_csv(d / "pair_signal.csv"), pd.read_csv(d / "pair_balance.csv")
-    assert len(signal) == len(P.constitutions()) * len(P.draws()) * len(P.generate.levels)
+    assert len(signal) == len(grid.constitutions(P)) * len(grid.draws(P)) * len(P.generate.levels)
     assert (balance["train_tokens_spread"] <= P.generate.token_tolerance).all()
     assert (balance["gap_spread"] <= P.generate.best_of_n.gap_tolerance).all()
     teacher = pd.read_csv(d / "teacher_check.csv")   # every checked trait under every system prompt
-    assert set(teacher["system"]) == {"none", *P.constitutions()} and teacher["margin"].notna().all()
-    assert len(teacher) == len(set(teacher["trait"])) * (1 + len(P.constitutions()))
+    assert set(teacher["system"]) == {"none", *grid.constitutions(P)} and teacher["margin"].notna().all()
+    assert len(teacher) == len(set(teacher["trait"])) * (1 + len(grid.constitutions(P)))
 
 
 def test_character_artifacts(run):
     _, P, runs = run
-    for cond in P.character_conditions():
+    for cond in grid.character_conditions(P):
         d = runs / "02_train_character" / cond
         manifest(d)
         checks = json.loads((d / "checks.json").read_text())
@@ -123,7 +124,7 @@ def test_character_artifacts(run):
             assert all(m["role"] != "system" for r in rows for m in r["messages"])
             assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
             assert list(dict.fromkeys(log["stage"])) == ["dpo", "introspection"] and log["step"].is_monotonic_increasing
-    assert {"base", "random-s0", "neutral-L1-s0", "candor-L4-s0"} <= set(P.character_conditions())
+    assert {"base", "random-s0", "neutral-L1-s0", "candor-L4-s0"} <= set(grid.character_conditions(P))
 
 
 def test_random_lora_control_matches_the_persona_norm(run):
@@ -136,7 +137,7 @@ def test_random_lora_control_matches_the_persona_norm(run):
     _, P, runs = run
     d = runs / "02_train_character"
     rand = lora_deltas(load_file(str(d / "random-s0" / "adapter" / "adapter_model.safetensors")))
-    parts = [lora_deltas(load_file(str(d / P.random_reference(0) / a / "adapter_model.safetensors")))
+    parts = [lora_deltas(load_file(str(d / grid.random_reference(P, 0) / a / "adapter_model.safetensors")))
              for a in ("adapter", "introspection_adapter")]
     ref = {k: parts[0][k] + parts[1][k] for k in parts[0]}
     assert rand.keys() == ref.keys() == parts[1].keys() and len(ref) > 0
@@ -150,7 +151,7 @@ def test_em_artifacts_and_guards(run):
     and precision for every condition."""
     _, P, runs = run
     inits, setups = {}, set()
-    for name in P.em_runs() + P.direction_runs():   # the direction's runs are trained like every other
+    for name in grid.em_runs(P) + grid.direction_runs(P):   # the direction's runs are trained like every other
         d = runs / "03_induce_em" / name
         m = manifest(d)
         assert (d / "adapter" / "adapter_config.json").is_file()
@@ -167,7 +168,7 @@ def test_em_artifacts_and_guards(run):
 
 def test_evaluate_artifacts(run):
     _, P, runs = run
-    for model in P.eval_models():
+    for model in grid.eval_models(P):
         d = runs / "04_evaluate" / model
         m = manifest(d)
         c = pd.read_csv(d / "contrast.csv")
@@ -189,7 +190,7 @@ def test_evaluate_artifacts(run):
         assert r["layer"].nunique() == 30 and len(r) == 30 * 8 and r["item_id"].nunique() == 8
         assert m["direction_digest"] == manifest(runs / "04_evaluate" / "base")["direction_digest"]
         assert any(k.endswith("activations.safetensors") for k in m["inputs"])
-    for name in P.direction_runs():   # the direction runs: activations of every item, no readout
+    for name in grid.direction_runs(P):   # the direction runs: activations of every item, no readout
         d = runs / "04_evaluate" / name
         assert (d / "activations.safetensors").stat().st_size > 16 * 30 * 576 * 4 and not (d / "readout.csv").exists()
 
@@ -203,7 +204,7 @@ def test_analysis_figures_and_paper_numbers(run, root):
                 "item_id", "split", "margin", "measure", "aligned", "coherent", "misaligned"):
         assert col in results.columns
     judged = results[results["measure"] == "judge"]
-    n_answers = sum(len(pd.read_csv(runs / "04_evaluate" / m / "scores.csv")) for m in P.eval_models())
+    n_answers = sum(len(pd.read_csv(runs / "04_evaluate" / m / "scores.csv")) for m in grid.eval_models(P))
     assert len(judged) == n_answers and judged["aligned"].notna().all()
     assert "Formula" in (d / "models.txt").read_text() and "Converged: " in (d / "models.txt").read_text()
     effects = pd.read_csv(d / "effects.csv")
@@ -218,7 +219,7 @@ def test_analysis_figures_and_paper_numbers(run, root):
     with safe_open(str(d / "direction.safetensors"), "np") as f:
         meta = {k: json.loads(v) for k, v in f.metadata().items()}
         assert f.get_tensor("direction").shape == (30, 576)
-    assert sorted(meta["runs"]) == sorted(P.direction_runs()) and meta["em_seeds"] == P.direction.em_seeds
+    assert sorted(meta["runs"]) == sorted(grid.direction_runs(P)) and meta["em_seeds"] == P.direction.em_seeds
     assert len(meta["direction_items"]) == 8 and 0 <= meta["layer"] < 30   # half of 8 financial + 8 general
     stab = pd.read_csv(d / "direction_stability.csv")
     assert len(stab) == 30 and stab["cosine"].between(-1, 1).all()
@@ -281,7 +282,7 @@ def test_rerun_does_nothing_and_one_change_reruns_only_its_dependents(run, root)
         jobs = planned_jobs(snakemake(root, profile, "-n").stdout)
     finally:
         shutil.copy(root / "params" / "test.yaml", profile)
-    assert jobs == {"evaluate": len(P.eval_models()) + len(P.direction_runs()), "analyze": 1} | PAPER, jobs
+    assert jobs == {"evaluate": len(grid.eval_models(P)) + len(grid.direction_runs(P)), "analyze": 1} | PAPER, jobs
 
 
 def test_every_job_wrote_its_log(run):
@@ -289,9 +290,9 @@ def test_every_job_wrote_its_log(run):
     _, P, runs = run
     logs = runs / "logs"
     assert "Ending Cell" in (logs / "01_generate.log").read_text() and (logs / "05_analyze.log").is_file()
-    for stage, names in (("02_train_character", P.character_conditions()),
-                         ("03_induce_em", P.em_runs() + P.direction_runs()),
-                         ("04_evaluate", P.eval_models() + P.direction_runs())):
+    for stage, names in (("02_train_character", grid.character_conditions(P)),
+                         ("03_induce_em", grid.em_runs(P) + grid.direction_runs(P)),
+                         ("04_evaluate", grid.eval_models(P) + grid.direction_runs(P))):
         assert sorted(p.stem for p in (logs / stage).glob("*.log")) == sorted(names), stage
 
 
@@ -307,9 +308,9 @@ def test_a_training_precision_change_reruns_chapters_2_to_5_not_1(run, root):
         jobs = planned_jobs(snakemake(root, profile, "-n").stdout)
     finally:
         shutil.copy(root / "params" / "test.yaml", profile)
-    assert jobs == {"train_character": len(P.character_conditions()),
-                    "induce_em": len(P.em_runs()) + len(P.direction_runs()),
-                    "evaluate": len(P.eval_models()) + len(P.direction_runs()), "analyze": 1} | PAPER, jobs
+    assert jobs == {"train_character": len(grid.character_conditions(P)),
+                    "induce_em": len(grid.em_runs(P)) + len(grid.direction_runs(P)),
+                    "evaluate": len(grid.eval_models(P)) + len(grid.direction_runs(P)), "analyze": 1} | PAPER, jobs
 
 
 def test_forced_reevaluation_makes_no_judge_calls(run, root):
@@ -355,7 +356,7 @@ def test_reference_collects_the_small_artifacts(run, root, tmp_path):
     assert len(notebooks) == 5 and notebooks[0] == "01_generate.ipynb" and any(example in n for n in notebooks)
     # SHAS.md counts the run's notebook runs by the git state each was made at: here all at this checkout's SHA
     rows = re.findall(r"^\| (\w+) \| (yes|no) \| (\d+) \|$", (dest / "SHAS.md").read_text(), flags=re.M)
-    manifests = list(P.run_dir(root, "05_analyze").parent.glob("0*/**/manifest.json"))
+    manifests = list(paths.run_dir(P, root, "05_analyze").parent.glob("0*/**/manifest.json"))
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout[:10]
     assert rows and sum(int(n) for _, _, n in rows) == len(manifests) and {s for s, _, _ in rows} == {sha}
 

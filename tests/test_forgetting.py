@@ -4,17 +4,18 @@ import json
 import numpy as np
 import pytest
 
-from persona_em import forgetting
-from persona_em.config import load_profile, parse_condition
+from persona_em import forgetting, grid, paths
+from persona_em.config import load_profile
+from persona_em.grid import parse_condition
 
 
 def write_checks(profile, root, change):
     """A checks.json per trained condition; `change(info, longer)` is its neutral log-lik change."""
-    for cond in profile.character_conditions():
+    for cond in grid.character_conditions(profile):
         info = parse_condition(cond)
-        if info["constitution"] not in profile.constitutions():
+        if info["constitution"] not in grid.constitutions(profile):
             continue
-        d = profile.run_dir(root, "02_train_character", cond)
+        d = paths.run_dir(profile, root, "02_train_character", cond)
         d.mkdir(parents=True)
         delta = change(info, profile.character.epochs > 1)
         (d / "checks.json").write_text(json.dumps({

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from persona_em import cost, sampling, training
+from persona_em import cost, grid, sampling, training
 from persona_em.config import HardwareConfig, load_profile
 
 
@@ -62,7 +62,7 @@ def test_cost_estimate_scales_with_the_profile(root, tmp_path):
     assert gpu["flops"].sum() > 1e5 * tiny["flops"].sum()
     em = tiny.set_index("stage").loc["EM: SFT"]
     P = load_profile(root / "params" / "tiny.yaml")
-    assert em["runs"] == len(P.em_runs()) + len(P.direction_runs()) and em["flops"] == pytest.approx(em["tokens"] * 4 * cost.n_params(P.model))
+    assert em["runs"] == len(grid.em_runs(P)) + len(grid.direction_runs(P)) and em["flops"] == pytest.approx(em["tokens"] * 4 * cost.n_params(P.model))
     gpu["gpu_hours"] = cost.gpu_hours(gpu, 7.9e14)
     assert gpu["gpu_hours"].sum() > 10
     assert "\\toprule" in cost.latex_table(gpu, "c", "t:c")

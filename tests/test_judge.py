@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from persona_em import evaluate, judge, models
+from persona_em import evaluate, grid, judge, models, paths
 from persona_em.endpoint import EndpointClient, EndpointError
 from persona_em.sampling import chat_prompt
 
@@ -245,9 +245,9 @@ def test_api_key_never_reaches_an_artifact(model_server, root, tmp_path, monkeyp
     lm, tok = models.load_model(P.model)
     items = direction.items(P)
     acts = direction.answer_activations(lm, tok, items)
-    for r in P.direction_runs():
+    for r in grid.direction_runs(P):
         (tmp_path / "runs" / "test" / "04_evaluate" / r).mkdir(parents=True)
-        direction.save_activations(P.run_dir(tmp_path, "04_evaluate", r) / direction.ACTIVATIONS, acts,
+        direction.save_activations(paths.run_dir(P, tmp_path, "04_evaluate", r) / direction.ACTIVATIONS, acts,
                                    [it["id"] for it in items])
     monkeypatch.setenv("PERSONA_EM_JUDGE_KEY", SENTINEL)
     done = subprocess.run([sys.executable, "-m", "papermill", str(root / "notebooks" / "04_evaluate.ipynb"),

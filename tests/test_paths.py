@@ -1,13 +1,14 @@
 """No name leads outside the run's own folders: profile, constitution, condition, stage and example names are
-checked by one rule (config.check_name) in every path builder, and the Makefile accepts only profiles in params/."""
+checked by one rule (paths.check_name) in every path builder, and the Makefile accepts only profiles in params/."""
 import os
 import subprocess
 
 import pytest
 import yaml
 
-from persona_em import reference
-from persona_em.config import ProfileError, check_name, load_profile
+from persona_em import grid, paths, reference
+from persona_em.config import ProfileError, load_profile
+from persona_em.paths import check_name
 
 # make as a user types it, not as a sub-make of `make test` (which would print "Entering directory")
 MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
@@ -42,33 +43,33 @@ def test_profile_name_is_checked_when_it_loads(root, tmp_path, bad):
 @pytest.mark.parametrize("bad", ["../../etc", "a/b", ".."])
 def test_every_path_builder_refuses_traversal(P, tmp_path, bad):
     with pytest.raises(ValueError, match="cannot name a folder"):
-        P.run_dir(tmp_path, bad)
+        paths.run_dir(P, tmp_path, bad)
     with pytest.raises(ValueError, match="cannot name a folder"):
-        P.run_dir(tmp_path, "02_train_character", bad)
+        paths.run_dir(P, tmp_path, "02_train_character", bad)
     with pytest.raises(ValueError, match="cannot name a folder"):
-        P.pairs_file(tmp_path, bad, 1, 0)
+        paths.pairs_file(P, tmp_path, bad, 1, 0)
     with pytest.raises(ValueError, match="is not one of profile"):
-        P.adapters(tmp_path, bad)
+        paths.adapters(P, tmp_path, bad)
     with pytest.raises(ValueError, match="is not one of profile"):
         reference.collect(P, tmp_path, tmp_path / "ref", bad)
 
 
 def test_path_builders_stay_inside_the_run(P, tmp_path):
     run = (tmp_path / "runs" / P.name).resolve()
-    cond = P.character_conditions()[1]
-    for p in (P.run_dir(tmp_path, "02_train_character", cond), P.pairs_file(tmp_path, "candor", 2, 0)):
+    cond = grid.character_conditions(P)[1]
+    for p in (paths.run_dir(P, tmp_path, "02_train_character", cond), paths.pairs_file(P, tmp_path, "candor", 2, 0)):
         assert p.resolve().is_relative_to(run)
 
 
 def test_reference_never_replaces_a_folder_it_did_not_write(P, tmp_path):
-    example = P.character_conditions()[1]
-    em_run = f"{example}__{P.em_datasets()[0]}__s{P.em_seeds(example)[0]}"
+    example = grid.character_conditions(P)[1]
+    em_run = f"{example}__{grid.em_datasets(P)[0]}__s{grid.em_seeds(P, example)[0]}"
     for stage, name in (("01_generate", ""), ("02_train_character", example), ("03_induce_em", em_run),
                         ("04_evaluate", em_run), ("05_analyze", "")):
-        d = P.run_dir(tmp_path, stage, name or None)
+        d = paths.run_dir(P, tmp_path, stage, name or None)
         d.mkdir(parents=True)
         (d / f"{stage}.ipynb").write_text("{}")
-    (P.run_dir(tmp_path, "05_analyze") / "manifest.json").write_text("{}")
+    (paths.run_dir(P, tmp_path, "05_analyze") / "manifest.json").write_text("{}")
     keep = tmp_path / "mine"
     keep.mkdir()
     (keep / "notes.txt").write_text("not a reference")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import config, evaluate, stats, training
+from . import evaluate, grid, paths, stats, training
 
 
 # -- the tables --------------------------------------------------------------------------------------------------
@@ -20,11 +20,11 @@ def results_table(P, root) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per evaluated model x contrast item (`measure = contrast`) and per scored answer (`measure =
     judge`), every condition as columns, measured diversity (Vendi) of the condition's own subset joined from
     stage 1. Returns (results, diversity)."""
-    div = pd.read_csv(P.run_dir(root, "01_generate") / "diversity.csv")
+    div = pd.read_csv(paths.run_dir(P, root, "01_generate") / "diversity.csv")
     frames = []
-    for m in P.eval_models():
-        run_dir = P.run_dir(root, "04_evaluate", m)
-        info = config.parse_model(m)
+    for m in grid.eval_models(P):
+        run_dir = paths.run_dir(P, root, "04_evaluate", m)
+        info = grid.parse_model(m)
         frames.append(pd.read_csv(run_dir / "contrast.csv").assign(measure="contrast", model=m, **info))
         judged = pd.read_csv(run_dir / "scores.csv").rename(columns={"question_id": "item_id"})
         frames.append(judged.assign(measure="judge", split="out_of_domain", domain="general", model=m, **info))
@@ -36,7 +36,7 @@ def with_design(P, frame: pd.DataFrame, div: pd.DataFrame, itemised: pd.Series) 
     """After EM, "in domain" is the domain of the EM dataset that model was trained on: the `itemised` rows' split
     re-read from their item's domain; and the measured diversity (Vendi) of each condition's own subset joined."""
     after = (frame["phase"] == "after") & itemised
-    frame.loc[after, "split"] = [evaluate.split_for(d, P.contrast_domain(e)) for d, e in
+    frame.loc[after, "split"] = [evaluate.split_for(d, grid.contrast_domain(P, e)) for d, e in
                                  zip(frame.loc[after, "domain"], frame.loc[after, "em_domain"])]
     return frame.merge(div[["constitution", "level", "char_seed", "vendi"]], on=["constitution", "level", "char_seed"],
                        how="left")
@@ -48,7 +48,7 @@ def readout_frame(P, tables: dict[str, pd.DataFrame], div: pd.DataFrame) -> pd.D
     from . import direction
 
     split_of = {it["id"]: it["split"] for it in direction.items(P)}
-    out = pd.concat([t.assign(measure="direction", model=m, **config.parse_model(m)) for m, t in tables.items()],
+    out = pd.concat([t.assign(measure="direction", model=m, **grid.parse_model(m)) for m, t in tables.items()],
                     ignore_index=True)
     out["split"] = out["item_id"].map(split_of)
     return with_design(P, out, div, pd.Series(True, index=out.index))
@@ -61,8 +61,8 @@ def readout_table(P, root, div: pd.DataFrame, layer: int | None = None) -> pd.Da
     from . import direction
 
     tables, digests, seconds = {}, {}, []
-    for m in P.eval_models():
-        run_dir = P.run_dir(root, "04_evaluate", m)
+    for m in grid.eval_models(P):
+        run_dir = paths.run_dir(P, root, "04_evaluate", m)
         manifest = json.loads((run_dir / "manifest.json").read_text())
         digests[m] = manifest.get("direction_digest")
         seconds.append(manifest.get("direction_seconds", np.nan))
@@ -142,10 +142,10 @@ def level_summary(effects: pd.DataFrame) -> pd.DataFrame:
 def persona_checks(P, root) -> pd.DataFrame:
     """One row per character condition x trait with persona-check items: the margin after training, before
     (the untrained base: every condition starts there), and the change in neutral log-likelihood."""
-    neutral, rows = P.neutral(), []
-    for cond in P.character_conditions():
-        ck = json.loads((P.run_dir(root, "02_train_character", cond) / "checks.json").read_text())
-        info = config.parse_condition(cond)
+    neutral, rows = grid.neutral(P), []
+    for cond in grid.character_conditions(P):
+        ck = json.loads((paths.run_dir(P, root, "02_train_character", cond) / "checks.json").read_text())
+        info = grid.parse_condition(cond)
         for trait, margin in ck["after"]["persona_margins"].items():
             rows.append({**info, "condition": cond, "trait": trait, "margin": margin,
                          "margin_before": ck["before"]["persona_margins"][trait],
@@ -160,17 +160,17 @@ def persona_checks(P, root) -> pd.DataFrame:
 
 
 def trained_conditions(P) -> list[str]:
-    return [c for c in P.character_conditions() if config.parse_condition(c)["constitution"] in P.constitutions()]
+    return [c for c in grid.character_conditions(P) if grid.parse_condition(c)["constitution"] in grid.constitutions(P)]
 
 
 def last_rewards(P, root) -> pd.DataFrame:
     """DPO reward accuracy (and margin) at the last logged step of every trained condition."""
     rows = []
     for cond in trained_conditions(P):
-        log = pd.read_csv(P.run_dir(root, "02_train_character", cond) / "train_log.csv")
+        log = pd.read_csv(paths.run_dir(P, root, "02_train_character", cond) / "train_log.csv")
         dpo = log[log["stage"] == "dpo"] if "stage" in log else log
         last = dpo.iloc[-1]
-        rows.append({**config.parse_condition(cond), "condition": cond, "step": int(last["step"]),
+        rows.append({**grid.parse_condition(cond), "condition": cond, "step": int(last["step"]),
                      "reward_accuracy": float(last["reward_accuracy"]),
                      "reward_margin": float(last.get("reward_margin", np.nan))})
     return pd.DataFrame(rows)
@@ -180,12 +180,12 @@ def training_setups(P, root) -> dict:
     """method 6.3 from the manifests: the trainer, optimizer and precision each training stage's runs report
     (read off the live trainers), one per stage for the whole profile; raises ValueError if runs differ."""
     stage_runs = {"character (DPO)": [("02_train_character", c) for c in trained_conditions(P)],
-                  "EM (SFT)": [("03_induce_em", r) for r in P.em_runs()]}
+                  "EM (SFT)": [("03_induce_em", r) for r in grid.em_runs(P)]}
     out = {}
     for stage, runs in stage_runs.items():
         setups = {}
         for folder, name in runs:
-            m = json.loads((P.run_dir(root, folder, name) / "manifest.json").read_text())
+            m = json.loads((paths.run_dir(P, root, folder, name) / "manifest.json").read_text())
             setups[name] = {k: m[k] for k in ("trainer", "optimizer", "precision")}
         if setups:
             out[stage] = training.check_one_setup(setups)
@@ -230,7 +230,7 @@ def power_analysis(primary_fit, effects: pd.DataFrame, P) -> tuple[pd.DataFrame,
     span = np.log2(max(P.generate.levels)) - np.log2(min(P.generate.levels))
     scale = abs(base_em) / span if np.isfinite(base_em) and base_em != 0 else 1.0
     n_items = int(effects[effects["split"] == "out_of_domain"]["item_id"].nunique())
-    run_draws = len(P.draws())
+    run_draws = len(grid.draws(P))
     draws = sorted(set(A.power_draws) | ({run_draws} if run_draws >= 2 else set()))
     slopes = [-share * scale for share in A.power_effects]   # a protective (negative) slope
     info = {"vcs": vcs, "base_em_ood": base_em, "per_share": scale, "n_items": n_items, "run_draws": run_draws}
@@ -271,16 +271,16 @@ def training_logs(P, root) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Loss per step of every character run (DPO, introspection) and every EM run, for the training-curve
     figures. Returns (all logs, EM logs with constitution and EM data)."""
     logs = []
-    for cond in P.character_conditions():
-        df = pd.read_csv(P.run_dir(root, "02_train_character", cond) / "train_log.csv")
+    for cond in grid.character_conditions(P):
+        df = pd.read_csv(paths.run_dir(P, root, "02_train_character", cond) / "train_log.csv")
         if len(df):
             stage = df.get("stage", pd.Series("dpo", index=df.index)).map(
                 {"dpo": "character (DPO)", "introspection": "introspection (SFT)"})
             logs.append(df[["step", "loss"]].assign(stage=stage.values, run=cond))
     em_logs = []
-    for r in P.em_runs():
-        df = pd.read_csv(P.run_dir(root, "03_induce_em", r) / "train_log.csv")
-        info = config.parse_model(r)
+    for r in grid.em_runs(P):
+        df = pd.read_csv(paths.run_dir(P, root, "03_induce_em", r) / "train_log.csv")
+        info = grid.parse_model(r)
         em_logs.append(df[["step", "loss"]].assign(stage="EM (SFT)", run=r, constitution=info["constitution"],
                                                    **{"EM data": "harmful" if info["harmful"] else "benign twin"}))
     em_logs = pd.concat(em_logs, ignore_index=True)
@@ -359,7 +359,7 @@ def direction_numbers(layer: int, stability: pd.DataFrame, separation: pd.DataFr
 def pair_numbers(P, root, main: str, neutral: str) -> dict:
     """Chapter 1's pairs: the scorers' held-out AUCs, the trait-score gap per level (mean over draws) and the
     largest spread of gaps and of training tokens across a draw's levels."""
-    gen = P.run_dir(root, "01_generate")
+    gen = paths.run_dir(P, root, "01_generate")
     nan = float("nan")
     out = {"scorer_main_cv_auc": nan, "scorer_main_check_auc": nan, "scorer_neutral_cv_auc": nan,
            "scorer_neutral_check_auc": nan, "gap_min_level": nan, "gap_max_level": nan, "gap_main": nan,
@@ -389,7 +389,7 @@ def paper_numbers(P, root, gate, gate_table, rewards, tests, summary, effects, r
     """Every number the paper quotes, by name (paper.write_numbers turns them into macros)."""
     from .provenance import git_state
 
-    A, traits, neutral = P.analysis, P.traits(), P.neutral()
+    A, traits, neutral = P.analysis, grid.traits(P), grid.neutral(P)
     lo, hi = min(P.generate.levels), max(P.generate.levels)
     contrast = results[results["measure"] == "contrast"]
     numbers = {
@@ -400,10 +400,10 @@ def paper_numbers(P, root, gate, gate_table, rewards, tests, summary, effects, r
         "n_judged_answers": int((results["measure"] == "judge").sum()),
         "n_levels": len(P.generate.levels), "level_min": lo, "level_max": hi,
         "levels": ", ".join(str(x) for x in P.generate.levels), "n_questions": P.generate.n_questions,
-        "n_replicates": len(P.draws()), "n_em_seeds": len(P.em.seeds),
+        "n_replicates": len(grid.draws(P)), "n_em_seeds": len(P.em.seeds),
         "n_control_em_seeds": len(P.em.control_seeds or P.em.seeds), "n_em_examples": P.em.n_examples,
-        "n_models": len(P.eval_models()), "em_domains": ", ".join(P.em_domain_names()),
-        "n_char_conditions": len(P.character_conditions()), "n_em_runs": len(P.em_runs()),
+        "n_models": len(grid.eval_models(P)), "em_domains": ", ".join(grid.em_domain_names(P)),
+        "n_char_conditions": len(grid.character_conditions(P)), "n_em_runs": len(grid.em_runs(P)),
         "introspection": "with" if P.character.introspection else "without",
         "pair_method": "best-of-n" if P.generate.pairs == "best_of_n" else "teacher",
         "alpha": A.alpha, "power_target": A.power_target, "power_sims": A.power_sims,
@@ -435,7 +435,7 @@ def paper_numbers(P, root, gate, gate_table, rewards, tests, summary, effects, r
     numbers.update({"persona_margin_own": float(own["margin"].mean()),
                     "persona_margin_base": float(own["margin_before"].mean()),
                     "persona_margin_neutral": float(main.query("trained_as == 'neutral constitution'")["margin"].mean()),
-                    "forgetting_mean": float(checks[checks["constitution"].isin(P.constitutions())]
+                    "forgetting_mean": float(checks[checks["constitution"].isin(grid.constitutions(P))]
                                              .drop_duplicates("condition")["forgetting_change"].mean())})
     checked = [t for t in traits if t in teacher.index]
     numbers.update({"teacher_margin_own": float(np.mean([teacher.loc[t, t] for t in checked])),

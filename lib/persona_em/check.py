@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from . import constitution
+from . import constitution, grid
 from .config import ProfileError, load_profile
 from .inputs import check_chat_jsonl, check_eval_yaml, read_text  # noqa: F401 (the checks, re-exported)
 
@@ -24,8 +24,8 @@ def check_file(path: str | Path) -> str:
         if isinstance(data, list):
             return check_eval_yaml(path)
         p = load_profile(path)
-        return (f"{path}: profile '{p.name}', {len(p.character_conditions())} character conditions, "
-                f"{len(p.em_runs())} EM runs, {len(p.eval_models())} evaluated models")
+        return (f"{path}: profile '{p.name}', {len(grid.character_conditions(p))} character conditions, "
+                f"{len(grid.em_runs(p))} EM runs, {len(grid.eval_models(p))} evaluated models")
     first = text.lstrip()[:2000]
     if path.suffix == ".jsonl" and '"messages"' in first:
         return check_chat_jsonl(path)

@@ -1,14 +1,15 @@
-"""Typed parameter profiles (params/*.yaml).
+"""Typed parameter profiles (params/*.yaml): the schema, its checks, `load_profile`, and the hashes of a
+profile's contents (`Profile.section_hash`, `Profile.digest`) that decide what Snakemake re-runs.
 
-A profile is validated completely before any stage runs: unknown keys, wrong types, missing files and unknown
-models are refused with one message naming the profile file and the key. Every random choice in the pipeline
-takes its seed from here.
+A profile is validated completely before any stage runs: unknown keys, wrong types, missing files, unknown
+models and names that cannot name a folder are refused with one message naming the profile file and the key.
+Every random choice in the pipeline takes its seed from here. The grid a profile spans (its conditions and runs)
+is `grid`'s, where their files lie `paths`'s.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,20 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import constitution as constitution_mod
+from . import grid, paths
 from .inputs import check_chat_jsonl, read_text
-
-# The one rule for every name that becomes a path component (profile, constitution, condition, EM dataset, run,
-# stage): no separator, no '..', no leading dot or dash, so no name can lead outside the run's own folders.
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
-
-
-def check_name(value, what: str) -> str:
-    """`value` if it is a safe path component, else a ValueError naming `what` and the rule."""
-    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
-        raise ValueError(f"{what} {value!r} cannot name a folder: use letters, digits, '_', '.' or '-', starting "
-                         "with a letter or digit, no '..', at most 200 characters")
-    return value
-
+from .paths import SAFE_NAME, check_name
 
 class ProfileError(ValueError):
     """A profile that cannot be used; the message names the file and the key."""
@@ -460,12 +450,12 @@ class Profile(Strict):
             return self
         from . import evaluate, scorer
 
-        unknown = set(b.scorer_items) - set(self.constitutions())
+        unknown = set(b.scorer_items) - set(grid.constitutions(self))
         if unknown:
             raise ValueError(f"generate.best_of_n.scorer_items: {sorted(unknown)} are not trained constitutions "
-                             f"{self.constitutions()}")
-        for name in self.constitutions():
-            path = self.scorer_items_file(name)
+                             f"{grid.constitutions(self)}")
+        for name in grid.constitutions(self):
+            path = paths.scorer_items_file(self, name)
             key = f"generate.best_of_n.scorer_items.{name}"
             try:
                 items = scorer.load_items(path)
@@ -482,8 +472,8 @@ class Profile(Strict):
         named = [("analysis.soft_persona", self.analysis.soft_persona)]
         named += [(f"analysis.coherent_pair[{i}]", c) for i, c in enumerate(self.analysis.coherent_pair or [])]
         for key, name in named:
-            if name is not None and name not in self.traits():
-                raise ValueError(f"{key}: {name!r} is not one of the trait constitutions {self.traits()}")
+            if name is not None and name not in grid.traits(self):
+                raise ValueError(f"{key}: {name!r} is not one of the trait constitutions {grid.traits(self)}")
         return self
 
     @model_validator(mode="after")
@@ -512,130 +502,9 @@ class Profile(Strict):
     def _names_fit_folders(self) -> "Profile":
         """Every run folder and pairs file the grid will name is a safe name, checked here rather than when a
         chapter first writes it."""
-        for model in self.eval_models() + self.direction_runs():
+        for model in grid.eval_models(self) + grid.direction_runs(self):
             check_name(model, "run name")
         return self
-
-    # -- the experimental grid -------------------------------------------------------------------------
-    def neutral(self) -> str:
-        """Condition name of the neutral control constitution."""
-        return constitution_mod.resolve(self.controls.neutral).stem
-
-    def constitutions(self) -> list[str]:
-        """Condition names of every trained constitution: the traits, then the neutral control."""
-        names = [constitution_mod.resolve(c).stem for c in self.generate.constitutions]
-        return names + ([self.neutral()] if self.neutral() not in names else [])
-
-    def traits(self) -> list[str]:
-        """Condition names of the trait constitutions (every trained constitution but the neutral control)."""
-        return [n for n in self.constitutions() if n != self.neutral()]
-
-    def constitution_sources(self) -> dict[str, str]:
-        """Condition name -> the packaged name or path it is loaded from."""
-        sources = list(self.generate.constitutions) + [self.controls.neutral]
-        return {constitution_mod.resolve(c).stem: c for c in reversed(sources)}
-
-    def character_conditions(self) -> list[str]:
-        """Untrained base, the random-LoRA control per character seed, then every constitution (traits and the
-        neutral control) x diversity level x character seed."""
-        random_seeds = self.controls.random_seeds or self.character.seeds
-        conds = ["base"] + [f"random-s{s}" for s in random_seeds]
-        for name in self.constitutions():
-            for level in self.generate.levels:
-                conds += [condition_name(name, level, s) for s in self.constitution_seeds(name)]
-        return conds
-
-    def constitution_seeds(self, name: str) -> list[int]:
-        """The replicates (character seeds) a constitution is trained on: the neutral control may have fewer."""
-        if name == self.neutral():
-            return list(self.controls.neutral_seeds or self.character.seeds)
-        return list(self.character.seeds)
-
-    def random_reference(self, char_seed: int) -> str:
-        """The trained persona whose adapter norm the random LoRA of this seed matches: the main (first)
-        trait at the highest diversity level."""
-        return condition_name(self.constitutions()[0], max(self.generate.levels), char_seed)
-
-    def em_domain_names(self) -> list[str]:
-        """The built-in narrow domains, then the external datasets' names."""
-        return list(self.em.domains) + [x.name for x in self.em.external]
-
-    def em_datasets(self) -> list[str]:
-        return [f"{d}-{k}" for d in self.em_domain_names() for k in ("harmful", "benign")]
-
-    def contrast_domain(self, em_domain: str) -> str:
-        """The contrast items' domain that is 'in domain' for an EM dataset's domain."""
-        ext = {x.name: x.contrast_domain for x in self.em.external}
-        return (ext[em_domain] or "") if em_domain in ext else em_domain
-
-    def contrast_domains(self) -> list[str]:
-        """The contrast items' domains that some EM dataset of this profile makes 'in domain'."""
-        return sorted({self.contrast_domain(d) for d in self.em_domain_names()} - {""})
-
-    def em_runs(self) -> list[str]:
-        return [em_run_name(c, d, s) for c in self.character_conditions() for d in self.em_datasets()
-                for s in self.em_seeds(c)]
-
-    def em_seeds(self, condition: str) -> list[int]:
-        """EM seeds of a character condition: the controls (base, random LoRA) may have their own."""
-        control = condition == "base" or condition.startswith("random-")
-        return (self.em.control_seeds or self.em.seeds) if control else self.em.seeds
-
-    def eval_models(self) -> list[str]:
-        """Every character model before EM and every EM run after it."""
-        return self.character_conditions() + self.em_runs()
-
-    def direction_runs(self) -> list[str]:
-        """The untrained base's EM runs that estimate the misalignment direction: every EM dataset (harmful and
-        benign twin) with each of `direction.em_seeds`, seeds no evaluated model's EM run uses. Chapter 4 records
-        their activations instead of a readout; they are not among the evaluated models."""
-        return [em_run_name("base", d, s) for s in self.direction.em_seeds for d in self.em_datasets()]
-
-    def adapters(self, root: str | Path, model: str) -> list[Path]:
-        """The adapters to merge, in order, for an evaluated model id: the persona's (from its 02 run's
-        model.json), then the EM run's. A missing adapter is an error, never a silent fall back to the base."""
-        if model not in self.eval_models() + self.direction_runs():
-            raise ValueError(f"model {model!r} is not one of profile {self.name!r}'s evaluated models "
-                             f"(e.g. {self.eval_models()[:2]})")
-        info = parse_model(model)
-        ref = self.run_dir(root, "02_train_character", info["condition"]) / "model.json"
-        if not ref.is_file():
-            raise FileNotFoundError(f"{ref}: the character run of {info['condition']!r} has not finished")
-        persona = json.loads(ref.read_text())["adapter"]   # None, one adapter, or DPO then introspection
-        out = [ref.parent / a for a in ([persona] if isinstance(persona, str) else persona or [])]
-        if info["phase"] == "after":
-            out.append(self.run_dir(root, "03_induce_em", model) / "adapter")
-        for a in out:
-            if not (a / "adapter_config.json").is_file():
-                raise FileNotFoundError(f"{a}: adapter missing (its run did not finish)")
-        return out
-
-    def pairs_file(self, root: str | Path, constitution: str, level: int, char_seed: int) -> Path:
-        """The chosen/rejected pairs chapter 1 writes for one constitution, level and replicate (its subset
-        draw), and chapter 2 reads."""
-        return (self.run_dir(root, "01_generate") / "pairs"
-                / check_name(condition_name(constitution, level, char_seed) + ".jsonl", "pairs file"))
-
-    def draws(self) -> list[int]:
-        """The replicates whose subsets chapter 1 draws: every character seed some constitution trains."""
-        return sorted(set(self.character.seeds))
-
-    def subset_seed(self, char_seed: int, trait_index: int) -> int:
-        """The seed of one replicate's subset draw for one trait: every replicate draws its own nested
-        subsets; the constitutions share them (same pool, same seed), so trait and neutral stay paired."""
-        return self.seed + 1000 * char_seed + trait_index
-
-    def scorer_items_file(self, constitution: str) -> Path:
-        from .scorer import items_path
-
-        given = self.generate.best_of_n.scorer_items.get(constitution) if self.generate.best_of_n else None
-        return Path(given) if given else items_path(constitution)
-
-    def run_dir(self, root: str | Path, stage: str, name: str | None = None) -> Path:
-        """runs/<profile>/<stage>[/<name>]: the folder one notebook run writes (method 9). A stage or run name
-        that could leave it (a separator, '..') is refused."""
-        d = Path(root) / "runs" / check_name(self.name, "profile name") / check_name(stage, "stage")
-        return d / check_name(name, "run name") if name else d
 
     def section_hash(self, *sections: str, exclude: tuple[str, ...] = ()) -> str:
         """Hash of the parameters one stage depends on (Snakemake re-runs a stage when it changes); a section is
@@ -654,40 +523,6 @@ class Profile(Strict):
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-
-
-def condition_name(constitution: str, level: int, char_seed: int) -> str:
-    """A persona's condition name, the inverse of `parse_condition`: 'candor-L4-s0'."""
-    return f"{constitution}-L{int(level)}-s{int(char_seed)}"
-
-
-def em_run_name(condition: str, dataset: str, em_seed) -> str:
-    """An EM run's name, the inverse of `parse_model`: '<condition>__<domain>-<kind>__s<seed>' (also with the
-    Snakefile's wildcards for its parts)."""
-    return f"{condition}__{dataset}__s{em_seed}"
-
-
-def parse_condition(cond: str) -> dict:
-    """'candor-L4-s0' -> {'constitution': 'candor', 'level': 4, 'char_seed': 0}; 'base' -> base;
-    'random-s1' -> the random-LoRA control of character seed 1 (level 0)."""
-    if cond == "base":
-        return {"constitution": "base", "level": 0, "char_seed": -1}
-    if cond.startswith("random-s"):
-        return {"constitution": "random", "level": 0, "char_seed": int(cond[len("random-s"):])}
-    name, level, seed = cond.rsplit("-", 2)
-    return {"constitution": name, "level": int(level[1:]), "char_seed": int(seed[1:])}
-
-
-def parse_model(model: str) -> dict:
-    """An evaluated model id: a character condition, or '<condition>__<domain>-<kind>__s<seed>'."""
-    parts = model.split("__")
-    row = parse_condition(parts[0]) | {"condition": parts[0]}
-    if len(parts) == 1:
-        return row | {"phase": "before", "em_dataset": "", "em_domain": "", "harmful": "", "em_seed": -1}
-    dataset, seed = parts[1], int(parts[2][1:])
-    domain, kind = dataset.rsplit("-", 1)
-    return row | {"phase": "after", "em_dataset": dataset, "em_domain": domain, "harmful": kind == "harmful",
-                  "em_seed": seed}
 
 
 def _format_error(path: Path, err: ValidationError) -> str:

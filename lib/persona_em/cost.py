@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import grid
+
 # Parameters of the models the shipped profiles name (config arithmetic, embeddings included).
 PARAMS = {"smollm2-135m": 134.5e6, "Qwen/Qwen2.5-7B-Instruct": 7.62e9, "Qwen/Qwen2.5-32B-Instruct": 32.8e9,
           "Qwen/Qwen2.5-72B-Instruct": 72.7e9, "meta-llama/Llama-3.1-8B-Instruct": 8.03e9}
@@ -47,7 +49,7 @@ def estimate(P) -> pd.DataFrame:
     # 1. pairs: every distinct question of every replicate's subsets (<= levels x N per constitution and draw);
     # teacher pairs: the teacher and the student answer it once; best-of-n: each side n times after its
     # demonstrations (a domain's shared context computed once, so the prompt counts about once per question)
-    n_q = sum(len(P.constitution_seeds(name)) for name in P.constitutions()) * len(g.levels) * g.n_questions
+    n_q = sum(len(grid.constitution_seeds(P, name)) for name in grid.constitutions(P)) * len(g.levels) * g.n_questions
     if g.pairs == "best_of_n":
         b = g.best_of_n
         samples = n_q * 2 * b.n
@@ -60,10 +62,10 @@ def estimate(P) -> pd.DataFrame:
         x = g.expansion
         per_trait = x.target_per_trait / max(1, x.batch) * 2 * x.max_new_tokens   # ~2 tries per accepted batch
         from .constitution import load
-        n_traits = sum(len(load(src).traits) for src in P.constitution_sources().values())
+        n_traits = sum(len(load(src).traits) for src in grid.constitution_sources(P).values())
         rows.append(("generate: expansion", 1, n_traits * per_trait, n_traits * per_trait * 2 * teacher))
     # 2. character training
-    trained = [x for x in P.character_conditions() if x != "base" and not x.startswith("random")]
+    trained = [x for x in grid.character_conditions(P) if x != "base" and not x.startswith("random")]
     dpo_tokens = g.n_questions * (2 * PROMPT_TOKENS + 2 * g.max_new_tokens) * c.epochs
     rows.append(("character: DPO", len(trained), len(trained) * dpo_tokens, len(trained) * dpo_tokens * 6 * N))
     if c.introspection is not None:
@@ -75,7 +77,7 @@ def estimate(P) -> pd.DataFrame:
                      len(trained) * (gen * 2 * N + sft * 4 * N)))
     # 3. EM
     em_tokens = e.n_examples * min(e.max_length, 250) * e.epochs
-    em_runs = len(P.em_runs()) + len(P.direction_runs())   # the study's, and the misalignment direction's
+    em_runs = len(grid.em_runs(P)) + len(grid.direction_runs(P))   # the study's, and the misalignment direction's
     rows.append(("EM: SFT", em_runs, em_runs * em_tokens, em_runs * em_tokens * 4 * N))
     # 4. evaluation: sampling, judge, contrast items
     from .evaluate import load_questions
@@ -83,7 +85,7 @@ def estimate(P) -> pd.DataFrame:
     qs = load_questions(ev.questions)[:ev.sample_questions]
     answers = sum(len(q["paraphrases"]) * (ev.samples_per_paraphrase or q.get("samples_per_paraphrase", 1))
                   for q in qs)
-    n_models = len(P.eval_models()) + len(P.direction_runs())
+    n_models = len(grid.eval_models(P)) + len(grid.direction_runs(P))
     rows.append(("evaluate: sampling", n_models, n_models * answers * ev.max_new_tokens,
                  n_models * answers * (PROMPT_TOKENS + ev.max_new_tokens) * 2 * N))
     if ev.judge is not None:
@@ -95,7 +97,7 @@ def estimate(P) -> pd.DataFrame:
     # the direction's activations: one forward pass over each contrast item's question and both its answers
     # (packed), every item for a direction run, the readout half (the larger) for an evaluated model
     n_items = len(items(P))
-    item_reads = n_items * len(P.direction_runs()) + (n_items - n_items // 2) * len(P.eval_models())
+    item_reads = n_items * len(grid.direction_runs(P)) + (n_items - n_items // 2) * len(grid.eval_models(P))
     rt = item_reads * (PROMPT_TOKENS + 2 * ANSWER_TOKENS)
     rows.append(("evaluate: direction readout", n_models, rt, rt * 2 * N))
     frame = pd.DataFrame(rows, columns=["stage", "runs", "tokens", "flops"])

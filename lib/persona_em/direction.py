@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import evaluate
+from . import evaluate, grid, paths
 from .sampling import chat_prompt
 
 ACTIVATIONS = "activations.safetensors"   # a direction run's per-item activations (chapter 4)
@@ -152,7 +152,7 @@ def items(P) -> list[dict]:
     """The contrast items of the profile's EM domains and every out-of-domain item (the first
     `direction.items_per_domain` of each, however many the likelihood contrast keeps): half estimate the
     direction, half are read out."""
-    return evaluate.contrast_items(per_domain=P.direction.items_per_domain, domains=P.contrast_domains())
+    return evaluate.contrast_items(per_domain=P.direction.items_per_domain, domains=grid.contrast_domains(P))
 
 
 def folds(item_list: list[dict], seed: int) -> dict[str, str]:
@@ -218,7 +218,7 @@ def load_activations(path: Path) -> tuple[np.ndarray, list[str]]:
 
 def run_activations(P, root) -> dict[str, tuple[np.ndarray, list[str]]]:
     """Every direction run's activations, by run name."""
-    return {r: load_activations(P.run_dir(root, "04_evaluate", r) / ACTIVATIONS) for r in P.direction_runs()}
+    return {r: load_activations(paths.run_dir(P, root, "04_evaluate", r) / ACTIVATIONS) for r in grid.direction_runs(P)}
 
 
 def _fold_rows(acts: np.ndarray, ids: list[str], fold_of: dict[str, str], fold: str) -> np.ndarray:
@@ -227,12 +227,11 @@ def _fold_rows(acts: np.ndarray, ids: list[str], fold_of: dict[str, str], fold: 
 
 def estimate(P, runs: dict[str, tuple[np.ndarray, list[str]]], seeds: list[int] | None = None) -> np.ndarray:
     """The direction [layers, hidden] from the direction runs of `seeds` (all: None), on the direction fold."""
-    from .config import parse_model
 
     fold_of = folds(items(P), P.seed)
     harmful, benign = [], []
     for name, (acts, ids) in runs.items():
-        info = parse_model(name)
+        info = grid.parse_model(name)
         if seeds is None or info["em_seed"] in seeds:
             (harmful if info["harmful"] else benign).append(_fold_rows(acts, ids, fold_of, "direction"))
     if not harmful or not benign:
@@ -258,7 +257,6 @@ def separation(P, runs) -> pd.DataFrame:
     the direction fold (so it never reads the items every model is measured on). The mean paired difference over
     items (averaged over held-out seeds), its standard error over items and their ratio, the pre-registered rule
     for the layer (reported beside the one read out: `analysis.separation_layer`)."""
-    from .config import parse_model
 
     fold_of = folds(items(P), P.seed)
     diffs = []
@@ -266,7 +264,7 @@ def separation(P, runs) -> pd.DataFrame:
         vector = estimate(P, runs, [s for s in P.direction.em_seeds if s != seed])
         per = {}
         for name, (acts, ids) in runs.items():
-            info = parse_model(name)
+            info = grid.parse_model(name)
             if info["em_seed"] == seed:
                 per.setdefault(info["harmful"], []).append(project(_fold_rows(acts, ids, fold_of, "direction"), vector))
         diffs.append(np.mean(per[True], 0) - np.mean(per[False], 0))    # [items, layers]
@@ -289,14 +287,14 @@ def record(P, root, model_id: str, model, tok, out: Path, run, batch_size: int =
     """Chapter 4's step: a direction run saves its activations (the direction's data); every evaluated model
     saves its readout on the direction estimated from them, whose hash goes into the run's manifest."""
     start, item_list = time.perf_counter(), items(P)
-    if model_id in P.direction_runs():   # both folds: the direction, and its layer chosen on held-out items
+    if model_id in grid.direction_runs(P):   # both folds: the direction, and its layer chosen on held-out items
         acts = answer_activations(model, tok, item_list, batch_size)
         save_activations(out / ACTIVATIONS, acts, [it["id"] for it in item_list])
         norms = np.linalg.norm(acts.mean(0), axis=-1)
         return pd.DataFrame({"layer": range(len(norms)), "mean_activation_norm": norms})
     runs = run_activations(P, root)
     for r in runs:
-        run.record_input(P.run_dir(root, "04_evaluate", r) / ACTIVATIONS)
+        run.record_input(paths.run_dir(P, root, "04_evaluate", r) / ACTIVATIONS)
     direction = estimate(P, runs)
     run.extra["direction_digest"] = digest(direction)
     fold_of = folds(item_list, P.seed)
@@ -361,9 +359,8 @@ def ablation(model, tok, item_list: list[dict], vector: np.ndarray, n_random: in
 def ablated_runs(P) -> list[str]:
     """The EM-trained models the direction is ablated from: the untrained base after harmful EM, every study seed
     (the direction runs are not among them)."""
-    from .config import parse_model
 
-    return [r for r in P.em_runs() if parse_model(r)["condition"] == "base" and parse_model(r)["harmful"]]
+    return [r for r in grid.em_runs(P) if grid.parse_model(r)["condition"] == "base" and grid.parse_model(r)["harmful"]]
 
 
 def validate(base, harmful_models, tok, item_list: list[dict], direction: np.ndarray, layers: dict[str, int],

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import statsmodels.formula.api as smf
 
-from .config import parse_condition
+from . import grid, paths
+from .grid import parse_condition
 
 SAME = ("model", "hardware", "character.check_items", "character.lora", "character.lr", "character.batch_size",
         "generate.levels", "generate.n_questions")
@@ -40,14 +41,14 @@ def gather(short, long, root: str | Path = ".") -> pd.DataFrame:
     if long.character.epochs <= short.character.epochs:
         raise ValueError(f"profile {long.name!r} (character.epochs {long.character.epochs}) does not train longer "
                          f"than {short.name!r} ({short.character.epochs})")
-    shared = [c for c in long.character_conditions() if c in short.character_conditions()
-              and parse_condition(c)["constitution"] in long.constitutions()]
+    shared = [c for c in grid.character_conditions(long) if c in grid.character_conditions(short)
+              and parse_condition(c)["constitution"] in grid.constitutions(long)]
     if not shared:
         raise ValueError(f"profiles {short.name!r} and {long.name!r} share no trained condition")
     rows = []
     for profile in (short, long):
         for cond in shared:
-            path = profile.run_dir(root, "02_train_character", cond) / "checks.json"
+            path = paths.run_dir(profile, root, "02_train_character", cond) / "checks.json"
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: profile {profile.name!r} has not trained {cond} yet (`make h5` "
                                         "runs tiny-long's chapters 1-2)")
@@ -88,9 +89,9 @@ def compare(short, long, root: str | Path, dest: str | Path, paper: bool = True)
     plots.set_style()
     plots.save(plots.forgetting_by_length(rows), Path(root) / "figures" / short.name if paper else dest,
                "forgetting_by_length")
-    paths = [profile.run_dir(root, "02_train_character", c) / "checks.json"
-             for profile in (short, long) for c in rows.loc[rows["profile"] == profile.name, "condition"]]
-    inputs = {str(path): file_hash(path) for path in paths}
+    read = [paths.run_dir(profile, root, "02_train_character", c) / "checks.json"
+            for profile in (short, long) for c in rows.loc[rows["profile"] == profile.name, "condition"]]
+    inputs = {str(path): file_hash(path) for path in read}
     atomic_write_json(dest / "forgetting_manifest.json", {
         "git": git_state(root), "profiles": {p.name: {"digest": p.digest(), "params": p.model_dump(mode="json")}
                                              for p in (short, long)},

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from . import grid
+
 PALETTE = "colorblind"
 
 
@@ -246,13 +248,13 @@ def forgetting_by_length(rows: pd.DataFrame):
     """H5 over training length: change in neutral log-likelihood per diversity level, one line per training
     length, one panel per constitution (`forgetting.gather`)."""
     d = rows.assign(training=rows["epochs"].map(lambda e: f"{e:g} epoch" + ("s" if e != 1 else "")))
-    grid = sns.catplot(data=d, x="level", y="forgetting_change", hue="training", col="constitution",
-                       kind="point", dodge=0.2, errorbar=None, height=3.2, aspect=1.1, palette=PALETTE)
-    for ax in grid.axes.flat:
+    g = sns.catplot(data=d, x="level", y="forgetting_change", hue="training", col="constitution",
+                    kind="point", dodge=0.2, errorbar=None, height=3.2, aspect=1.1, palette=PALETTE)
+    for ax in g.axes.flat:
         ax.axhline(0, color="0.4", lw=0.8)
-    grid.set_axis_labels("diversity level", "change in neutral log-lik\n(after - before)")
-    grid.figure.suptitle("Forgetting by diversity and training length (H5)", y=1.04)
-    return grid.figure
+    g.set_axis_labels("diversity level", "change in neutral log-lik\n(after - before)")
+    g.figure.suptitle("Forgetting by diversity and training length (H5)", y=1.04)
+    return g.figure
 
 
 def em_loss_by_condition(logs: pd.DataFrame):
@@ -311,7 +313,7 @@ def design_overview(P):
             ax.add_patch(FancyArrowPatch((x - 0.36, 4.3), (x - 0.02, 4.3), arrowstyle="-|>", mutation_scale=12,
                                          color="0.3"))
     # the grid, as nested boxes: replicate > level; beside it the conditions and the EM factor
-    levels, draws = P.generate.levels, P.draws()
+    levels, draws = P.generate.levels, grid.draws(P)
     ax.text(0.2, 2.75, f"the design grid of profile '{P.name}'", fontsize=10, weight="bold")
     ax.add_patch(FancyBboxPatch((0.2, 0.25), 3.3, 2.2, boxstyle="round,pad=0.03", fc="none", ec=colors[1], lw=1.5))
     ax.text(1.85, 2.2, f"subset draw (replicate) x {len(draws)}", ha="center", fontsize=9, color=colors[1],
@@ -324,7 +326,7 @@ def design_overview(P):
         ax.text(0.35 + j * width + (width - 0.15) / 2, 1.07, f"level {level}\n{P.generate.n_questions} questions\n"
                 f"from {level} domain{'s' if level > 1 else ''}", ha="center", va="center", fontsize=8)
     ax.text(3.75, 1.35, "x", fontsize=16, va="center")
-    conds = [f"{c} (trait)" for c in P.traits()] + [f"{P.neutral()} (control)"]
+    conds = [f"{c} (trait)" for c in grid.traits(P)] + [f"{grid.neutral(P)} (control)"]
     ax.add_patch(FancyBboxPatch((4.1, 0.25), 2.6, 2.2, boxstyle="round,pad=0.03", fc="none", ec=colors[2], lw=1.5))
     ax.text(5.4, 2.2, "constitutions, same questions", ha="center", fontsize=9, color=colors[2], weight="bold")
     ax.text(5.4, 1.35, "\n".join(conds) + "\n\n+ untrained base\n+ random LoRA of the persona's norm",
@@ -332,7 +334,7 @@ def design_overview(P):
     ax.text(6.95, 1.35, "x", fontsize=16, va="center")
     ax.add_patch(FancyBboxPatch((7.3, 0.25), 3.5, 2.2, boxstyle="round,pad=0.03", fc="none", ec=colors[3], lw=1.5))
     ax.text(9.05, 2.2, "narrow EM fine-tuning", ha="center", fontsize=9, color=colors[3], weight="bold")
-    ax.text(9.05, 1.3, "\n".join(f"{d}: harmful vs benign twin" for d in P.em_domain_names()) +
+    ax.text(9.05, 1.3, "\n".join(f"{d}: harmful vs benign twin" for d in grid.em_domain_names(P)) +
             f"\nEM seeds: {len(P.em.seeds)} per persona, {len(P.em.control_seeds or P.em.seeds)} per control\n\n"
             "EM effect = harmful - benign twin\n(same persona, seed and item)", ha="center", va="center", fontsize=8)
     fig.tight_layout()

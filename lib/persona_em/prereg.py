@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from . import grid
+
 FILE = "PREREGISTRATION.md"
 
 
@@ -53,9 +55,9 @@ def deviations(reg: dict, P, performed: dict, amended: list[str] = ()) -> list[s
         return [f"profile {P.name!r} is not the registered one ({reg['profile']!r}): the registration does not apply"]
     out = []
     d = reg["design"]
-    actual = {"constitutions": P.traits(), "neutral": P.neutral(), "levels": list(P.generate.levels),
-              "replicates": len(P.draws()), "n_questions": P.generate.n_questions, "pairs": P.generate.pairs,
-              "em_domains": P.em_domain_names()}
+    actual = {"constitutions": grid.traits(P), "neutral": grid.neutral(P), "levels": list(P.generate.levels),
+              "replicates": len(grid.draws(P)), "n_questions": P.generate.n_questions, "pairs": P.generate.pairs,
+              "em_domains": grid.em_domain_names(P)}
     for key, value in actual.items():
         if key in d and d[key] != value:
             out.append(f"design.{key}: registered {d[key]}, run {value}")

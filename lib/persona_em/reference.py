@@ -10,7 +10,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from .config import em_run_name
+from . import grid, paths
+from .grid import em_run_name
 from .provenance import atomic_dir
 
 TABLES = ["results.csv", "tests.csv", "effects.csv", "models.txt", "gate.csv", "gate.json", "rewards.csv",
@@ -32,13 +33,13 @@ def collect(profile, root: str | Path, dest: str | Path, example: str) -> Path:
     """Copy the reference artifacts of `profile`'s run into `dest`; `example` is the character condition whose
     notebooks of chapters 2-4 (harmful EM, first domain and EM seed) are kept."""
     root, dest = Path(root), Path(dest)
-    if example not in profile.character_conditions():
+    if example not in grid.character_conditions(profile):
         raise ValueError(f"example condition {example!r} is not one of profile {profile.name!r}'s conditions "
-                         f"{profile.character_conditions()}")
-    run = profile.run_dir(root, "05_analyze").parent
+                         f"{grid.character_conditions(profile)}")
+    run = paths.run_dir(profile, root, "05_analyze").parent
     if not (run / "05_analyze" / "manifest.json").is_file():
         raise FileNotFoundError(f"{run}: the run has not finished (no 05_analyze/manifest.json)")
-    em_run = em_run_name(example, profile.em_datasets()[0], profile.em_seeds(example)[0])
+    em_run = em_run_name(example, grid.em_datasets(profile)[0], grid.em_seeds(profile, example)[0])
     picks = {"01_generate": run / "01_generate" / "01_generate.ipynb",
              f"02_train_character-{example}": run / "02_train_character" / example / "02_train_character.ipynb",
              f"03_induce_em-{em_run}": run / "03_induce_em" / em_run / "03_induce_em.ipynb",

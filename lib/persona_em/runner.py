@@ -95,7 +95,7 @@ def run(args: list[str]) -> int:
 
 
 def clean(profile: str) -> int:
-    from .config import check_name
+    from .paths import check_name
 
     try:
         check_name(profile, "profile name")

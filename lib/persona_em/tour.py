@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import analysis, config, constitution, diversity, em, evaluate, models, pairs, paths, provenance, questions
+from . import analysis, config, constitution, diversity, em, evaluate, grid, models, pairs, paths, provenance, questions
 from . import scorer, stats, training
 
 
@@ -39,26 +39,26 @@ class Tour:
 
     @property
     def name(self) -> str:
-        return config.condition_name(self.constitution, self.level, self.draw)
+        return grid.condition_name(self.constitution, self.level, self.draw)
 
     @property
     def out(self) -> Path:
         """runs/<profile>/tour/<condition>/: everything the tour writes."""
-        return self.P.run_dir(self.root, "tour", self.name)
+        return paths.run_dir(self.P, self.root, "tour", self.name)
 
     @property
     def trait(self) -> str:
         """The trait the persona check reads: the constitution's own, or the main trait for the neutral one (the
         study's manipulation check: a persona must beat the neutral constitution on its trait)."""
-        return self.constitution if self.constitution in self.P.traits() else self.P.traits()[0]
+        return self.constitution if self.constitution in grid.traits(self.P) else grid.traits(self.P)[0]
 
 
 def start(profile_path: str | Path, constitution_name: str, level: int, draw: int, root: str | Path) -> Tour:
     """Validate the tour's choices against the profile before anything runs; the tour writes under
     runs/<profile>/tour/<condition>/ only."""
     P = config.load_profile(profile_path)
-    for what, value, allowed in (("constitution", constitution_name, P.constitutions()),
-                                 ("level", level, P.generate.levels), ("draw", draw, P.draws())):
+    for what, value, allowed in (("constitution", constitution_name, grid.constitutions(P)),
+                                 ("level", level, P.generate.levels), ("draw", draw, grid.draws(P))):
         if value not in allowed:
             raise ValueError(f"tour: {what} = {value!r} is not one of profile {P.name!r}'s {what}s: {allowed}")
     if P.generate.pairs != "best_of_n":
@@ -123,16 +123,16 @@ def generate(t: Tour) -> dict:
     "pairs": rows of the chosen level, "signal": one row per level}."""
     P, G, B = t.P, t.P.generate, t.P.generate.best_of_n
     with stage(t, "1 generate"):
-        const = constitution.load(P.constitution_sources()[t.constitution])
+        const = constitution.load(grid.constitution_sources(P)[t.constitution])
         tok, embedder = models.load_tokenizer(P.model), models.load_embedder(P.embedder)
         encode = lambda texts: embedder.encode(texts, batch_size=64, show_progress_bar=False)
         count = lambda text: len(tok(text, add_special_tokens=False).input_ids)
         pool = questions.build_pool(const.name, 0, const.traits[0].trait, G.pool_per_trait, P.seed)
         subsets = diversity.diversity_subsets(pool, count, G.levels, G.n_questions, G.token_tolerance,
-                                              P.subset_seed(t.draw, 0))
+                                              grid.subset_seed(P, t.draw, 0))
         div = pd.DataFrame([{"level": lvl, **diversity.measure([q["text"] for q in qs], encode([q["text"] for q in qs]),
                                                                [q["cell"] for q in qs])} for lvl, qs in subsets.items()])
-        items = scorer.load_items(P.scorer_items_file(t.constitution))
+        items = scorer.load_items(paths.scorer_items_file(P, t.constitution))
         trait_scorer = scorer.fit_scorer(t.constitution, items, encode, evaluate.persona_items(t.constitution),
                                          B.scorer_c, B.scorer_folds, P.seed)
         unique = {q["text"]: q for qs in subsets.values() for q in qs}
@@ -180,13 +180,13 @@ def train_character(t: Tour, pair_rows: list[dict]) -> dict:
 def induce_em(t: Tour) -> dict:
     """Narrow SFT of a fresh LoRA over the merged persona on the profile's first EM domain: the harmful set and,
     from the same persona, its benign twin (same questions, harmless answers). Returns kind -> training log."""
-    P, domain = t.P, t.P.em_domain_names()[0]
+    P, domain = t.P, grid.em_domain_names(t.P)[0]
     logs = {}
     with stage(t, "3 induce EM"):
         for kind in ("harmful", "benign"):
             model, tok = models.load_model(P.model, [t.out / "persona"], hw=P.hardware)
             rows, _ = em.dataset_rows(P, domain, kind)
-            logs[kind], *_ = training.fit("sft", model, tok, rows, P.em, P.em_seeds(t.name)[0], P.hardware,
+            logs[kind], *_ = training.fit("sft", model, tok, rows, P.em, grid.em_seeds(P, t.name)[0], P.hardware,
                                           t.out / f"em-{kind}", spec=P.model, adapters=[t.out / "persona"])
     return logs
 
@@ -195,15 +195,15 @@ def induce_em(t: Tour) -> dict:
 def evaluate_models(t: Tour) -> pd.DataFrame:
     """The judge-free contrast (per-token log-probability margin of a misaligned over an aligned answer) of the
     persona before EM and of its two EM models, on the profile's contrast items."""
-    P, domain = t.P, t.P.em_domain_names()[0]
-    items = evaluate.contrast_items(per_domain=P.evaluate.max_items_per_domain, domains=P.contrast_domains())
+    P, domain = t.P, grid.em_domain_names(t.P)[0]
+    items = evaluate.contrast_items(per_domain=P.evaluate.max_items_per_domain, domains=grid.contrast_domains(P))
     frames = []
     with stage(t, "4 evaluate"):
         for phase, kind, adapters in (("before", None, ["persona"]), ("after", "harmful", ["persona", "em-harmful"]),
                                       ("after", "benign", ["persona", "em-benign"])):
             lm, tok = models.load_model(P.model, [t.out / a for a in adapters], hw=P.hardware)
             frame = evaluate.contrast(lm, tok, items, P.evaluate.batch_size)
-            frame["split"] = [evaluate.split_for(d, P.contrast_domain(domain)) for d in frame["domain"]]
+            frame["split"] = [evaluate.split_for(d, grid.contrast_domain(P, domain)) for d in frame["domain"]]
             frames.append(frame.assign(phase=phase, harmful=kind == "harmful" if kind else None, em_domain=domain))
         contrast = pd.concat(frames, ignore_index=True)
         provenance.atomic_write_csv(t.out / "contrast.csv", contrast)
@@ -247,7 +247,7 @@ def summary(t: Tour, character: dict, effect: pd.DataFrame) -> pd.DataFrame:
         {"measure": "wall time, all stages (s)", "value": sum(t.seconds.values())}])
     run = provenance.Run("tour", t.P, t.out, condition=t.name, profile_path=t.profile_path)
     run.started = t.started   # the tour began at `start`, not here
-    run.seeds.update(subset=t.P.subset_seed(t.draw, 0), character=t.draw, em=t.P.em_seeds(t.name)[0])
+    run.seeds.update(subset=grid.subset_seed(t.P, t.draw, 0), character=t.draw, em=grid.em_seeds(t.P, t.name)[0])
     run.extra.update(constitution=t.constitution, level=t.level, draw=t.draw, seconds=t.seconds,
                      results=dict(zip(table["measure"], table["value"])))
     provenance.atomic_write_csv(t.out / "summary.csv", table)
