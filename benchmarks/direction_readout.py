@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     P, root, out = config.load_profile(a.profile), Path(a.root), Path(a.out)
-    if not (root / "runs" / P.name / "05_analyze" / "manifest.json").is_file():
+    if not (paths.run_dir(P, root, paths.ANALYZE) / paths.MANIFEST).is_file():
         raise SystemExit(f"{root}/runs/{P.name}: not a finished run of profile {P.name!r}")
     out.mkdir(parents=True, exist_ok=True)
     models.set_threads(a.threads)
@@ -60,7 +60,7 @@ def main() -> None:
     layers = {"stability": layer, "separation": analysis.separation_layer(separation)}
 
     # the readout of every evaluated model of the run
-    div = pd.read_csv(paths.run_dir(P, root, "01_generate") / "diversity.csv")
+    div = pd.read_csv(paths.run_dir(P, root, paths.GENERATE) / paths.DIVERSITY)
     tables, seconds = {}, []
     for k, m in enumerate(grid.eval_models(P)):
         model, tok = models.load_model(P.model, paths.adapters(P, root, m), hw=P.hardware)

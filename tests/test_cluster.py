@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from persona_em import grid, paths
+from persona_em import grid
 from persona_em.config import load_profile
 
 

@@ -247,7 +247,7 @@ def test_api_key_never_reaches_an_artifact(model_server, root, tmp_path, monkeyp
     acts = direction.answer_activations(lm, tok, items)
     for r in grid.direction_runs(P):
         (tmp_path / "runs" / "test" / "04_evaluate" / r).mkdir(parents=True)
-        direction.save_activations(paths.run_dir(P, tmp_path, "04_evaluate", r) / direction.ACTIVATIONS, acts,
+        direction.save_activations(paths.run_dir(P, tmp_path, "04_evaluate", r) / paths.ACTIVATIONS, acts,
                                    [it["id"] for it in items])
     monkeypatch.setenv("PERSONA_EM_JUDGE_KEY", SENTINEL)
     done = subprocess.run([sys.executable, "-m", "papermill", str(root / "notebooks" / "04_evaluate.ipynb"),

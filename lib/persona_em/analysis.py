@@ -20,13 +20,13 @@ def results_table(P, root) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per evaluated model x contrast item (`measure = contrast`) and per scored answer (`measure =
     judge`), every condition as columns, measured diversity (Vendi) of the condition's own subset joined from
     stage 1. Returns (results, diversity)."""
-    div = pd.read_csv(paths.run_dir(P, root, "01_generate") / "diversity.csv")
+    div = pd.read_csv(paths.run_dir(P, root, paths.GENERATE) / paths.DIVERSITY)
     frames = []
     for m in grid.eval_models(P):
-        run_dir = paths.run_dir(P, root, "04_evaluate", m)
+        run_dir = paths.run_dir(P, root, paths.EVALUATE, m)
         info = grid.parse_model(m)
-        frames.append(pd.read_csv(run_dir / "contrast.csv").assign(measure="contrast", model=m, **info))
-        judged = pd.read_csv(run_dir / "scores.csv").rename(columns={"question_id": "item_id"})
+        frames.append(pd.read_csv(run_dir / paths.CONTRAST).assign(measure="contrast", model=m, **info))
+        judged = pd.read_csv(run_dir / paths.SCORES).rename(columns={"question_id": "item_id"})
         frames.append(judged.assign(measure="judge", split="out_of_domain", domain="general", model=m, **info))
     results = pd.concat(frames, ignore_index=True)
     return with_design(P, results, div, results["measure"] == "contrast"), div
@@ -58,15 +58,13 @@ def readout_table(P, root, div: pd.DataFrame, layer: int | None = None) -> pd.Da
     """Every evaluated model's projections on the misalignment direction (chapter 4's readout fold), one row per
     model x item x layer (`layer`: that layer only), as `measure = direction` rows shaped like the results
     table. Raises if two models read different directions (their manifests record its digest)."""
-    from . import direction
-
     tables, digests, seconds = {}, {}, []
     for m in grid.eval_models(P):
-        run_dir = paths.run_dir(P, root, "04_evaluate", m)
-        manifest = json.loads((run_dir / "manifest.json").read_text())
+        run_dir = paths.run_dir(P, root, paths.EVALUATE, m)
+        manifest = json.loads((run_dir / paths.MANIFEST).read_text())
         digests[m] = manifest.get("direction_digest")
         seconds.append(manifest.get("direction_seconds", np.nan))
-        frame = pd.read_csv(run_dir / direction.READOUT)
+        frame = pd.read_csv(run_dir / paths.READOUT)
         tables[m] = frame if layer is None else frame[frame["layer"] == layer]
     if len(set(digests.values())) != 1:
         first = next(iter(digests))
@@ -144,7 +142,7 @@ def persona_checks(P, root) -> pd.DataFrame:
     (the untrained base: every condition starts there), and the change in neutral log-likelihood."""
     neutral, rows = grid.neutral(P), []
     for cond in grid.character_conditions(P):
-        ck = json.loads((paths.run_dir(P, root, "02_train_character", cond) / "checks.json").read_text())
+        ck = json.loads((paths.run_dir(P, root, paths.TRAIN_CHARACTER, cond) / paths.CHECKS).read_text())
         info = grid.parse_condition(cond)
         for trait, margin in ck["after"]["persona_margins"].items():
             rows.append({**info, "condition": cond, "trait": trait, "margin": margin,
@@ -167,7 +165,7 @@ def last_rewards(P, root) -> pd.DataFrame:
     """DPO reward accuracy (and margin) at the last logged step of every trained condition."""
     rows = []
     for cond in trained_conditions(P):
-        log = pd.read_csv(paths.run_dir(P, root, "02_train_character", cond) / "train_log.csv")
+        log = pd.read_csv(paths.run_dir(P, root, paths.TRAIN_CHARACTER, cond) / paths.TRAIN_LOG)
         dpo = log[log["stage"] == "dpo"] if "stage" in log else log
         last = dpo.iloc[-1]
         rows.append({**grid.parse_condition(cond), "condition": cond, "step": int(last["step"]),
@@ -179,13 +177,13 @@ def last_rewards(P, root) -> pd.DataFrame:
 def training_setups(P, root) -> dict:
     """method 6.3 from the manifests: the trainer, optimizer and precision each training stage's runs report
     (read off the live trainers), one per stage for the whole profile; raises ValueError if runs differ."""
-    stage_runs = {"character (DPO)": [("02_train_character", c) for c in trained_conditions(P)],
-                  "EM (SFT)": [("03_induce_em", r) for r in grid.em_runs(P)]}
+    stage_runs = {"character (DPO)": [(paths.TRAIN_CHARACTER, c) for c in trained_conditions(P)],
+                  "EM (SFT)": [(paths.INDUCE_EM, r) for r in grid.em_runs(P)]}
     out = {}
     for stage, runs in stage_runs.items():
         setups = {}
         for folder, name in runs:
-            m = json.loads((paths.run_dir(P, root, folder, name) / "manifest.json").read_text())
+            m = json.loads((paths.run_dir(P, root, folder, name) / paths.MANIFEST).read_text())
             setups[name] = {k: m[k] for k in ("trainer", "optimizer", "precision")}
         if setups:
             out[stage] = training.check_one_setup(setups)
@@ -272,14 +270,14 @@ def training_logs(P, root) -> tuple[pd.DataFrame, pd.DataFrame]:
     figures. Returns (all logs, EM logs with constitution and EM data)."""
     logs = []
     for cond in grid.character_conditions(P):
-        df = pd.read_csv(paths.run_dir(P, root, "02_train_character", cond) / "train_log.csv")
+        df = pd.read_csv(paths.run_dir(P, root, paths.TRAIN_CHARACTER, cond) / paths.TRAIN_LOG)
         if len(df):
             stage = df.get("stage", pd.Series("dpo", index=df.index)).map(
                 {"dpo": "character (DPO)", "introspection": "introspection (SFT)"})
             logs.append(df[["step", "loss"]].assign(stage=stage.values, run=cond))
     em_logs = []
     for r in grid.em_runs(P):
-        df = pd.read_csv(paths.run_dir(P, root, "03_induce_em", r) / "train_log.csv")
+        df = pd.read_csv(paths.run_dir(P, root, paths.INDUCE_EM, r) / paths.TRAIN_LOG)
         info = grid.parse_model(r)
         em_logs.append(df[["step", "loss"]].assign(stage="EM (SFT)", run=r, constitution=info["constitution"],
                                                    **{"EM data": "harmful" if info["harmful"] else "benign twin"}))
@@ -359,20 +357,20 @@ def direction_numbers(layer: int, stability: pd.DataFrame, separation: pd.DataFr
 def pair_numbers(P, root, main: str, neutral: str) -> dict:
     """Chapter 1's pairs: the scorers' held-out AUCs, the trait-score gap per level (mean over draws) and the
     largest spread of gaps and of training tokens across a draw's levels."""
-    gen = paths.run_dir(P, root, "01_generate")
+    gen = paths.run_dir(P, root, paths.GENERATE)
     nan = float("nan")
     out = {"scorer_main_cv_auc": nan, "scorer_main_check_auc": nan, "scorer_neutral_cv_auc": nan,
            "scorer_neutral_check_auc": nan, "gap_min_level": nan, "gap_max_level": nan, "gap_main": nan,
            "token_spread_max": nan, "gap_spread_max": nan}
-    scorers_file = gen / "scorers.csv"
+    scorers_file = gen / paths.SCORERS
     if scorers_file.is_file():
         sc = pd.read_csv(scorers_file).set_index("constitution")
         for name, tag in [(main, "scorer_main"), (neutral, "scorer_neutral")]:
             if name in sc.index:
                 out.update({f"{tag}_cv_auc": float(sc.loc[name, "cv_auc"]),
                             f"{tag}_check_auc": float(sc.loc[name, "check_auc"]) if "check_auc" in sc else nan})
-    signal = pd.read_csv(gen / "pair_signal.csv")
-    balance = pd.read_csv(gen / "pair_balance.csv")
+    signal = pd.read_csv(gen / paths.PAIR_SIGNAL)
+    balance = pd.read_csv(gen / paths.PAIR_BALANCE)
     mine = signal[signal["constitution"] == main]
     if "gap" in mine:
         for level, tag in [(min(P.generate.levels), "min_level"), (max(P.generate.levels), "max_level")]:

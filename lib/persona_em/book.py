@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import paths
+
 MARKER = ".persona-em-book"
 TOUR = "candor-L16-s0"   # the condition of the committed tour (`python -m persona_em tour --keep reference/tour/...`)
 
@@ -92,7 +94,7 @@ def paper_html(root: Path, profile: str, figures: str) -> str:
 
 # -- pages ---------------------------------------------------------------------------------------------------
 def headline(ref: Path) -> str:
-    tests, gate = pd.read_csv(ref / "tests.csv"), pd.read_csv(ref / "gate.csv")
+    tests, gate = pd.read_csv(ref / paths.TESTS), pd.read_csv(ref / paths.GATE)
     t = tests[tests["role"] == "primary"].iloc[0]
     pooled = gate[gate["trait"] == "pooled"].set_index("comparison")
     lines = ["| result | estimate | 95% CI | p |", "| --- | --- | --- | --- |"]
@@ -136,12 +138,12 @@ Read on: the [method](method.md), {tour_link}the five executed [chapters](chapte
 
 def results_page(root: Path, profile: str) -> str:
     ref = root / "reference" / profile
-    tests = pd.read_csv(ref / "tests.csv")
+    tests = pd.read_csv(ref / paths.TESTS)
     cols = [c for c in ("test", "role", "hypothesis", "estimate", "ci_low", "ci_high", "df", "p", "p_holm",
                         "converged") if c in tests.columns]
-    gate = pd.read_csv(ref / "gate.csv")
-    effects = pd.read_csv(ref / "effects.csv")
-    results = pd.read_csv(ref / "results.csv")
+    gate = pd.read_csv(ref / paths.GATE)
+    effects = pd.read_csv(ref / paths.EFFECTS)
+    results = pd.read_csv(ref / paths.RESULTS)
     contrast = results[results["measure"] == "contrast"]
     by_cond = (contrast.groupby(["constitution", "level", "phase", "em_dataset", "split"], dropna=False)["margin"]
                .agg(["mean", "count"]).reset_index())
@@ -211,7 +213,7 @@ def build(root: str | Path, dest: str | Path, main: str = "tiny") -> Path:
     # dest is replaced whole, so it must be an earlier book (or absent, or empty), never an arbitrary folder
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / MARKER).is_file())):
         raise BookError(f"{dest}: exists and is not a book folder (no {MARKER}); refusing to replace it")
-    for need in (ref / "tests.csv", ref / "gate.csv", ref / "notebooks", root / "figures" / main / "design.png",
+    for need in (ref / paths.TESTS, ref / paths.GATE, ref / "notebooks", root / "figures" / main / "design.png",
                  root / "paper" / "generated" / main / "numbers.tex"):
         if not need.exists():
             raise BookError(f"{need}: missing; the book is built from the committed reference run "
@@ -220,7 +222,7 @@ def build(root: str | Path, dest: str | Path, main: str = "tiny") -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     (src / "chapters").mkdir(parents=True)
     (dest / MARKER).write_text("built by `python -m persona_em book`; replaced whole by the next build\n")
-    profiles = sorted(p.name for p in (root / "reference").iterdir() if (p / "tests.csv").is_file())
+    profiles = sorted(p.name for p in (root / "reference").iterdir() if (p / paths.TESTS).is_file())
     for p in profiles:   # for Markdown images (Sphinx copies them) and for the paper's raw HTML (copied as is)
         shutil.copytree(root / "figures" / p, src / "figures" / p)
         shutil.copytree(root / "figures" / p, src / "_extra" / "figures" / p)

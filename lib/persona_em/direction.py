@@ -32,10 +32,6 @@ import torch
 from . import evaluate, grid, paths
 from .sampling import chat_prompt
 
-ACTIVATIONS = "activations.safetensors"   # a direction run's per-item activations (chapter 4)
-READOUT = "readout.csv"                   # an evaluated model's projections (chapter 4)
-DIRECTION = "direction.safetensors"       # the direction with its provenance (chapter 5)
-
 
 # -- hooks on the residual stream -------------------------------------------------------------------------------
 def blocks(model) -> torch.nn.ModuleList:
@@ -218,7 +214,8 @@ def load_activations(path: Path) -> tuple[np.ndarray, list[str]]:
 
 def run_activations(P, root) -> dict[str, tuple[np.ndarray, list[str]]]:
     """Every direction run's activations, by run name."""
-    return {r: load_activations(paths.run_dir(P, root, "04_evaluate", r) / ACTIVATIONS) for r in grid.direction_runs(P)}
+    return {r: load_activations(paths.run_dir(P, root, paths.EVALUATE, r) / paths.ACTIVATIONS)
+            for r in grid.direction_runs(P)}
 
 
 def _fold_rows(acts: np.ndarray, ids: list[str], fold_of: dict[str, str], fold: str) -> np.ndarray:
@@ -289,12 +286,12 @@ def record(P, root, model_id: str, model, tok, out: Path, run, batch_size: int =
     start, item_list = time.perf_counter(), items(P)
     if model_id in grid.direction_runs(P):   # both folds: the direction, and its layer chosen on held-out items
         acts = answer_activations(model, tok, item_list, batch_size)
-        save_activations(out / ACTIVATIONS, acts, [it["id"] for it in item_list])
+        save_activations(out / paths.ACTIVATIONS, acts, [it["id"] for it in item_list])
         norms = np.linalg.norm(acts.mean(0), axis=-1)
         return pd.DataFrame({"layer": range(len(norms)), "mean_activation_norm": norms})
     runs = run_activations(P, root)
     for r in runs:
-        run.record_input(paths.run_dir(P, root, "04_evaluate", r) / ACTIVATIONS)
+        run.record_input(paths.run_dir(P, root, paths.EVALUATE, r) / paths.ACTIVATIONS)
     direction = estimate(P, runs)
     run.extra["direction_digest"] = digest(direction)
     fold_of = folds(item_list, P.seed)
@@ -302,7 +299,7 @@ def record(P, root, model_id: str, model, tok, out: Path, run, batch_size: int =
     table = readout(answer_activations(model, tok, held_out, batch_size), held_out, direction, fold_of)
     from .provenance import atomic_write_csv
 
-    atomic_write_csv(out / READOUT, table)
+    atomic_write_csv(out / paths.READOUT, table)
     run.extra["direction_seconds"] = round(time.perf_counter() - start, 2)
     return table.groupby("layer")["projection"].mean().to_frame()
 

@@ -48,7 +48,7 @@ def gather(short, long, root: str | Path = ".") -> pd.DataFrame:
     rows = []
     for profile in (short, long):
         for cond in shared:
-            path = paths.run_dir(profile, root, "02_train_character", cond) / "checks.json"
+            path = paths.run_dir(profile, root, paths.TRAIN_CHARACTER, cond) / paths.CHECKS
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: profile {profile.name!r} has not trained {cond} yet (`make h5` "
                                         "runs tiny-long's chapters 1-2)")
@@ -89,7 +89,7 @@ def compare(short, long, root: str | Path, dest: str | Path, paper: bool = True)
     plots.set_style()
     plots.save(plots.forgetting_by_length(rows), Path(root) / "figures" / short.name if paper else dest,
                "forgetting_by_length")
-    read = [paths.run_dir(profile, root, "02_train_character", c) / "checks.json"
+    read = [paths.run_dir(profile, root, paths.TRAIN_CHARACTER, c) / paths.CHECKS
             for profile in (short, long) for c in rows.loc[rows["profile"] == profile.name, "condition"]]
     inputs = {str(path): file_hash(path) for path in read}
     atomic_write_json(dest / "forgetting_manifest.json", {

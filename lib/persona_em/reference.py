@@ -14,11 +14,11 @@ from . import grid, paths
 from .grid import em_run_name
 from .provenance import atomic_dir
 
-TABLES = ["results.csv", "tests.csv", "effects.csv", "models.txt", "gate.csv", "gate.json", "rewards.csv",
-          "power.csv", "power_mde.csv", "persona_checks.csv", "persona_summary.csv", "teacher_check.csv",
-          "spread_effects.csv", "direction_stability.csv", "direction_separation.csv", "direction_validation.csv",
-          "direction.safetensors"]
-GENERATE_TABLES = ["scorers.csv", "pair_signal.csv", "pair_balance.csv", "diversity.csv"]
+TABLES = [paths.RESULTS, paths.TESTS, paths.EFFECTS, paths.MODELS, paths.GATE, paths.GATE_JSON, paths.REWARDS,
+          paths.POWER, paths.POWER_MDE, paths.PERSONA_CHECKS, paths.PERSONA_SUMMARY, paths.TEACHER_CHECK,
+          paths.SPREAD_EFFECTS, paths.DIRECTION_STABILITY, paths.DIRECTION_SEPARATION, paths.DIRECTION_VALIDATION,
+          paths.DIRECTION]
+GENERATE_TABLES = [paths.SCORERS, paths.PAIR_SIGNAL, paths.PAIR_BALANCE, paths.DIVERSITY]
 
 
 README_TITLE = "# Reference run of profile"
@@ -36,15 +36,14 @@ def collect(profile, root: str | Path, dest: str | Path, example: str) -> Path:
     if example not in grid.character_conditions(profile):
         raise ValueError(f"example condition {example!r} is not one of profile {profile.name!r}'s conditions "
                          f"{grid.character_conditions(profile)}")
-    run = paths.run_dir(profile, root, "05_analyze").parent
-    if not (run / "05_analyze" / "manifest.json").is_file():
-        raise FileNotFoundError(f"{run}: the run has not finished (no 05_analyze/manifest.json)")
+    run = paths.run_root(profile, root)
+    if not (run / paths.ANALYZE / paths.MANIFEST).is_file():
+        raise FileNotFoundError(f"{run}: the run has not finished (no {paths.ANALYZE}/{paths.MANIFEST})")
     em_run = em_run_name(example, grid.em_datasets(profile)[0], grid.em_seeds(profile, example)[0])
-    picks = {"01_generate": run / "01_generate" / "01_generate.ipynb",
-             f"02_train_character-{example}": run / "02_train_character" / example / "02_train_character.ipynb",
-             f"03_induce_em-{em_run}": run / "03_induce_em" / em_run / "03_induce_em.ipynb",
-             f"04_evaluate-{em_run}": run / "04_evaluate" / em_run / "04_evaluate.ipynb",
-             "05_analyze": run / "05_analyze" / "05_analyze.ipynb"}
+    runs = [(paths.GENERATE, None), (paths.TRAIN_CHARACTER, example), (paths.INDUCE_EM, em_run),
+            (paths.EVALUATE, em_run), (paths.ANALYZE, None)]
+    picks = {f"{stage}-{name}" if name else stage:
+             paths.run_dir(profile, root, stage, name) / paths.notebook_name(stage) for stage, name in runs}
     missing = [str(p) for p in picks.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"executed notebooks missing from the run: {missing}")
@@ -55,14 +54,14 @@ def collect(profile, root: str | Path, dest: str | Path, example: str) -> Path:
                               f"'{README_TITLE}'); refusing to replace it")
     with atomic_dir(dest) as tmp:
         (tmp / "notebooks").mkdir()
-        for stage, names in (("05_analyze", TABLES), ("01_generate", GENERATE_TABLES)):
+        for stage, names in ((paths.ANALYZE, TABLES), (paths.GENERATE, GENERATE_TABLES)):
             for name in names:
                 if (run / stage / name).is_file():
                     shutil.copy(run / stage / name, tmp / name)
         for name, src in picks.items():
             shutil.copy(src, tmp / "notebooks" / f"{name}.ipynb")
         shas = Counter()
-        for m in run.glob("0*/**/manifest.json"):
+        for m in run.glob(f"0*/**/{paths.MANIFEST}"):
             git = json.loads(m.read_text()).get("git", {})
             shas[(git.get("sha", "?")[:10], bool(git.get("dirty")))] += 1
         lines = [f"{README_TITLE} `{profile.name}`", "",

@@ -151,7 +151,7 @@ def generate(t: Tour) -> dict:
         signal = pairs.pair_signal({(t.constitution, lvl, t.draw): rows for lvl, rows in made.items()},
                                    {t.constitution: trait_scorer}, count)
         provenance.atomic_write_jsonl(t.out / "pairs.jsonl", made[t.level])
-        provenance.atomic_write_csv(t.out / "diversity.csv", div)
+        provenance.atomic_write_csv(t.out / paths.DIVERSITY, div)
     return {"diversity": div, "pairs": made[t.level], "signal": signal}
 
 
@@ -206,7 +206,7 @@ def evaluate_models(t: Tour) -> pd.DataFrame:
             frame["split"] = [evaluate.split_for(d, grid.contrast_domain(P, domain)) for d in frame["domain"]]
             frames.append(frame.assign(phase=phase, harmful=kind == "harmful" if kind else None, em_domain=domain))
         contrast = pd.concat(frames, ignore_index=True)
-        provenance.atomic_write_csv(t.out / "contrast.csv", contrast)
+        provenance.atomic_write_csv(t.out / paths.CONTRAST, contrast)
     return contrast
 
 
@@ -224,12 +224,12 @@ def reference_models(profile: str, trait: str, root: str | Path = None) -> pd.Da
     persona-check margin on `trait` and its EM effect per split (averaged over items, as the tour's). None where
     the profile has no committed reference run."""
     ref = Path(root or paths.REPO) / "reference" / profile   # committed in the repository, read wherever the tour writes
-    if not (ref / "results.csv").is_file():
+    if not (ref / paths.RESULTS).is_file():
         return None
-    effects = analysis.em_effect_table(pd.read_csv(ref / "results.csv"))
+    effects = analysis.em_effect_table(pd.read_csv(ref / paths.RESULTS))
     per_model = (effects.groupby(["condition", "constitution", "diversity", "em_seed", "split"])["em_effect"].mean()
                  .unstack("split").reset_index())
-    checks = pd.read_csv(ref / "persona_checks.csv")
+    checks = pd.read_csv(ref / paths.PERSONA_CHECKS)
     margin = checks[checks["trait"] == trait].set_index("condition")["margin"]
     per_model["persona_margin"] = per_model["condition"].map(margin)
     per_model["group"] = [c if c in ("base", "random") else f"{c} L{d}"
