@@ -13,7 +13,7 @@ from persona_em.paths import ANALYZE, EVALUATE, GENERATE, INDUCE_EM, TRAIN_CHARA
 
 PROFILE = config.get("profile", "params/smoke.yaml")
 P = load_profile(PROFILE)
-RUNS = str(paths.run_root(P, "."))   # runs/<profile>; the names below are paths's and grid's
+RUNS = str(paths.run_root(P, "."))   # runs/<profile>: folder and file names from persona_em.paths, run names from grid
 KERNEL = config.get("kernel", "persona-em")
 # The profile path reaches the notebooks through the environment, so that the rules' commands stay the same
 # for every profile file (Snakemake would otherwise re-run everything when only the path differs).
@@ -66,7 +66,8 @@ def papermill(stage, out_dir, **params):
     reproduce` prints a failed job's log)."""
     args = " ".join(f"-p {k} {v}" for k, v in params.items())
     name = paths.notebook_name(stage)
-    return (f"mkdir -p {out_dir} && {sys.executable} -m papermill {notebook(stage)} {out_dir}/.tmp-{name} -k {KERNEL} "
+    return (f"mkdir -p {out_dir} && {sys.executable} -m papermill {notebook(stage)} {out_dir}/.tmp-{name} "
+            f"-k {KERNEL} "
             f'-p profile_path "$PERSONA_EM_PROFILE" -p root . {args} --log-output > {{log}} 2>&1 '
             f"&& mv {out_dir}/.tmp-{name} {out_dir}/{name}")
 
@@ -94,7 +95,7 @@ rule generate:
     input:
         notebook(GENERATE),
         # the trait scorers' items (best-of-n pairs and the pairs' signal): editing one re-makes the pairs
-        [str(paths.scorer_items_file(P, n)) for n in grid.constitutions(P) if paths.scorer_items_file(P, n).is_file()],
+        [str(f) for f in (paths.scorer_items_file(P, n) for n in grid.constitutions(P)) if f.is_file()],
     output:
         manifest(GENERATE),
     log:
