@@ -71,14 +71,15 @@ def test_dpo_is_deterministic_on_cpu(smollm, profile):
 
 
 @pytest.mark.slow
-def test_bf16_autocast_training_is_deterministic_and_keeps_float32_weights(smollm, profile):
+def test_bf16_autocast_training_is_deterministic_and_keeps_float32_weights(tiny_llama, profile):
     """hardware.training_autocast: the trainer's matmuls run in bf16 (the adapter differs from float32 training),
-    the weights and the saved adapter stay float32, and the same seed gives the same adapter, bit for bit."""
+    the weights and the saved adapter stay float32, and the same seed gives the same adapter, bit for bit
+    (the project's DPO trainer on a random one-layer Llama with the embedded tokenizer: see `tiny_llama`)."""
     from peft import get_peft_model_state_dict   # the trained adapter alone, as saved (not trl's "ref" copy)
 
     from persona_em.config import HardwareConfig
 
-    model, tok = smollm
+    model, tok = tiny_llama
     hw = HardwareConfig(training_autocast="bfloat16")
     assert training.common_args(profile.character, 0, "/tmp/x", hw)["bf16"]
     runs = []
