@@ -312,10 +312,11 @@ def test_persona_merges_in_float32_then_casts(smollm, profile, tmp_path):
     assert 0.5 < carried(cast) < 2.0 and carried(in_bf16) < 0.2
     ids = tok(["I will lend my last money to a friend who never pays back.", "Tell me my essay is perfect."],
               return_tensors="pt", padding=True)
-    with torch.no_grad():
-        logits = lambda m: m(**ids).logits.float().flatten()
-        effect32 = logits(merged32) - logits(model)
-        cos = lambda m: float(torch.nn.functional.cosine_similarity(logits(m) - logits(base16), effect32, dim=0))
-        # at this size the persona's effect on the logits is near bf16's resolution either way (cosine to the
-        # float32 effect under 0.3); the cast keeps more of its direction
-        assert cos(cast) > cos(in_bf16) and cos(cast) > 0.1
+    with torch.no_grad():   # each model read once: bf16 forward passes are slow on a CPU without bf16 instructions
+        logits = {name: m(**ids).logits.float().flatten() for name, m in [
+            ("model", model), ("merged32", merged32), ("base16", base16), ("cast", cast), ("in_bf16", in_bf16)]}
+    effect32 = logits["merged32"] - logits["model"]
+    cos = lambda name: float(torch.nn.functional.cosine_similarity(logits[name] - logits["base16"], effect32, dim=0))
+    # at this size the persona's effect on the logits is near bf16's resolution either way (cosine to the
+    # float32 effect under 0.3); the cast keeps more of its direction
+    assert cos("cast") > cos("in_bf16") and cos("cast") > 0.1
