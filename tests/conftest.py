@@ -42,6 +42,25 @@ def smollm():
     return models.load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A randomly initialised one-layer Llama with the embedded model's tokenizer and vocabulary, for properties
+    of the trainers that do not need the trained weights: under bf16 autocast on a CPU without bf16 instructions
+    (emulated matmuls, about 100x slower than float32) a DPO step of the embedded model takes minutes."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from persona_em import models
+
+    tok = models.load_tokenizer("smollm2-135m")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval(), tok
+
+
 class ScriptedEndpoint:
     """An OpenAI-style HTTP endpoint on 127.0.0.1 that plays `script` first (an HTTP status code, "slow",
     "malformed", or raw body bytes), then answers every request with the JSON body `ok`. `seen` records each

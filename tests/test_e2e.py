@@ -389,13 +389,26 @@ def _wait_for(pattern: str, where: Path, proc: subprocess.Popen, timeout: float 
 def test_killed_runs_resume_by_themselves_and_match_an_uninterrupted_run(run, root, tmp_path):
     """`make reproduce` killed with SIGKILL in the middle of chapter 2 and again in chapter 3 resumes with the
     same command (no manual unlock), refuses a second run while one is alive, leaves no partial file, and ends
-    with tables byte-identical to the uninterrupted run of the `run` fixture."""
+    with tables byte-identical to the uninterrupted run of the `run` fixture. It runs over a copy of that run
+    with one persona's chain removed (its training, EM runs, evaluations, and chapter 5; a fresh judge cache), so
+    the resumed jobs recompute them from chapter 1's files and every other job is kept."""
     import signal
     import time
+
+    from persona_em import grid
 
     repo = tmp_path / "repo"
     _copy_repository(root, repo)
     runs = repo / "runs" / "test"
+    shutil.copytree(root / "runs" / "test", runs, symlinks=True)   # copy2: modification times kept
+    P, cond = run[1], "candor-L1-s1"   # no control's reference (the random LoRA matches candor-L4-s0)
+    assert cond in grid.character_conditions(P) and cond != grid.random_reference(P, 0)
+    chain = ([runs / "02_train_character" / cond, runs / "05_analyze"]
+             + [runs / "03_induce_em" / m for m in grid.em_runs(P) if grid.parse_model(m)["condition"] == cond]
+             + [runs / "04_evaluate" / m for m in grid.eval_models(P) if grid.parse_model(m)["condition"] == cond])
+    assert len(chain) == 2 + 2 + 3
+    for d in chain:
+        shutil.rmtree(d)
     make = ["make", "-o", ".venv/.setup-done", "reproduce", "PROFILE=test", "CORES=2", "THREADS=1"]
 
     def start(log: str) -> subprocess.Popen:
@@ -425,8 +438,12 @@ def test_killed_runs_resume_by_themselves_and_match_an_uninterrupted_run(run, ro
     for nb in runs.rglob("0*.ipynb"):
         assert (nb.parent / "manifest.json").is_file(), nb
     reference = root / "runs" / "test"
-    tables = ["01_generate/diversity.csv", "01_generate/pair_signal.csv", "05_analyze/results.csv",
-              "05_analyze/effects.csv", "05_analyze/tests.csv", "05_analyze/gate.csv"]
-    tables += [str(p.relative_to(reference)) for p in sorted(reference.glob("04_evaluate/*/scores.csv"))]
+    tables = ["05_analyze/results.csv", "05_analyze/effects.csv", "05_analyze/tests.csv", "05_analyze/gate.csv"]
+    tables += [str(p.relative_to(reference)) for p in sorted(reference.glob(f"04_evaluate/{cond}*/scores.csv"))]
+    tables += [str(p.relative_to(reference)) for p in sorted(reference.glob(f"04_evaluate/{cond}*/contrast.csv"))]
+    assert len(tables) == 4 + 3 + 3
+    kept = [m for m in runs.rglob("manifest.json") if not any(d in m.parents for d in chain)]
+    assert kept and all(m.stat().st_mtime == (reference / m.relative_to(runs)).stat().st_mtime for m in kept), \
+        "a job outside the removed chain was re-run"
     differ = [t for t in tables if (runs / t).read_bytes() != (reference / t).read_bytes()]
     assert not differ, f"tables that differ from the uninterrupted run: {differ}"

@@ -121,3 +121,33 @@ def test_two_processes_through_accelerate_train_what_one_does(root, tmp_path):
     assert sorted(p.name for p in (tmp_path / "p2").iterdir()) == ["adapter", "hashes.json", "train_log.csv"]
     l1, l2 = (pd.read_csv(tmp_path / f"p{n}" / "train_log.csv") for n in (1, 2))
     assert l1["loss"].iloc[0] == pytest.approx(l2["loss"].iloc[0], rel=0.02)
+
+
+def test_autocast_auto_resolves_to_what_the_cpu_multiplies_in_hardware(root, tmp_path, monkeypatch):
+    """`auto` is bfloat16 only where the CPU has bf16 instructions (elsewhere PyTorch emulates bf16 matmuls, about
+    100x slower than float32), resolved when the profile loads so hashes and manifests record what ran; an explicit
+    bfloat16 on such a CPU runs as asked, with a warning."""
+    from persona_em import models
+
+    em = load_profile(root / "params" / "smoke.yaml").em
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, native in [("fpu sse avx avx2 fma", False), ("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16", True)]:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\nbugs\t\t: avx512_bf16\n")   # only `flags` counts
+        assert models.native_bf16(cpuinfo) is native
+    assert models.native_bf16(tmp_path / "missing") is False
+    for native in (False, True):
+        monkeypatch.setattr(models, "native_bf16", lambda native=native: native)
+        hw = HardwareConfig(training_autocast="auto", sampling_autocast="auto")
+        want = "bfloat16" if native else "none"
+        assert hw.training_autocast == hw.sampling_autocast == want
+        assert HardwareConfig.model_validate(hw.model_dump()).model_dump() == hw.model_dump()   # stable
+        assert training.common_args(em, 0, "/tmp/x", hw)["bf16"] is native
+        assert HardwareConfig(device="cuda", precision="bfloat16", training_autocast="auto").training_autocast == "none"
+    monkeypatch.setattr(models, "native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="training_autocast: bfloat16 on a CPU without bf16 instructions"):
+        assert HardwareConfig(training_autocast="bfloat16").training_autocast == "bfloat16"
+    monkeypatch.setattr(models, "native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HardwareConfig(training_autocast="bfloat16")
+

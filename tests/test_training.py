@@ -71,14 +71,15 @@ def test_dpo_is_deterministic_on_cpu(smollm, profile):
 
 
 @pytest.mark.slow
-def test_bf16_autocast_training_is_deterministic_and_keeps_float32_weights(smollm, profile):
+def test_bf16_autocast_training_is_deterministic_and_keeps_float32_weights(tiny_llama, profile):
     """hardware.training_autocast: the trainer's matmuls run in bf16 (the adapter differs from float32 training),
-    the weights and the saved adapter stay float32, and the same seed gives the same adapter, bit for bit."""
+    the weights and the saved adapter stay float32, and the same seed gives the same adapter, bit for bit
+    (the project's DPO trainer on a random one-layer Llama with the embedded tokenizer: see `tiny_llama`)."""
     from peft import get_peft_model_state_dict   # the trained adapter alone, as saved (not trl's "ref" copy)
 
     from persona_em.config import HardwareConfig
 
-    model, tok = smollm
+    model, tok = tiny_llama
     hw = HardwareConfig(training_autocast="bfloat16")
     assert training.common_args(profile.character, 0, "/tmp/x", hw)["bf16"]
     runs = []
@@ -311,10 +312,11 @@ def test_persona_merges_in_float32_then_casts(smollm, profile, tmp_path):
     assert 0.5 < carried(cast) < 2.0 and carried(in_bf16) < 0.2
     ids = tok(["I will lend my last money to a friend who never pays back.", "Tell me my essay is perfect."],
               return_tensors="pt", padding=True)
-    with torch.no_grad():
-        logits = lambda m: m(**ids).logits.float().flatten()
-        effect32 = logits(merged32) - logits(model)
-        cos = lambda m: float(torch.nn.functional.cosine_similarity(logits(m) - logits(base16), effect32, dim=0))
-        # at this size the persona's effect on the logits is near bf16's resolution either way (cosine to the
-        # float32 effect under 0.3); the cast keeps more of its direction
-        assert cos(cast) > cos(in_bf16) and cos(cast) > 0.1
+    with torch.no_grad():   # each model read once: bf16 forward passes are slow on a CPU without bf16 instructions
+        logits = {name: m(**ids).logits.float().flatten() for name, m in [
+            ("model", model), ("merged32", merged32), ("base16", base16), ("cast", cast), ("in_bf16", in_bf16)]}
+    effect32 = logits["merged32"] - logits["model"]
+    cos = lambda name: float(torch.nn.functional.cosine_similarity(logits[name] - logits["base16"], effect32, dim=0))
+    # at this size the persona's effect on the logits is near bf16's resolution either way (cosine to the
+    # float32 effect under 0.3); the cast keeps more of its direction
+    assert cos("cast") > cos("in_bf16") and cos("cast") > 0.1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +21,7 @@ from . import constitution as constitution_mod
 from . import grid, paths
 from .inputs import check_chat_jsonl, read_text
 from .paths import SAFE_NAME, check_name
+
 
 class ProfileError(ValueError):
     """A profile that cannot be used; the message names the file and the key."""
@@ -300,13 +302,31 @@ class HardwareConfig(Strict):
         False, description="chapter 1's best-of-n sampling mixes rows of several shared contexts (each life "
         "domain's demonstrations) in one batch, each over its own cached prefix (`sampling.generate_prefixed`): "
         "whole batches where a domain has a few questions; other draws under a seed than one context at a time")
-    sampling_autocast: Literal["none", "bfloat16"] = Field(
+    sampling_autocast: Literal["none", "bfloat16", "auto"] = Field(
         "none", description="chapter 1's best-of-n sampling under bf16 autocast over float32 weights (1.6x faster "
-        "on a CPU with AVX512-BF16); the checks, the teacher check and evaluation stay in `precision`")
-    training_autocast: Literal["none", "bfloat16"] = Field(
+        "on a CPU with AVX512-BF16); the checks, the teacher check and evaluation stay in `precision`. `auto`: "
+        "bfloat16 where the CPU multiplies bf16 in hardware, else none (resolved when the profile loads)")
+    training_autocast: Literal["none", "bfloat16", "auto"] = Field(
         "none", description="the trainers' matmuls under bf16 autocast over float32 weights and adapters: on a CPU "
         "with AVX512-BF16, DPO trains 1.7-1.8x faster at one thread (benchmarks/training_speed.py); generation, checks "
-        "and evaluation stay in `precision`")
+        "and evaluation stay in `precision`. `auto`: as for sampling_autocast")
+
+    @model_validator(mode="after")
+    def _resolve_autocast(self):
+        # `auto` becomes what this machine runs, so hashes, manifests and the paper record the precision used: a
+        # CPU without bf16 instructions emulates bf16 matmuls about 100x slower than float32 (models.native_bf16)
+        from .models import native_bf16
+
+        native = self.device == "cpu" and native_bf16()
+        for field in ("sampling_autocast", "training_autocast"):
+            value = getattr(self, field)
+            if value == "auto":
+                object.__setattr__(self, field, "bfloat16" if native else "none")
+            elif value == "bfloat16" and self.device == "cpu" and not native:
+                warnings.warn(f"hardware.{field}: bfloat16 on a CPU without bf16 instructions (no "
+                              "avx512_bf16/amx_bf16 flag): PyTorch emulates bf16 matmuls, about 100x slower than "
+                              "float32 here; `auto` runs float32 on such a CPU", stacklevel=2)
+        return self
 
     @model_validator(mode="after")
     def _fsdp_needs_gpus(self):

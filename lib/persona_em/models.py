@@ -166,6 +166,21 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(max(1, int(n)))
 
 
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # x86 instructions that multiply bf16 in hardware
+
+
+def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it PyTorch emulates bf16
+    matmuls: measured on a 2-core AMD EPYC (AVX2), a 1024^3 matmul ran at 0.85 GFLOP/s in bf16 against 108 in
+    float32, so `hardware.*_autocast: auto` runs float32 there. No /proc/cpuinfo (not Linux): False."""
+    try:
+        flags = {f for line in Path(cpuinfo).read_text().splitlines() if line.startswith("flags")
+                 for f in line.split(":", 1)[1].split()}
+    except OSError:
+        return False
+    return any(f in flags for f in BF16_FLAGS)
+
+
 def autocast(mode: str, device: str = "cpu"):
     """A context in which matmuls run in bf16 over float32 weights (`mode` "bfloat16"), or a no-op ("none")."""
     import contextlib
