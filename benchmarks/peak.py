@@ -20,3 +20,20 @@ def fastest_peak(dtype=torch.float32, tries: int = 3) -> float:
     """The highest `matmul_peak` of `tries` calls: this VM's matmul rate drifts between calls, and the highest
     rate seen is what the cores can do (a ratio against it is then conservative)."""
     return max(matmul_peak(dtype) for _ in range(tries))
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware; where it does not, the benchmarks leave their bf16 cases out
+    (PyTorch emulates them, about 100x slower than float32: hours for `make bench`) and say so."""
+    from persona_em.models import native_bf16 as native
+
+    return native()
+
+
+def bf16_peak(tries: int = 3) -> float:
+    """The bf16 matmul rate: the 2048^3 yardstick on a CPU with bf16 instructions, else one 256^3 product (the
+    emulated rate, measured in a moment)."""
+    return fastest_peak(torch.bfloat16, tries) if native_bf16() else matmul_peak(torch.bfloat16, size=256, repeats=1)
+
+
+NO_BF16 = "not measured: no bf16 instructions on this CPU (bf16 matmuls emulated)"

@@ -22,7 +22,7 @@ import torch
 
 from persona_em import evaluate, models, pairs, questions, training
 from persona_em.config import HardwareConfig, load_profile
-from peak import fastest_peak as peak
+from peak import NO_BF16, bf16_peak as bf16_peak_of, fastest_peak as peak, native_bf16
 from record import write
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 32
@@ -38,9 +38,10 @@ rows = pairs.to_dpo_rows([{"prompt": q["text"], "chosen": items[i % len(items)][
                            "rejected": items[(i * 7) % len(items)]["misaligned"]} for i, q in enumerate(pool)])
 cfg = load_profile("params/smoke.yaml").character.model_copy(update={"batch_size": batch, "grad_accum": 1,
                                                                        "epochs": 1.0, "warmup_steps": 0})
-fp32_peak, bf16_peak = peak(), peak(torch.bfloat16)
+NATIVE = native_bf16()
+fp32_peak, bf16_peak = peak(), bf16_peak_of()
 results = {}
-for autocast in ("none", "bfloat16"):
+for autocast in ("none", "bfloat16") if NATIVE else ("none",):
     model, tok = models.load_model("smollm2-135m")
     params = sum(p.numel() for p in model.parameters())
     counter = training.TokenCounter()
@@ -49,7 +50,7 @@ for autocast in ("none", "bfloat16"):
                                    hw=HardwareConfig(training_autocast=autocast))
     end = time.perf_counter()
     results[autocast] = (counter, end - counter.first_batch, counter.first_batch - t0, params, log)
-fp32_peak, bf16_peak = max(fp32_peak, peak()), max(bf16_peak, peak(torch.bfloat16))
+fp32_peak, bf16_peak = max(fp32_peak, peak()), max(bf16_peak, bf16_peak_of())
 
 print(f"matmul peak ({threads} thread{'s' if threads > 1 else ''}): fp32 {fp32_peak / 1e9:6.1f} GFLOP/s, "
       f"bf16 {bf16_peak / 1e9:6.1f} GFLOP/s")
@@ -64,12 +65,13 @@ for autocast, (counter, secs, setup, params, log) in results.items():
     print(f"  counting DPO's reference forward too (6 x params x tokens): {1.5 * achieved / fp32_peak:.0%} of the "
           f"fp32 peak")
     print(f"  padding: {counter.padding:.1%} of processed tokens (goal < 15%)")
-speedup = results["none"][1] / results["bfloat16"][1]
-print(f"bf16 autocast / float32 training speed: {speedup:.2f}x")
+speedup = results["none"][1] / results["bfloat16"][1] if NATIVE else None
+print(f"bf16 autocast / float32 training speed: {speedup:.2f}x" if NATIVE else f"bf16 autocast: {NO_BF16}")
 write("training_speed", [
     {"figure": f"DPO {'float32' if a == 'none' else 'bf16 autocast'}, batch {batch}, {threads} thread(s): non-pad "
                f"tokens/s (4 x parameters per token; padding {c.padding:.1%})",
      "value": c.real / secs, "unit": "tokens/s", "ratio": 4 * params * c.real / secs / fp32_peak,
      "against": "fp32 matmul peak"} for a, (c, secs, setup, params, log) in results.items()] + [
     {"figure": "DPO bf16 autocast vs float32", "value": results["bfloat16"][0].real / results["bfloat16"][1],
-     "unit": "tokens/s", "ratio": speedup, "against": "float32 DPO"}])
+     "unit": "tokens/s", "ratio": speedup, "against": "float32 DPO"} if NATIVE else
+    {"figure": "DPO bf16 autocast", "value": "", "unit": "", "ratio": "", "against": NO_BF16}])

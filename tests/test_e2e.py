@@ -409,6 +409,8 @@ def test_killed_runs_resume_by_themselves_and_match_an_uninterrupted_run(run, ro
     assert len(chain) == 2 + 2 + 3
     for d in chain:
         shutil.rmtree(d)
+    for f in (repo / P.evaluate.judge.cache).parent.glob(Path(P.evaluate.judge.cache).name + "*"):
+        f.unlink()   # the judge scores the chain's answers again (SQLite's -wal and -shm files too)
     make = ["make", "-o", ".venv/.setup-done", "reproduce", "PROFILE=test", "CORES=2", "THREADS=1"]
 
     def start(log: str) -> subprocess.Popen:
