@@ -3,6 +3,10 @@ import time
 
 import torch
 
+# where the CPU has no bf16 instructions the benchmarks leave their bf16 cases out (PyTorch emulates them,
+# about 100x slower than float32: hours for `make bench`) and say so
+from persona_em.models import native_bf16
+
 
 def matmul_peak(dtype=torch.float32, size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the fastest of `repeats` size^3 matmuls in `dtype`, after one warm-up."""
@@ -20,14 +24,6 @@ def fastest_peak(dtype=torch.float32, tries: int = 3) -> float:
     """The highest `matmul_peak` of `tries` calls: this VM's matmul rate drifts between calls, and the highest
     rate seen is what the cores can do (a ratio against it is then conservative)."""
     return max(matmul_peak(dtype) for _ in range(tries))
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware; where it does not, the benchmarks leave their bf16 cases out
-    (PyTorch emulates them, about 100x slower than float32: hours for `make bench`) and say so."""
-    from persona_em.models import native_bf16 as native
-
-    return native()
 
 
 def bf16_peak(tries: int = 3) -> float:
