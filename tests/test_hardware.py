@@ -150,4 +150,3 @@ def test_autocast_auto_resolves_to_what_the_cpu_multiplies_in_hardware(root, tmp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         HardwareConfig(training_autocast="bfloat16")
-
