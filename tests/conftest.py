@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -8,6 +9,56 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "reference"
+FORMATS = ROOT / "tests" / "data" / "formats"
+STATSMODELS = Path(importlib.util.find_spec("statsmodels").submodule_search_locations[0])
+
+# Files in formats the project must read, each with what a correct reader finds in it: the project's own file
+# of each format (tests/data/formats/, always present), and the public original where ../shared/reference lies
+# next to the checkout. A test that takes one of these arguments runs once for each file present, so a plain
+# clone runs every test and skips none.
+REFERENCE_INPUTS = {
+    "constitution_file": [
+        (FORMATS / "oct_handwritten.txt", {"traits": 3, "questions": 15}),
+        (SHARED / "oct_sycophancy.txt", {"traits": 10, "questions": 50}),
+    ],
+    "question_file": [
+        (FORMATS / "em_questions.yaml", {"questions": 5, "paraphrases": 7, "with_system": 2, "samples": 50}),
+        (SHARED / "em_first_plot_questions.yaml", {"questions": 24, "paraphrases": 24, "with_system": 8,
+                                                   "samples": 100}),
+    ],
+    # Reaction-style data for a random intercept and slope, y ~ x + (x | group), with lme4's REML fit. dietox
+    # (pig weights over time) ships in statsmodels' wheel with lme4's numbers printed in statsmodels'
+    # regression/tests/test_lme.py (test_dietox_slopes); statsmodels' REML optimum lies a hair from lme4's
+    # there (same criterion to 1e-3, variances within 0.3%), hence the tolerances. sleepstudy's are lme4's
+    # printed digits (half a unit of the last one).
+    "lme4_fit": [
+        (STATSMODELS / "regression" / "tests" / "results" / "dietox.csv",
+         {"y": "Weight", "x": "Time", "group": "Pig", "lme4": {
+             "intercept": (15.738650, 1e-5), "slope": (6.939014, 1e-5),
+             "se_intercept": (0.5501253, 5e-4), "se_slope": (0.0798254, 1e-6),
+             "var_intercept": (19.4934552, 0.05), "var_slope": (0.4160620, 1e-5),
+             "corr": (0.2938323 / (19.4934552 * 0.4160620) ** 0.5, 1e-3),
+             "residual": (6.03745, 2e-3), "reml_criterion": (2 * 2217.047, 5e-3)}}),
+        (SHARED / "sleepstudy.csv",
+         {"y": "Y", "x": "U", "group": "G", "lme4": {
+             "intercept": (251.405, 5e-4), "slope": (10.467, 5e-4),
+             "se_intercept": (6.825, 5e-4), "se_slope": (1.546, 5e-4),
+             "var_intercept": (612.10, 5e-3), "var_slope": (35.07, 5e-3), "corr": (0.07, 5e-3),
+             "residual": (654.94, 5e-3), "reml_criterion": (1743.6, 5e-2)}}),
+    ],
+}
+
+
+def pytest_report_header(config):
+    shared = sum(case[0].is_file() for cases in REFERENCE_INPUTS.values() for case in cases[1:])
+    return f"reference inputs: the project's own formats, and {shared} public originals from {SHARED}"
+
+
+def pytest_generate_tests(metafunc):
+    for name, cases in REFERENCE_INPUTS.items():
+        if name in metafunc.fixturenames:
+            present = [case for case in cases if case[0].is_file()]
+            metafunc.parametrize(name, present, ids=[path.stem for path, _ in present])
 
 
 SERVER_FIXTURES = {"model_server", "served"}   # fixtures that start a model server
@@ -23,13 +74,6 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
-
-
-@pytest.fixture(scope="session")
-def shared() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip("../shared/reference is not next to this checkout")
-    return SHARED
 
 
 @pytest.fixture(scope="session")

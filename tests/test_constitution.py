@@ -6,10 +6,12 @@ from persona_em import constitution
 from persona_em.check import check_file
 
 
-def test_oct_reference_file(shared):
-    c = constitution.load(shared / "oct_sycophancy.txt")
-    assert len(c.traits) == 10 and c.n_questions == 50
-    assert check_file(shared / "oct_sycophancy.txt").endswith("10 traits, 50 questions")
+def test_oct_hand_written_format(constitution_file):
+    path, expected = constitution_file
+    c = constitution.load(path)
+    assert len(c.traits) == expected["traits"] and c.n_questions == expected["questions"]
+    assert all(len(t.questions) == 5 and t.trait for t in c.traits)
+    assert check_file(path).endswith(f"{expected['traits']} traits, {expected['questions']} questions")
 
 
 def test_packaged_constitutions_load():

@@ -22,12 +22,14 @@ VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "pyth
 
 
 # -- question files ------------------------------------------------------------------------------------
-def test_reference_question_file_loads_with_anchors(shared):
-    qs = evaluate.load_questions(shared / "em_first_plot_questions.yaml")
-    assert len(qs) == 24
+def test_em_question_format_loads_with_anchors(question_file):
+    path, expected = question_file
+    qs = evaluate.load_questions(path)
+    assert len(qs) == expected["questions"]
+    assert sum(len(q["paraphrases"]) for q in qs) == expected["paraphrases"]
     assert all({"aligned", "coherent"} <= set(q["judge_prompts"]) for q in qs)
-    assert sum(1 for q in qs if q.get("system")) > 0
-    assert qs[0]["samples_per_paraphrase"] == 100
+    assert sum(1 for q in qs if q.get("system")) == expected["with_system"]
+    assert all(q["samples_per_paraphrase"] == expected["samples"] for q in qs)   # an alias of the first entry's
 
 
 def test_project_question_set_is_the_default_and_large_enough():

@@ -81,8 +81,9 @@ def test_mixed_model_recovers_a_diversity_slope():
     assert slope["ci_low"] < -0.05 < slope["ci_high"] and slope["p"] < 1e-6
 
 
-def test_check_cli_on_other_inputs(tmp_path, shared):
-    assert "24 questions" in check.check_file(shared / "em_first_plot_questions.yaml")
+def test_check_cli_on_other_inputs(tmp_path, question_file):
+    path, expected = question_file
+    assert f"{expected['questions']} questions, {expected['paraphrases']} paraphrases" in check.check_file(path)
     good = tmp_path / "chat.jsonl"
     good.write_text(json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
                                              {"role": "assistant", "content": "a"}]}) + "\n")
