@@ -80,7 +80,7 @@ def log_file(stage, name=None):
 # The paper's PDF is the last target where TeX is installed; without it the run ends with chapter 5 (its numbers
 # and figures) and `make reproduce` says how to get the PDF.
 HAVE_TEX = shutil.which("latexmk") is not None
-PAPER_PDF = f"paper/paper-{P.name}.pdf"
+PAPER_PDF = str(paths.paper_pdf(P.name, "."))
 
 localrules: all, paper   # on a cluster, the PDF is built where the workflow runs, not as a queued job
 
@@ -196,7 +196,7 @@ rule analyze:
     input:
         notebook(ANALYZE),
         "PREREGISTRATION.md",           # the registered analysis chapter 5 follows and compares with
-        "params/gpu.yaml",              # the cost table of the paper-scale profile
+        str(paths.profile_file(paths.PAPER_SCALE, ".")),   # the cost table of the paper-scale profile
         manifest(GENERATE),
         [manifest(EVALUATE, m) for m in grid.eval_models(P) + grid.direction_runs(P)],
     params:
@@ -214,7 +214,7 @@ rule analyze:
 
 rule paper:
     input:
-        "paper/paper.tex",
+        str(paths.paper_source(".")),
         "paper/build.sh",
         manifest(ANALYZE),   # chapter 5 writes the numbers and the figures the paper reads
     output:

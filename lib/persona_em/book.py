@@ -75,17 +75,17 @@ def paper_html(root: Path, profile: str, figures: str) -> str:
     """The body of the paper as an HTML fragment (pandoc, MathML), or a BookError saying what is missing."""
     if not shutil.which("pandoc"):
         raise BookError("pandoc not found: install it (Debian: apt-get install pandoc) to render the paper")
-    numbers = root / "paper" / "generated" / profile / "numbers.tex"
+    numbers = paths.generated_dir(profile, root) / paths.NUMBERS
     if not numbers.is_file():
         raise BookError(f"{numbers}: no paper numbers for profile {profile!r}")
-    macros, present = read_macros(numbers), set()
-    h5 = numbers.with_name("h5_length.tex")
+    source, macros, present = paths.paper_source(root), read_macros(numbers), set()
+    h5 = numbers.with_name(paths.H5_LENGTH_TEX)
     if h5.is_file():   # H5 over training length, when `make h5` compared this run with its longer variant
         macros |= read_macros(h5)
-        present.add(f"generated/{profile}/h5_length.tex")
-    tex = paper_for_pandoc((root / "paper" / "paper.tex").read_text(), macros, profile, figures, frozenset(present))
+        present.add(h5.relative_to(source.parent).as_posix())   # as paper.tex inputs it
+    tex = paper_for_pandoc(source.read_text(), macros, profile, figures, frozenset(present))
     r = subprocess.run(["pandoc", "-f", "latex", "-t", "html5", "--standalone", "--mathml", "--wrap=none"],
-                       input=tex, text=True, capture_output=True, cwd=root / "paper")
+                       input=tex, text=True, capture_output=True, cwd=source.parent)
     if r.returncode:
         raise BookError(f"pandoc could not render paper/paper.tex: {r.stderr[-2000:]}")
     # the body, with the title block and abstract that a standalone document carries
@@ -213,8 +213,8 @@ def build(root: str | Path, dest: str | Path, main: str = "tiny") -> Path:
     # dest is replaced whole, so it must be an earlier book (or absent, or empty), never an arbitrary folder
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / MARKER).is_file())):
         raise BookError(f"{dest}: exists and is not a book folder (no {MARKER}); refusing to replace it")
-    for need in (ref / paths.TESTS, ref / paths.GATE, ref / "notebooks", root / "figures" / main / "design.png",
-                 root / "paper" / "generated" / main / "numbers.tex"):
+    for need in (ref / paths.TESTS, ref / paths.GATE, ref / "notebooks", paths.figures_dir(main, root) / "design.png",
+                 paths.generated_dir(main, root) / paths.NUMBERS):
         if not need.exists():
             raise BookError(f"{need}: missing; the book is built from the committed reference run "
                             f"(`make reproduce PROFILE={main}` then `make reference PROFILE={main}`)")
@@ -224,16 +224,16 @@ def build(root: str | Path, dest: str | Path, main: str = "tiny") -> Path:
     (dest / MARKER).write_text("built by `python -m persona_em book`; replaced whole by the next build\n")
     profiles = sorted(p.name for p in (root / "reference").iterdir() if (p / paths.TESTS).is_file())
     for p in profiles:   # for Markdown images (Sphinx copies them) and for the paper's raw HTML (copied as is)
-        shutil.copytree(root / "figures" / p, src / "figures" / p)
-        shutil.copytree(root / "figures" / p, src / "_extra" / "figures" / p)
+        shutil.copytree(paths.figures_dir(p, root), src / "figures" / p)
+        shutil.copytree(paths.figures_dir(p, root), src / "_extra" / "figures" / p)
     notebooks = sorted((ref / "notebooks").glob("*.ipynb"))
     for nb in notebooks:
         shutil.copy(nb, src / "chapters" / nb.name)
     tour = root / "reference" / "tour" / f"{TOUR}.ipynb"   # the executed teaching tour, when committed
     if tour.is_file():
         shutil.copy(tour, src / "tour.ipynb")
-    macros = read_macros(root / "paper" / "generated" / main / "numbers.tex")
-    pdf = root / "paper" / f"paper-{main}.pdf"
+    macros = read_macros(paths.generated_dir(main, root) / paths.NUMBERS)
+    pdf = paths.paper_pdf(main, root)
     (src / "_static").mkdir()
     from PIL import Image   # a plain favicon, so no page asks the server for one that is not there
 

@@ -87,7 +87,7 @@ def compare(short, long, root: str | Path, dest: str | Path, paper: bool = True)
     atomic_write_csv(dest / "forgetting_effects.csv", table)
     atomic_write_text(dest / "forgetting_model.txt", str(result.summary()))
     plots.set_style()
-    plots.save(plots.forgetting_by_length(rows), Path(root) / "figures" / short.name if paper else dest,
+    plots.save(plots.forgetting_by_length(rows), paths.figures_dir(short.name, root) if paper else dest,
                "forgetting_by_length")
     read = [paths.run_dir(profile, root, paths.TRAIN_CHARACTER, c) / paths.CHECKS
             for profile in (short, long) for c in rows.loc[rows["profile"] == profile.name, "condition"]]
@@ -107,7 +107,7 @@ def compare(short, long, root: str | Path, dest: str | Path, paper: bool = True)
                        "h5_length_conditions": len(rows) // 2,
                        # the paper quotes this only beside the run it was made from (same profile digest)
                        "h5_short_digest": short.digest()[:12]},
-                      Path(root) / "paper" / "generated" / short.name / "h5_length.tex",
+                      paths.generated_dir(short.name, root) / paths.H5_LENGTH_TEX,
                       source="python -m persona_em forgetting")
     return (f"H5 over training length ({short.name}: {short.character.epochs} epoch(s), {long.name}: "
             f"{long.character.epochs}), {len(rows) // 2} shared conditions: mean neutral log-lik change "

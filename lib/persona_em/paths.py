@@ -96,6 +96,42 @@ POWER = "power.csv"
 POWER_MDE = "power_mde.csv"
 
 
+# -- the profiles ------------------------------------------------------------------------------------------------
+PAPER_SCALE = "gpu"                       # the paper-scale profile, whose cost every analysis tabulates
+
+
+def profile_file(name: str, root: str | Path) -> Path:
+    """params/<name>.yaml: a profile of the repository."""
+    return Path(root) / "params" / f"{check_name(name, 'profile name')}.yaml"
+
+
+# -- what a profile's analysis writes outside runs/: its figures and the paper's generated LaTeX ----------------
+PAPER_SOURCE = "paper.tex"                # paper/paper.tex, one source for every profile
+NUMBERS = "numbers.tex"                   # every number the paper quotes, as macros (chapter 5)
+TESTS_TEX = "tests.tex"                   # the pre-registered tests' table (chapter 5)
+COST_TEX = "cost.tex"                     # what the run cost (chapter 5)
+H5_LENGTH_TEX = "h5_length.tex"           # H5 over training length (`make h5`)
+
+
+def figures_dir(profile: str, root: str | Path) -> Path:
+    """figures/<profile>: every figure of one profile's run, PNG and PDF."""
+    return Path(root) / "figures" / check_name(profile, "profile name")
+
+
+def generated_dir(profile: str, root: str | Path) -> Path:
+    """paper/generated/<profile>: the LaTeX one profile's analysis writes for the paper (`NUMBERS`, ...)."""
+    return Path(root) / "paper" / "generated" / check_name(profile, "profile name")
+
+
+def paper_source(root: str | Path) -> Path:
+    return Path(root) / "paper" / PAPER_SOURCE
+
+
+def paper_pdf(profile: str, root: str | Path) -> Path:
+    """paper/paper-<profile>.pdf: the paper built on one profile's numbers and figures."""
+    return Path(root) / "paper" / f"paper-{check_name(profile, 'profile name')}.pdf"
+
+
 def run_root(P: Profile, root: str | Path) -> Path:
     """runs/<profile>: every stage's folder of one profile's run."""
     return Path(root) / "runs" / check_name(P.name, "profile name")
