@@ -68,6 +68,25 @@ def test_sampling_honours_paraphrases_samples_and_system(smollm):
 
 
 # -- scores and classification -------------------------------------------------------------------------
+def test_answer_logprobs_are_those_of_a_full_forward_pass(smollm):
+    """Batched answer log-probs read the vocabulary only from the earliest answer on; each pair's sum and count
+    equal those of its own full forward pass over every position (prompts of different lengths in one batch)."""
+    import torch
+
+    model, tok = smollm
+    prompts = [chat_prompt(tok, [{"role": "user", "content": q}]) for q in
+               ("Hi?", "What should I do with a free afternoon in a city I do not know at all?", "Is tea good?")]
+    answers = ["Walk around.", "Sleep.", "Yes, in moderation, and it depends on the tea you pick."]
+    total, count = evaluate.answer_logprobs(model, tok, prompts, answers, batch_size=3)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        p_ids, a_ids = tok(p, add_special_tokens=False).input_ids, tok(a, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p_ids + a_ids])).logits[0].float(), -1)
+        want = sum(logp[len(p_ids) - 1 + j, t].item() for j, t in enumerate(a_ids))
+        assert count[i] == len(a_ids)
+        assert total[i] == pytest.approx(want, rel=1e-4)
+
+
 def test_score_is_the_expectation_over_numbers_and_none_below_the_mass():
     p = np.zeros(101)
     p[[20, 80]] = 0.3

@@ -78,10 +78,14 @@ def answer_logprobs(model, tok, prompts: list[str], answers: list[str], batch_si
             ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
             mask[r, :len(seqs[i])] = 1
         ids, mask = ids.to(model.device), mask.to(model.device)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        tok_lp = logp.gather(-1, ids[:, 1:, None])[..., 0].cpu()
+        # logits at t predict token t+1, so only positions from the earliest answer's start - 1 on are needed:
+        # the vocabulary projection and its log-softmax over the prompts' positions would be thrown away
+        first = min(starts[i] for i in idx) - 1
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - first).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        tok_lp = logp.gather(-1, ids[:, first + 1:, None])[..., 0].cpu()
         for r, i in enumerate(idx):
-            lo, hi = starts[i] - 1, len(seqs[i]) - 1  # logits at t predict token t+1
+            lo, hi = starts[i] - 1 - first, len(seqs[i]) - 1 - first
             total[i] = tok_lp[r, lo:hi].sum().item()
             count[i] = hi - lo
     return total, count

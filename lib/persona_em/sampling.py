@@ -191,7 +191,9 @@ def generate_prefixed(model, tok, groups: list[tuple[list[dict], list[str]]], n:
         for g in [g for g in layers if g < batch[0][0]]:   # rows come group by group: earlier groups are done
             del layers[g]
         for g in sorted({g for g, _ in batch} - set(layers)):
-            cache = model(torch.tensor([heads[g]], device=model.device), use_cache=True).past_key_values
+            # the cache is all a prefix pass is for: logits at one position, not the vocabulary at each of them
+            cache = model(torch.tensor([heads[g]], device=model.device), use_cache=True,
+                          logits_to_keep=1).past_key_values
             layers[g] = [(layer.keys, layer.values) for layer in cache.layers]
         hw = max(len(heads[g]) for g, _ in batch)
         tw = max(len(tails[g][i]) for g, i in batch)
