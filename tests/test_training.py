@@ -320,3 +320,21 @@ def test_persona_merges_in_float32_then_casts(smollm, profile, tmp_path):
     # at this size the persona's effect on the logits is near bf16's resolution either way (cosine to the
     # float32 effect under 0.3); the cast keeps more of its direction
     assert cos("cast") > cos("in_bf16") and cos("cast") > 0.1
+
+
+def test_base_checks_are_measured_once_and_keyed_by_their_settings(smollm, root, tmp_path):
+    """Every character run starts from the same base: its checks are measured by the first run and read by the
+    others (here with no model at all), and a change of the item count measures again."""
+    from persona_em import evaluate
+
+    model, tok = smollm
+    P = load_profile(root / "params" / "test.yaml")
+    P = P.model_copy(update={"character": P.character.model_copy(update={"check_items": 1})})
+    first, path = evaluate.base_checks(P, tmp_path, model, tok, ["candor"])
+    assert first == evaluate.persona_checks(model, tok, ["candor"], 1)
+    assert evaluate.own_checks(first, "candor")["persona_margin"] == first["persona_margins"]["candor"]
+    stamp = path.stat().st_mtime_ns
+    again, same = evaluate.base_checks(P, tmp_path, None, None, ["candor"])
+    assert (again, same, path.stat().st_mtime_ns) == (first, path, stamp)
+    P2 = P.model_copy(update={"character": P.character.model_copy(update={"check_items": 2})})
+    assert evaluate.base_checks(P2, tmp_path, model, tok, ["candor"])[1] != path

@@ -227,3 +227,29 @@ def neutral_loglik(model, tok, batch_size: int = 16, limit: int | None = None) -
     qa = json.loads((paths.DATA / "neutral_qa.json").read_text(encoding="utf-8"))[:limit]
     return float(np.mean(_per_token(model, tok, [x["question"] for x in qa], [x["answer"] for x in qa],
                                     batch_size)))
+
+
+def persona_checks(model, tok, traits: list[str], items: int) -> dict:
+    """Chapter 2's checks of one model: the persona margin on each trait's first `items` held-out items, and
+    the forgetting log-likelihood on as many neutral answers."""
+    return {"persona_margins": {t: persona_margin(model, tok, persona_items(t, items)) for t in traits},
+            "forgetting_loglik": neutral_loglik(model, tok, limit=items)}
+
+
+def own_checks(measured: dict, own: str) -> dict:
+    """`persona_checks` with the margin a condition is judged by: on its own trait (`own`)."""
+    return {"persona_margin": measured["persona_margins"][own], "persona_trait": own, **measured}
+
+
+def base_checks(P, root, model, tok, traits: list[str]) -> tuple[dict, Path]:
+    """The untrained base's `persona_checks`, measured by the first character run that needs them and read by
+    the others: every condition starts from the same base. The file is keyed by the model, the item count and
+    the traits, so a change to any of them measures again; returns the checks and the file (an input each run
+    records)."""
+    key = json.dumps([P.model, P.character.check_items, traits])
+    path = paths.base_checks_file(P, root, key)
+    if not path.is_file():
+        from .provenance import atomic_write_json
+
+        atomic_write_json(path, persona_checks(model, tok, traits, P.character.check_items))
+    return json.loads(path.read_text()), path

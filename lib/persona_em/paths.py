@@ -144,6 +144,14 @@ def run_dir(P: Profile, root: str | Path, stage: str, name: str | None = None) -
     return d / check_name(name, "run name") if name else d
 
 
+def base_checks_file(P: Profile, root: str | Path, key: str) -> Path:
+    """runs/<profile>/02_train_character/base_checks-<hash of key>.json: the untrained base's persona and
+    forgetting checks, beside the character runs that share them."""
+    import hashlib
+
+    return run_dir(P, root, TRAIN_CHARACTER) / f"base_checks-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+
+
 def pairs_file(P: Profile, root: str | Path, constitution: str, level: int, char_seed: int) -> Path:
     """The chosen/rejected pairs chapter 1 writes for one constitution, level and replicate (its subset
     draw), and chapter 2 reads."""
