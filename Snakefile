@@ -196,7 +196,7 @@ rule analyze:
     input:
         notebook(ANALYZE),
         "PREREGISTRATION.md",           # the registered analysis chapter 5 follows and compares with
-        str(paths.profile_file(paths.PAPER_SCALE, ".")),   # the cost table of the paper-scale profile
+        str(paths.profile_file(grid.PAPER_SCALE, ".")),   # the cost table of the paper-scale profile
         manifest(GENERATE),
         [manifest(EVALUATE, m) for m in grid.eval_models(P) + grid.direction_runs(P)],
     params:

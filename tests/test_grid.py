@@ -97,16 +97,18 @@ def _literals(source: str) -> set[str]:
 
 
 LAYOUT = {v for k, v in vars(paths).items() if k.isupper() and isinstance(v, str)} - {"adapter"}
+FOLDERS = {"figures", "paper", "generated", "params"}   # folders that paths' functions build
 
 
 def test_workflow_and_chapters_name_no_run_file_themselves(root):
-    """The stage folders and the files a stage writes for another are paths's constants; a literal copy in the
-    Snakefile or a chapter could drift from it. ("adapter" is also a key of model.json, so it is left out.)"""
+    """The stage folders and the files a stage writes for another are paths's constants, and the folders of
+    figures, the paper's LaTeX and the profiles its functions; a literal copy in the Snakefile or a chapter could
+    drift from them. ("adapter" is also a key of model.json, so it is left out.)"""
     found = {}
     snakefile = (root / "Snakefile").read_text()
     found["Snakefile"] = {v for v in LAYOUT if re.search(rf"[\"'/]{re.escape(v)}[\"'/]", snakefile)}
     for nb in sorted((root / "notebooks").glob("*.ipynb")):
         cells = json.loads(nb.read_text())["cells"]
         code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-        found[nb.name] = _literals(code) & LAYOUT
+        found[nb.name] = _literals(code) & (LAYOUT | FOLDERS)
     assert not any(found.values()), found

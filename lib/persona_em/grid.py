@@ -14,6 +14,8 @@ from . import constitution as constitution_mod
 if TYPE_CHECKING:   # config imports this module (its validators check the grid's names)
     from .config import Profile
 
+PAPER_SCALE = "gpu"   # the paper-scale profile (params/gpu.yaml), whose cost every analysis tabulates beside its own
+
 
 def condition_name(constitution: str, level: int, char_seed: int) -> str:
     """A persona's condition name, the inverse of `parse_condition`: 'candor-L4-s0'."""

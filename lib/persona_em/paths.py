@@ -97,9 +97,6 @@ POWER_MDE = "power_mde.csv"
 
 
 # -- the profiles ------------------------------------------------------------------------------------------------
-PAPER_SCALE = "gpu"                       # the paper-scale profile, whose cost every analysis tabulates
-
-
 def profile_file(name: str, root: str | Path) -> Path:
     """params/<name>.yaml: a profile of the repository."""
     return Path(root) / "params" / f"{check_name(name, 'profile name')}.yaml"
