@@ -8,6 +8,7 @@ from here, and `config` the name rule and the layout.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -144,8 +145,6 @@ def run_dir(P: Profile, root: str | Path, stage: str, name: str | None = None) -
 def base_checks_file(P: Profile, root: str | Path, key: str) -> Path:
     """runs/<profile>/02_train_character/base_checks-<hash of key>.json: the untrained base's persona and
     forgetting checks, beside the character runs that share them."""
-    import hashlib
-
     return run_dir(P, root, TRAIN_CHARACTER) / f"base_checks-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
 
