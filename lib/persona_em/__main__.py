@@ -17,6 +17,7 @@ def main(argv: list[str]) -> int:
     p = sub.add_parser("run", help="Snakemake in this folder, resuming after any interruption",
                        description="All arguments go to Snakemake (`make reproduce` passes its own).")
     p.add_argument("snakemake_args", nargs="*", metavar="SNAKEMAKE_ARG")
+    sub.add_parser("kernel", help="register the chapters' Jupyter kernel (persona-em) for this Python")
     p = sub.add_parser("clean", help="delete runs/PROFILE_NAME and Snakemake's records; refused under a live run")
     p.add_argument("profile_name")
     p = sub.add_parser("reference", help="copy a finished run's small artifacts into DEST")
@@ -44,6 +45,11 @@ def main(argv: list[str]) -> int:
         from .check import main as check
 
         return check(args.files)
+    if args.command == "kernel":
+        from .runner import ensure_kernel
+
+        print(ensure_kernel() or "the Jupyter kernel 'persona-em' is registered for this Python")
+        return 0
     if args.command == "clean":
         from .runner import clean
 

@@ -54,11 +54,16 @@ KERNEL = "persona-em"
 
 
 def ensure_kernel(name: str = KERNEL, prefix: str | None = None) -> str | None:
-    """The Jupyter kernel papermill runs the chapters in, registered for this Python if no kernel of that name is
-    found (`make setup` registers it in .venv; a conda environment made from environment.yml does not). Returns
-    a note when it registered one or when the kernel found runs another Python."""
+    """The Jupyter kernel papermill runs the chapters in (persona_em.kernels: started warm during a workflow
+    run), registered for this Python if no kernel of that name is found (`make setup` registers it in .venv; a
+    conda environment made from environment.yml does not) and re-registered where a kernel of that name runs
+    this Python without the warm start. Returns a note when it registered one or when the kernel found runs
+    another Python."""
     from jupyter_client.kernelspec import KernelSpecManager
 
+    from .kernels import install, kernel_spec
+
+    display = f"{name} ({Path(sys.prefix).name})"
     specs = KernelSpecManager().find_kernel_specs()
     if name in specs:
         argv = KernelSpecManager().get_kernel_spec(name).argv
@@ -67,10 +72,11 @@ def ensure_kernel(name: str = KERNEL, prefix: str | None = None) -> str | None:
         if argv and Path(argv[0]).parent.parent.resolve() != Path(sys.executable).parent.parent.resolve():
             return (f"note: kernel {name!r} ({specs[name]}) runs {argv[0]}, not this Python ({sys.executable}); "
                     "the chapters will run there")
-        return None
-    from ipykernel.kernelspec import install
-
-    where = install(kernel_name=name, display_name=f"{name} ({Path(sys.prefix).name})", prefix=prefix or sys.prefix)
+        if argv[1:] == kernel_spec(display)["argv"][1:]:
+            return None
+        install(name, display, folder=specs[name])
+        return f"re-registered the Jupyter kernel {name!r} in {specs[name]} to start warm in workflow runs"
+    where = install(name, display, prefix=prefix)
     return f"registered the Jupyter kernel {name!r} for {sys.executable} in {where}"
 
 

@@ -1,0 +1,403 @@
+"""The chapters' Jupyter kernel, started warm: a fork server that has imported the libraries once.
+
+Every Snakemake job executes one chapter in a fresh kernel, a new Python that imports torch, transformers, peft
+and trl before its first line of work: 7-10 s of each job on 2 cores, for jobs whose own work takes 15-60 s
+(`benchmarks/run_overhead.py`). During a workflow run the Snakefile therefore starts a fork server: one process
+that imports those libraries (and this package) and then forks a kernel for each job that asks. Every job still
+gets a process of its own with a fresh namespace, and every job starts from the same state, the one a new
+Python reaches by importing the same modules: nothing has run yet (no model loaded, no random number drawn from
+torch, no thread pool started). So a chapter computes what it computes in a cold kernel, and each run keeps its
+executed notebook, log and manifest.
+
+How a kernel starts. The `persona-em` kernel spec runs `python -m persona_em.kernels -f CONNECTION_FILE`. Where
+the environment names a run's fork servers (PERSONA_EM_KERNELS) and one serves this job's thread count, this
+launcher sends the server its command line, working folder, environment and standard streams; the server forks
+the kernel, which takes them over. The launcher stays as the kernel's stand-in for Jupyter: signals it receives (an interrupt, a
+shutdown) go to the kernel, it exits with the kernel's exit status, and if it is killed the server kills the
+kernel. The server forks only for a job whose Python, interpreter options and environment are its own (per-job
+variables set by Jupyter and the shell apart): an environment variable read at import time would otherwise be
+the server's. Anywhere else (Jupyter, the tour, a run without a server, a refused job) the launcher becomes a
+plain ipykernel, at the usual cost. The servers listen on Linux abstract sockets (no file to leave behind) and
+serve only their own user (the peer's credentials are checked); on other systems every kernel starts cold.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+from pathlib import Path
+
+ENV = "PERSONA_EM_KERNELS"   # the run whose fork servers a job's kernel asks for (one per thread count)
+# What the modules preloaded: the chapters' libraries, never matplotlib (its backend is chosen when it is first
+# imported, and a kernel chooses the inline one) and nothing that starts a thread (a fork keeps only the
+# forking thread: a thread pool started before the fork would be missing in every kernel).
+PRELOAD = ("ipykernel.kernelapp", "numpy", "pandas", "torch", "transformers",
+           "transformers.models.llama.modeling_llama", "peft", "trl", "sentence_transformers",
+           "statsmodels.formula.api", "persona_em.analysis", "persona_em.direction", "persona_em.em",
+           "persona_em.judge", "persona_em.pairs", "persona_em.scorer", "persona_em.diversity",
+           "persona_em.forgetting", "persona_em.provenance")
+# Set per job by Jupyter, papermill and the shell, and read only after the kernel starts (or never).
+PER_JOB = {"JPY_PARENT_PID", "JPY_SESSION_NAME", "PYDEVD_IPYTHON_COMPATIBLE_DEBUGGING",
+           "PYDEVD_DISABLE_FILE_VALIDATION", "PWD", "OLDPWD", "SHLVL", "_", "PERSONA_EM_PROFILE", ENV}
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "GOTO_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def address(run: str, threads: int | str) -> str:
+    """The abstract socket (Linux) of run `run`'s fork server for kernels of `threads` threads."""
+    return f"\0persona-em-kernels-{run}-{int(threads)}"
+
+
+def _send(conn: socket.socket, message: dict, fds: list[int] | None = None) -> None:
+    data = json.dumps(message).encode()
+    frame = struct.pack("!I", len(data)) + data
+    if fds:
+        socket.send_fds(conn, [frame], fds)
+    else:
+        conn.sendall(frame)
+
+
+def _recv(conn: socket.socket, max_fds: int = 0) -> tuple[dict | None, list[int]]:
+    """One framed JSON message (None at end of stream) and the descriptors that came with its first bytes."""
+    if max_fds:
+        head, fds, _, _ = socket.recv_fds(conn, 4, max_fds)
+    else:
+        head, fds = conn.recv(4), []
+    while head and len(head) < 4:
+        more = conn.recv(4 - len(head))
+        if not more:
+            break
+        head += more
+    if len(head) < 4:
+        return None, fds
+    size, = struct.unpack("!I", head)
+    data = b""
+    while len(data) < size:
+        more = conn.recv(size - len(data))
+        if not more:
+            return None, fds
+        data += more
+    return json.loads(data), fds
+
+
+# --- the launcher: what the kernel spec runs --------------------------------------------------------------------
+
+def launch(argv: list[str]) -> int:
+    """Start the kernel for a connection file: forked by the run's server where it takes this job, else exec'd."""
+    run = os.environ.get(ENV)
+    if run and sys.platform.startswith("linux"):
+        try:
+            return _forked(address(run, os.environ.get("OMP_NUM_THREADS") or 0), argv)
+        except _Refused as e:
+            print(f"persona_em.kernels: a cold kernel ({e})", file=sys.stderr, flush=True)
+        except (OSError, ValueError) as e:   # no server for this thread count, or it is gone
+            print(f"persona_em.kernels: a cold kernel (no fork server: {e})", file=sys.stderr, flush=True)
+    cmd = [sys.executable, *(f"-X{k}" if v is True else f"-X{k}={v}" for k, v in sys._xoptions.items()),
+           "-m", "ipykernel_launcher", *argv]
+    os.execv(sys.executable, cmd)   # never returns
+
+
+class _Refused(RuntimeError):
+    pass
+
+
+def _forked(where: str, argv: list[str]) -> int:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(where)
+    _send(conn, {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.executable,
+                 "xoptions": sys._xoptions}, [0, 1, 2])
+    reply, _ = _recv(conn)
+    if reply is None or "pid" not in reply:
+        raise _Refused((reply or {}).get("refused", "the fork server closed the connection"))
+    pid = reply["pid"]
+
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, forward)
+    while True:
+        try:
+            done, _ = _recv(conn)
+            break
+        except InterruptedError:
+            continue
+    if done is None:   # the server died; its kernels die with it (ipykernel's parent poller)
+        return 1
+    return done["exit"] if done["exit"] >= 0 else 128 - done["exit"]   # killed by a signal: as a shell says it
+
+
+# --- the server ---------------------------------------------------------------------------------------------
+
+def serve(where: str, parent: int) -> None:
+    """Bind `where`, import PRELOAD, then fork a kernel for each launcher that connects, until process `parent`
+    (the workflow that started the server) is gone."""
+    import selectors
+    import threading
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(where)   # bound before the imports: a launcher that connects meanwhile waits in the backlog
+    listener.listen(64)
+    _die_with_parent()
+    import importlib
+
+    env = dict(os.environ)   # what the jobs' environments are compared with
+    for name in PRELOAD:
+        importlib.import_module(name)
+    # what the imports did to the environment, done again to each kernel's (as its own imports would)
+    imported = ({k: v for k, v in os.environ.items() if env.get(k) != v}, set(env) - set(os.environ))
+    if threading.active_count() > 1 or "matplotlib" in sys.modules:
+        listener.close()
+        raise SystemExit("persona_em.kernels: the preloaded modules started a thread or imported matplotlib; "
+                         "no warm kernels (every job starts a cold one)")
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False), wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    signal.signal(signal.SIGCHLD, lambda *_: None)   # wakes the selector through the wakeup descriptor
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ, "accept")
+    sel.register(wake_r, selectors.EVENT_READ, "child")
+    kernels: dict[int, socket.socket] = {}   # kernel pid -> its launcher's connection
+    owners: dict[socket.socket, int] = {}
+    try:
+        while os.getppid() == parent:
+            for key, _ in sel.select(timeout=1.0):
+                if key.data == "accept":
+                    conn, _ = listener.accept()
+                    pid = _fork_for(conn, env, imported, [listener, wake_r, wake_w, *owners])
+                    if pid:
+                        kernels[pid], owners[conn] = conn, pid
+                        sel.register(conn, selectors.EVENT_READ, "launcher")
+                    else:
+                        conn.close()
+                elif key.data == "child":   # reaped below
+                    try:
+                        while wake_r.recv(512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                else:   # a launcher's end: data never comes, so this is its exit (killed): kill its kernel
+                    conn = key.fileobj
+                    sel.unregister(conn)
+                    pid = owners.pop(conn)
+                    kernels.pop(pid, None)
+                    conn.close()
+                    _kill(pid)
+            _reap(kernels, owners, sel)
+    finally:
+        for pid in list(kernels):
+            _kill(pid)
+        listener.close()
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(kernels: dict, owners: dict, sel) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = kernels.pop(pid, None)
+        if conn is not None:
+            owners.pop(conn, None)
+            sel.unregister(conn)
+            try:
+                _send(conn, {"exit": os.waitstatus_to_exitcode(status)})
+            except OSError:
+                pass
+            conn.close()
+
+
+def _refusal(conn: socket.socket, request: dict, env: dict) -> str | None:
+    uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+    if uid != os.getuid():
+        return "another user's job"
+    if request.get("executable") != sys.executable:
+        return f"the job's Python is {request.get('executable')}, the server's {sys.executable}"
+    if request.get("xoptions") != sys._xoptions:
+        return "the job's -X options are not the server's"
+    theirs = request.get("env") or {}
+    differ = sorted(k for k in set(theirs) | set(env) if k not in PER_JOB and theirs.get(k) != env.get(k))
+    if differ:
+        return "its environment differs from the fork server's in " + ", ".join(differ)
+    return None
+
+
+def _fork_for(conn: socket.socket, env: dict, imported: tuple, inherited: list) -> int | None:
+    """Fork a kernel for the launcher on `conn`; its pid, or None (refused, or the launcher already gone)."""
+    fds = []
+    try:
+        request, fds = _recv(conn, max_fds=3)
+        if request is None or len(fds) != 3:
+            raise OSError("incomplete request")
+        refused = _refusal(conn, request, env)
+        if refused:
+            _send(conn, {"refused": refused})
+    except (OSError, ValueError):
+        refused = "unreadable request"
+    if refused:
+        for fd in fds:   # the job's streams: held here, they would keep its pipes open
+            os.close(fd)
+        return None
+    pid = os.fork()
+    if pid == 0:   # the kernel
+        code = 1
+        try:
+            for s in inherited:
+                s.close()
+            conn.close()
+            _become_kernel(request, fds, imported)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(_exit_cleanly(code))
+    for fd in fds:
+        os.close(fd)
+    try:
+        _send(conn, {"pid": pid})
+    except OSError:   # the launcher died while we forked
+        _kill(pid)
+        return None
+    return pid
+
+
+def _become_kernel(request: dict, fds: list[int], imported: tuple) -> None:
+    import random
+
+    signal.set_wakeup_fd(-1)
+    for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    changed, removed = imported
+    os.environ.update(changed)
+    for k in removed:
+        os.environ.pop(k, None)
+    argv = list(request["argv"])
+    if os.environ.get("JPY_PARENT_PID"):   # ipykernel reads it when it is imported: here, in the server
+        argv.append(f"--IPKernelApp.parent_handle={os.environ['JPY_PARENT_PID']}")
+    sys.argv = [sys.executable, "-m", "ipykernel_launcher", *argv]
+    # what a new process draws without a seed differs from process to process (torch's default generator
+    # included); drawing from the server's states would make every kernel draw the same
+    import numpy as np
+    import torch
+
+    random.seed()
+    np.random.seed()
+    torch.seed()
+    from ipykernel import kernelapp
+
+    kernelapp.launch_new_instance(argv=argv)
+
+
+def _exit_cleanly(code: int) -> int:
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()   # what a kernel's interpreter runs at exit (IPython's history, temp files)
+        sys.stdout.flush(), sys.stderr.flush()
+    except BaseException:
+        pass
+    return code
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this process when the process that started it exits (Linux; elsewhere the server polls its
+    parent every second)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
+# --- the workflow's side ------------------------------------------------------------------------------------
+
+class Servers:
+    """The fork servers of one workflow run, one per thread count its jobs use; `stop` ends them (they also end
+    when the process that started them does)."""
+
+    def __init__(self, threads: list[int], run: str | None = None):
+        import subprocess
+
+        self.run = run or str(os.getpid())
+        self.procs = []
+        if not sys.platform.startswith("linux"):
+            return
+        os.environ[ENV] = self.run   # the jobs inherit it
+        argv = kernel_spec("")["argv"]
+        options = argv[1:argv.index("-m")]   # the kernel's interpreter options: the server runs with them
+        for n in sorted(set(threads)):
+            # the environment a job of n threads gets (Snakemake sets the thread variables per job)
+            env = {**os.environ, **{k: str(n) for k in THREAD_VARS}}
+            self.procs.append(subprocess.Popen(
+                [sys.executable, *options, "-m", "persona_em.kernels", "--serve", str(n), self.run,
+                 str(os.getpid())],
+                env=env, stdin=subprocess.DEVNULL))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait()
+        os.environ.pop(ENV, None)
+
+
+def kernel_spec(display_name: str) -> dict:
+    """ipykernel's own spec for this Python (its interpreter options, protocol, metadata), started through the
+    launcher above."""
+    from ipykernel.kernelspec import get_kernel_dict
+
+    spec = get_kernel_dict()
+    spec["argv"] = [("persona_em.kernels" if a == "ipykernel_launcher" else a) for a in spec["argv"]]
+    return {**spec, "display_name": display_name}
+
+
+def install(name: str, display_name: str, folder: str | Path | None = None, prefix: str | None = None) -> str:
+    """Register the kernel spec `name` (into `folder` where a spec of that name already lies, else under
+    `prefix`, default this Python's environment); returns the folder."""
+    import tempfile
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = json.dumps(kernel_spec(display_name), indent=1)
+    if folder is not None:
+        (Path(folder) / "kernel.json").write_text(spec)
+        return str(folder)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "kernel.json").write_text(spec)
+        return KernelSpecManager().install_kernel_spec(d, name, prefix=prefix or sys.prefix)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve"]:
+        serve(address(sys.argv[3], sys.argv[2]), int(sys.argv[4]))
+    else:
+        sys.exit(launch(sys.argv[1:]))

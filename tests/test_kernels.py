@@ -1,0 +1,101 @@
+"""The chapters' kernel started warm (persona_em.kernels): forked from a server that imported the libraries,
+through papermill and the registered kernel spec as a workflow job starts it; refused, and started cold, where the
+job's environment is not the server's; and never left running when its launcher dies."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import nbformat
+import psutil
+import pytest
+
+from persona_em import kernels
+
+pytestmark = pytest.mark.slow
+
+PROBE = """import json, os, sys
+preloaded = "torch" in sys.modules and "persona_em.evaluate" in sys.modules
+import matplotlib, torch
+print("PROBE " + json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "preloaded": preloaded,
+      "backend": matplotlib.get_backend(), "cwd": os.getcwd(), "seed": torch.initial_seed(),
+      "threads_var": os.environ.get("OMP_NUM_THREADS"), "mark": os.environ.get("PERSONA_EM_TEST_MARK")}))
+"""
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A run's fork server for one-thread kernels, as the Snakefile starts it (the environment of its jobs)."""
+    saved = dict(os.environ)
+    os.environ.update({k: "1" for k in kernels.THREAD_VARS}, PERSONA_EM_TEST_MARK="server")
+    servers = kernels.Servers([1], run=f"test{os.getpid()}")
+    env = dict(os.environ)
+    try:
+        yield servers, env
+    finally:
+        servers.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _papermill(tmp_path, code: str, env: dict, name: str = "probe") -> tuple[subprocess.CompletedProcess, dict]:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(code)]
+    src = tmp_path / f"{name}.ipynb"
+    nbformat.write(nb, src)
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", "papermill", str(src), str(tmp_path / f"{name}.out.ipynb"),
+                           "-k", "persona-em", "--cwd", str(work), "--log-output"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stderr.splitlines() if x.startswith("PROBE "))
+    return done, json.loads(line[len("PROBE "):])
+
+
+def test_a_job_kernel_is_forked_warm_and_starts_as_a_cold_one(server, tmp_path):
+    servers, env = server
+    (_, first), (_, second) = _papermill(tmp_path, PROBE, env), _papermill(tmp_path, PROBE, env, "again")
+    pids = {p.pid for p in servers.procs}
+    assert first["ppid"] in pids and second["ppid"] in pids   # forked by the server ...
+    assert first["preloaded"] and second["preloaded"]          # ... with the libraries already imported
+    assert first["backend"] == "module://matplotlib_inline.backend_inline"   # figures inline, as in a cold kernel
+    assert first["cwd"] == str(tmp_path / "work") and first["threads_var"] == "1" and first["mark"] == "server"
+    assert first["seed"] != second["seed"]   # each kernel draws its own unseeded random state, as new processes do
+    cold_env = {k: v for k, v in env.items() if k != kernels.ENV}
+    done, cold = _papermill(tmp_path, PROBE, cold_env, "cold")
+    assert cold["ppid"] not in pids and not cold["preloaded"] and "a cold kernel" not in done.stderr
+    assert cold["backend"] == first["backend"]
+
+
+def test_a_job_whose_environment_differs_gets_a_cold_kernel(server, tmp_path):
+    servers, env = server
+    done, probe = _papermill(tmp_path, PROBE, {**env, "PERSONA_EM_TEST_MARK": "job"})
+    assert "a cold kernel (its environment differs from the fork server's in PERSONA_EM_TEST_MARK)" in done.stderr
+    assert probe["ppid"] not in {p.pid for p in servers.procs} and probe["mark"] == "job"
+    done, probe = _papermill(tmp_path, PROBE, {**env, "OMP_NUM_THREADS": "2"})   # no server for 2 threads
+    assert "a cold kernel (no fork server" in done.stderr and probe["threads_var"] == "2"
+
+
+def test_a_kernel_dies_with_its_launcher(server, tmp_path):
+    servers, env = server
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import time\ntime.sleep(600)")]
+    src = tmp_path / "sleep.ipynb"
+    nbformat.write(nb, src)
+    job = subprocess.Popen([sys.executable, "-m", "papermill", str(src), str(tmp_path / "out.ipynb"), "-k",
+                            "persona-em"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        server_proc = psutil.Process(servers.procs[0].pid)
+        deadline = time.time() + 120
+        while not server_proc.children() and time.time() < deadline:
+            time.sleep(0.2)
+        kernel = server_proc.children()[0]
+        launcher = next(p for p in psutil.Process(job.pid).children() if "persona_em.kernels" in p.cmdline())
+        launcher.send_signal(signal.SIGKILL)
+        kernel.wait(timeout=10)   # raises if the kernel outlives its launcher
+    finally:
+        job.kill()
+        job.wait()
