@@ -5,6 +5,7 @@
 import os
 import shutil
 import sys
+import tempfile
 
 from persona_em import grid, paths
 from persona_em.config import load_profile
@@ -36,7 +37,8 @@ onstart:
     if WARM_KERNELS:
         from persona_em.kernels import Servers
 
-        kernel_servers.append(Servers([THREADS, threads_for("generate", workflow.cores)]))
+        # the jobs' tmpdir: Snakemake's default resource, the system's temporary folder
+        kernel_servers.append(Servers([THREADS, threads_for("generate", workflow.cores)], tempfile.gettempdir()))
 
 onsuccess:
     for s in kernel_servers:

@@ -42,8 +42,11 @@ PRELOAD = ("ipykernel.kernelapp", "numpy", "pandas", "torch", "transformers",
 # Set per job by Jupyter, papermill and the shell, and read only after the kernel starts (or never).
 PER_JOB = {"JPY_PARENT_PID", "JPY_SESSION_NAME", "PYDEVD_IPYTHON_COMPATIBLE_DEBUGGING",
            "PYDEVD_DISABLE_FILE_VALIDATION", "PWD", "OLDPWD", "SHLVL", "_", "PERSONA_EM_PROFILE", ENV}
+# What Snakemake sets in each job's environment: the thread variables (the job's threads) and the temporary
+# folder variables (its tmpdir resource)
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "GOTO_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+TMPDIR_VARS = ("TMPDIR", "TMP", "TEMPDIR", "TEMP")
 
 
 def address(run: str, threads: int | str) -> str:
@@ -341,10 +344,11 @@ def _die_with_parent() -> None:
 # --- the workflow's side ------------------------------------------------------------------------------------
 
 class Servers:
-    """The fork servers of one workflow run, one per thread count its jobs use; `stop` ends them (they also end
-    when the process that started them does)."""
+    """The fork servers of one workflow run, one per thread count its jobs use, each in the environment its jobs
+    get (Snakemake's thread variables, and its temporary-folder variables where `tmpdir` is given); `stop` ends
+    them (they also end when the process that started them does)."""
 
-    def __init__(self, threads: list[int], run: str | None = None):
+    def __init__(self, threads: list[int], tmpdir: str | None = None, run: str | None = None):
         import subprocess
 
         self.run = run or str(os.getpid())
@@ -355,8 +359,8 @@ class Servers:
         argv = kernel_spec("")["argv"]
         options = argv[1:argv.index("-m")]   # the kernel's interpreter options: the server runs with them
         for n in sorted(set(threads)):
-            # the environment a job of n threads gets (Snakemake sets the thread variables per job)
-            env = {**os.environ, **{k: str(n) for k in THREAD_VARS}}
+            env = {**os.environ, **{k: str(n) for k in THREAD_VARS},
+                   **({k: tmpdir for k in TMPDIR_VARS} if tmpdir else {})}
             self.procs.append(subprocess.Popen(
                 [sys.executable, *options, "-m", "persona_em.kernels", "--serve", str(n), self.run,
                  str(os.getpid())],
