@@ -79,23 +79,38 @@ def test_a_job_whose_environment_differs_gets_a_cold_kernel(server, tmp_path):
     assert "a cold kernel (no fork server" in done.stderr and probe["threads_var"] == "2"
 
 
-def test_a_kernel_dies_with_its_launcher(server, tmp_path):
-    servers, env = server
+def _sleeping_job(tmp_path, env: dict, server) -> tuple[subprocess.Popen, psutil.Process, psutil.Process]:
+    """A papermill job whose only cell sleeps, and (once forked) its kernel and the kernel's launcher."""
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("import time\ntime.sleep(600)")]
     src = tmp_path / "sleep.ipynb"
     nbformat.write(nb, src)
     job = subprocess.Popen([sys.executable, "-m", "papermill", str(src), str(tmp_path / "out.ipynb"), "-k",
                             "persona-em"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server_proc = psutil.Process(server.pid)
+    deadline = time.time() + 120
+    while not server_proc.children() and time.time() < deadline:
+        time.sleep(0.2)
+    kernel = server_proc.children()[0]
+    launcher = next(p for p in psutil.Process(job.pid).children() if "persona_em.kernels" in p.cmdline())
+    return job, kernel, launcher
+
+
+@pytest.mark.parametrize("killed", ["launcher", "job", "server"])
+def test_a_kernel_never_outlives_its_launcher_its_job_or_its_server(server, tmp_path, killed):
+    servers, env = server
+    if killed == "server":   # a server of its own, so that the other tests keep theirs
+        os.environ.update(env)
+        servers = kernels.Servers([1], run=f"test{os.getpid()}-killed")
+        env = dict(os.environ)
+    job, kernel, launcher = _sleeping_job(tmp_path, env, servers.procs[0])
     try:
-        server_proc = psutil.Process(servers.procs[0].pid)
-        deadline = time.time() + 120
-        while not server_proc.children() and time.time() < deadline:
-            time.sleep(0.2)
-        kernel = server_proc.children()[0]
-        launcher = next(p for p in psutil.Process(job.pid).children() if "persona_em.kernels" in p.cmdline())
-        launcher.send_signal(signal.SIGKILL)
-        kernel.wait(timeout=10)   # raises if the kernel outlives its launcher
+        victim = {"launcher": launcher, "job": psutil.Process(job.pid), "server": psutil.Process(servers.procs[0].pid)}
+        victim[killed].send_signal(signal.SIGKILL)
+        kernel.wait(timeout=10)   # raises if the kernel outlives it
+        launcher.wait(timeout=10)
     finally:
         job.kill()
         job.wait()
+        if killed == "server":
+            servers.stop()

@@ -108,6 +108,7 @@ class _Refused(RuntimeError):
 
 
 def _forked(where: str, argv: list[str]) -> int:
+    job = os.getppid()   # the papermill process (or Jupyter) that started this kernel
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(where)
     _send(conn, {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.executable,
@@ -125,12 +126,16 @@ def _forked(where: str, argv: list[str]) -> int:
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, forward)
+    # wait for the kernel's exit; if the job that started us dies first, exit: the server then kills the kernel
+    # (a cold ipykernel watches its parent the same way)
+    conn.settimeout(1.0)
     while True:
         try:
             done, _ = _recv(conn)
             break
-        except InterruptedError:
-            continue
+        except TimeoutError:
+            if os.getppid() != job:
+                return 1
     if done is None:   # the server died; its kernels die with it (ipykernel's parent poller)
         return 1
     return done["exit"] if done["exit"] >= 0 else 128 - done["exit"]   # killed by a signal: as a shell says it
@@ -256,6 +261,7 @@ def _fork_for(conn: socket.socket, env: dict, imported: tuple, inherited: list) 
         for fd in fds:   # the job's streams: held here, they would keep its pipes open
             os.close(fd)
         return None
+    server = os.getpid()
     pid = os.fork()
     if pid == 0:   # the kernel
         code = 1
@@ -263,7 +269,7 @@ def _fork_for(conn: socket.socket, env: dict, imported: tuple, inherited: list) 
             for s in inherited:
                 s.close()
             conn.close()
-            _become_kernel(request, fds, imported)
+            _become_kernel(request, fds, imported, server)
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -283,7 +289,7 @@ def _fork_for(conn: socket.socket, env: dict, imported: tuple, inherited: list) 
     return pid
 
 
-def _become_kernel(request: dict, fds: list[int], imported: tuple) -> None:
+def _become_kernel(request: dict, fds: list[int], imported: tuple, server: int) -> None:
     import random
 
     signal.set_wakeup_fd(-1)
@@ -300,9 +306,12 @@ def _become_kernel(request: dict, fds: list[int], imported: tuple) -> None:
     os.environ.update(changed)
     for k in removed:
         os.environ.pop(k, None)
-    argv = list(request["argv"])
-    if os.environ.get("JPY_PARENT_PID"):   # ipykernel reads it when it is imported: here, in the server
-        argv.append(f"--IPKernelApp.parent_handle={os.environ['JPY_PARENT_PID']}")
+    # the kernel ends with the server, however it ends: at once (Linux's parent-death signal; the server is
+    # single-threaded) and through ipykernel's own parent poller, given the server as the parent to watch
+    _die_with_parent(signal.SIGKILL)
+    if os.getppid() != server:   # it ended before the signal was asked for
+        os._exit(1)
+    argv = [*request["argv"], f"--IPKernelApp.parent_handle={server}"]
     sys.argv = [sys.executable, "-m", "ipykernel_launcher", *argv]
     # what a new process draws without a seed differs from process to process (torch's default generator
     # included); drawing from the server's states would make every kernel draw the same
@@ -328,17 +337,17 @@ def _exit_cleanly(code: int) -> int:
     return code
 
 
-def _die_with_parent() -> None:
-    """SIGTERM this process when the process that started it exits (Linux; elsewhere the server polls its
-    parent every second)."""
+def _die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Have the kernel send this process `signum` when the process that started it exits (Linux's
+    PR_SET_PDEATHSIG); a SIGTERM ends the server through its `finally` (its kernels killed)."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signum)   # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 
 # --- the workflow's side ------------------------------------------------------------------------------------
