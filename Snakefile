@@ -28,9 +28,11 @@ if not ON_CLUSTER:
     THREADS = min(THREADS, workflow.cores)
 
 # Warm kernels (persona_em.kernels): on one machine each job's kernel is forked from a server, one per thread
-# count, that has imported the chapters' libraries once, instead of importing them itself (7-10 s a job).
+# count, that has imported the chapters' libraries once, instead of importing them itself (9-16 s a job). CPU
+# runs of the project's kernel only (a GPU run's kernels start cold: CUDA is not to be forked);
 # `--config warm_kernels=false` starts every kernel cold; the results are the same either way.
-WARM_KERNELS = not ON_CLUSTER and str(config.get("warm_kernels", True)).lower() not in ("false", "0", "no")
+WARM_KERNELS = (not ON_CLUSTER and P.hardware.device == "cpu" and KERNEL == "persona-em"
+                and str(config.get("warm_kernels", True)).lower() not in ("false", "0", "no"))
 kernel_servers = []
 
 onstart:
@@ -39,6 +41,8 @@ onstart:
 
         # the jobs' tmpdir: Snakemake's default resource, the system's temporary folder
         kernel_servers.append(Servers([THREADS, threads_for("generate", workflow.cores)], tempfile.gettempdir()))
+        if kernel_servers[0].note:
+            print(f"persona_em.kernels: {kernel_servers[0].note}", file=sys.stderr)
 
 onsuccess:
     for s in kernel_servers:

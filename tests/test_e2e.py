@@ -294,6 +294,9 @@ def test_every_job_wrote_its_log(run):
                          ("03_induce_em", grid.em_runs(P) + grid.direction_runs(P)),
                          ("04_evaluate", grid.eval_models(P) + grid.direction_runs(P))):
         assert sorted(p.stem for p in (logs / stage).glob("*.log")) == sorted(names), stage
+    # every job's kernel was forked warm (persona_em.kernels): none was refused or found no server
+    cold = [p.name for p in logs.rglob("*.log") if "persona_em.kernels: a cold kernel" in p.read_text()]
+    assert not cold, cold
 
 
 def test_a_training_precision_change_reruns_chapters_2_to_5_not_1(run, root):

@@ -58,3 +58,23 @@ def test_the_chapters_kernel_is_registered_for_this_python_when_missing(tmp_path
     assert "registered the Jupyter kernel" in note and spec["argv"][0] == sys.executable
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
     assert ensure_kernel(name, prefix=str(tmp_path)) is None   # found now: nothing to do
+
+
+def test_a_chapters_kernel_without_the_warm_start_is_re_registered(tmp_path, monkeypatch):
+    """A `persona-em` kernel registered as a plain ipykernel for this Python (an older set-up) is rewritten to
+    start through persona_em.kernels, which the workflow's warm kernels need."""
+    import json
+
+    name = "persona-em-test-upgrade"
+    folder = tmp_path / "share" / "jupyter" / "kernels" / name
+    folder.mkdir(parents=True)
+    (folder / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
+                                                              "{connection_file}"], "display_name": name,
+                                                     "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))
+    from persona_em.runner import ensure_kernel
+
+    assert "re-registered" in ensure_kernel(name, prefix=str(tmp_path))
+    argv = json.loads((folder / "kernel.json").read_text())["argv"]
+    assert argv[0] == sys.executable and argv[argv.index("-m") + 1] == "persona_em.kernels"
+    assert ensure_kernel(name, prefix=str(tmp_path)) is None

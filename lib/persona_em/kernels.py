@@ -1,45 +1,52 @@
 """The chapters' Jupyter kernel, started warm: a fork server that has imported the libraries once.
 
 Every Snakemake job executes one chapter in a fresh kernel, a new Python that imports torch, transformers, peft
-and trl before its first line of work: 7-10 s of each job on 2 cores, for jobs whose own work takes 15-60 s
+and trl before its first line of work: 9-16 s of each job on 2 cores, for jobs whose own work takes 10-60 s
 (`benchmarks/run_overhead.py`). During a workflow run the Snakefile therefore starts a fork server: one process
 that imports those libraries (and this package) and then forks a kernel for each job that asks. Every job still
 gets a process of its own with a fresh namespace, and every job starts from the same state, the one a new
-Python reaches by importing the same modules: nothing has run yet (no model loaded, no random number drawn from
-torch, no thread pool started). So a chapter computes what it computes in a cold kernel, and each run keeps its
-executed notebook, log and manifest.
+Python reaches by importing the same modules: nothing has run yet (no model loaded, no random number drawn, no
+parallel region entered), and the unseeded random states are drawn afresh in each kernel. So a chapter computes
+what it computes in a cold kernel, and each run keeps its executed notebook, log and manifest. What a kernel
+does share with its server: the string hash seed, and the command line `ps` shows.
 
 How a kernel starts. The `persona-em` kernel spec runs `python -m persona_em.kernels -f CONNECTION_FILE`. Where
 the environment names a run's fork servers (PERSONA_EM_KERNELS) and one serves this job's thread count, this
 launcher sends the server its command line, working folder, environment and standard streams; the server forks
-the kernel, which takes them over. The launcher stays as the kernel's stand-in for Jupyter: signals it receives (an interrupt, a
-shutdown) go to the kernel, it exits with the kernel's exit status, and if it is killed the server kills the
-kernel. The server forks only for a job whose Python, interpreter options and environment are its own (per-job
+the kernel, which takes them over in a session of its own (as Jupyter starts a cold one). The launcher stays as
+the kernel's stand-in for Jupyter: signals it receives (an interrupt, a shutdown) go to the kernel's process
+group, it exits with the kernel's exit status, and if it or the job that started it dies, the server kills the
+kernel's group; a kernel dies with its server. The server forks only for a job whose Python, interpreter options and environment are its own (per-job
 variables set by Jupyter and the shell apart): an environment variable read at import time would otherwise be
 the server's. Anywhere else (Jupyter, the tour, a run without a server, a refused job) the launcher becomes a
-plain ipykernel, at the usual cost. The servers listen on Linux abstract sockets (no file to leave behind) and
-serve only their own user (the peer's credentials are checked); on other systems every kernel starts cold.
+plain ipykernel, at the usual cost. The servers listen on Linux abstract sockets (no file to leave behind)
+named with a random token, and each side checks that the other runs as its own user; on other systems, and for
+GPU runs, every kernel starts cold.
 """
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 
 ENV = "PERSONA_EM_KERNELS"   # the run whose fork servers a job's kernel asks for (one per thread count)
 # What the modules preloaded: the chapters' libraries, never matplotlib (its backend is chosen when it is first
-# imported, and a kernel chooses the inline one) and nothing that starts a thread (a fork keeps only the
-# forking thread: a thread pool started before the fork would be missing in every kernel).
+# imported, and a kernel chooses the inline one) and nothing that starts a Python thread or initialises CUDA (a
+# fork keeps only the forking thread; the native pools that start at import, OpenBLAS's and jemalloc's, restart
+# themselves in a forked child, and torch's OpenMP pool starts at its first parallel region, in the kernel).
 PRELOAD = ("ipykernel.kernelapp", "numpy", "pandas", "torch", "transformers",
            "transformers.models.llama.modeling_llama", "peft", "trl", "sentence_transformers",
            "statsmodels.formula.api", "persona_em.analysis", "persona_em.direction", "persona_em.em",
            "persona_em.judge", "persona_em.pairs", "persona_em.scorer", "persona_em.diversity",
            "persona_em.forgetting", "persona_em.provenance")
-# Set per job by Jupyter, papermill and the shell, and read only after the kernel starts (or never).
+# Set per job by Jupyter, papermill and the shell, and not read while the server imports (ipykernel reads
+# JPY_PARENT_PID then, which is why each kernel is given its parent explicitly).
 PER_JOB = {"JPY_PARENT_PID", "JPY_SESSION_NAME", "PYDEVD_IPYTHON_COMPATIBLE_DEBUGGING",
            "PYDEVD_DISABLE_FILE_VALIDATION", "PWD", "OLDPWD", "SHLVL", "_", "PERSONA_EM_PROFILE", ENV}
 # What Snakemake sets in each job's environment: the thread variables (the job's threads) and the temporary
@@ -47,6 +54,10 @@ PER_JOB = {"JPY_PARENT_PID", "JPY_SESSION_NAME", "PYDEVD_IPYTHON_COMPATIBLE_DEBU
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "GOTO_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 TMPDIR_VARS = ("TMPDIR", "TMP", "TEMPDIR", "TEMP")
+
+
+START_LIMIT = 300   # seconds a launcher waits for a fork (the server may still be importing) before starting cold
+MAX_REQUEST = 1 << 24   # bytes: a job's command line, folder and environment
 
 
 def address(run: str, threads: int | str) -> str:
@@ -64,26 +75,53 @@ def _send(conn: socket.socket, message: dict, fds: list[int] | None = None) -> N
 
 
 def _recv(conn: socket.socket, max_fds: int = 0) -> tuple[dict | None, list[int]]:
-    """One framed JSON message (None at end of stream) and the descriptors that came with its first bytes."""
-    if max_fds:
-        head, fds, _, _ = socket.recv_fds(conn, 4, max_fds)
-    else:
-        head, fds = conn.recv(4), []
-    while head and len(head) < 4:
-        more = conn.recv(4 - len(head))
-        if not more:
-            break
-        head += more
-    if len(head) < 4:
-        return None, fds
-    size, = struct.unpack("!I", head)
-    data = b""
-    while len(data) < size:
-        more = conn.recv(size - len(data))
-        if not more:
+    """One framed JSON object (None at end of stream) and the descriptors that came with its first bytes; on any
+    error the descriptors are closed and the error raised."""
+    fds = []
+    try:
+        if max_fds:
+            head, fds, _, _ = socket.recv_fds(conn, 4, max_fds)
+        else:
+            head = conn.recv(4)
+        while head and len(head) < 4:
+            more = conn.recv(4 - len(head))
+            if not more:
+                break
+            head += more
+        if len(head) < 4:
             return None, fds
-        data += more
-    return json.loads(data), fds
+        size, = struct.unpack("!I", head)
+        if size > MAX_REQUEST:
+            raise ValueError(f"a message of {size} bytes")
+        data = b""
+        while len(data) < size:
+            more = conn.recv(size - len(data))
+            if not more:
+                return None, fds
+            data += more
+        message = json.loads(data)
+        if not isinstance(message, dict):
+            raise ValueError("not a JSON object")
+        return message, fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+
+
+def _kill(pid: int, signum: int = signal.SIGKILL) -> None:
+    """`signum` to a kernel's process group (its own session), or to the kernel alone before it made one."""
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
 
 
 # --- the launcher: what the kernel spec runs --------------------------------------------------------------------
@@ -92,12 +130,15 @@ def launch(argv: list[str]) -> int:
     """Start the kernel for a connection file: forked by the run's server where it takes this job, else exec'd."""
     run = os.environ.get(ENV)
     if run and sys.platform.startswith("linux"):
+        job = os.getppid()   # the papermill process (or Jupyter) that started this kernel
         try:
-            return _forked(address(run, os.environ.get("OMP_NUM_THREADS") or 0), argv)
+            conn, pid = _request(address(run, os.environ.get("OMP_NUM_THREADS") or 0), argv, job)
         except _Refused as e:
             print(f"persona_em.kernels: a cold kernel ({e})", file=sys.stderr, flush=True)
         except (OSError, ValueError) as e:   # no server for this thread count, or it is gone
             print(f"persona_em.kernels: a cold kernel (no fork server: {e})", file=sys.stderr, flush=True)
+        else:
+            return _stand_in(conn, pid, job) if pid else 1   # pid None: the job died while we waited
     cmd = [sys.executable, *(f"-X{k}" if v is True else f"-X{k}={v}" for k, v in sys._xoptions.items()),
            "-m", "ipykernel_launcher", *argv]
     os.execv(sys.executable, cmd)   # never returns
@@ -107,36 +148,40 @@ class _Refused(RuntimeError):
     pass
 
 
-def _forked(where: str, argv: list[str]) -> int:
-    job = os.getppid()   # the papermill process (or Jupyter) that started this kernel
+def _request(where: str, argv: list[str], job: int) -> tuple[socket.socket, int | None]:
+    """Ask the server at `where` to fork this job's kernel; the connection and the kernel's pid."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(where)
+    if _peer_uid(conn) != os.getuid():
+        raise _Refused("the socket's server runs as another user")
     _send(conn, {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.executable,
                  "xoptions": sys._xoptions}, [0, 1, 2])
+    start = time.monotonic()
+    while not select.select([conn], [], [], 1.0)[0]:
+        if os.getppid() != job:
+            return conn, None
+        if time.monotonic() - start > START_LIMIT:
+            raise _Refused(f"no answer from the fork server in {START_LIMIT} s")
     reply, _ = _recv(conn)
-    if reply is None or "pid" not in reply:
+    if reply is None or not isinstance(reply.get("pid"), int):
         raise _Refused((reply or {}).get("refused", "the fork server closed the connection"))
-    pid = reply["pid"]
+    return conn, reply["pid"]
 
-    def forward(signum, _frame):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
+def _stand_in(conn: socket.socket, pid: int, job: int) -> int:
+    """Be the kernel for Jupyter until it exits: forward signals to its group, return its exit status; if the
+    job that started us dies first, leave (the server then kills the kernel), as a cold ipykernel watches its
+    parent."""
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(s, forward)
-    # wait for the kernel's exit; if the job that started us dies first, exit: the server then kills the kernel
-    # (a cold ipykernel watches its parent the same way)
-    conn.settimeout(1.0)
-    while True:
-        try:
-            done, _ = _recv(conn)
-            break
-        except TimeoutError:
-            if os.getppid() != job:
-                return 1
-    if done is None:   # the server died; its kernels die with it (ipykernel's parent poller)
+        signal.signal(s, lambda signum, _frame: _kill(pid, signum))
+    while not select.select([conn], [], [], 1.0)[0]:
+        if os.getppid() != job:
+            return 1
+    try:
+        done, _ = _recv(conn)
+    except (OSError, ValueError):
+        done = None
+    if done is None or not isinstance(done.get("exit"), int):   # the server died, and its kernels with it
         return 1
     return done["exit"] if done["exit"] >= 0 else 128 - done["exit"]   # killed by a signal: as a shell says it
 
@@ -160,10 +205,12 @@ def serve(where: str, parent: int) -> None:
         importlib.import_module(name)
     # what the imports did to the environment, done again to each kernel's (as its own imports would)
     imported = ({k: v for k, v in os.environ.items() if env.get(k) != v}, set(env) - set(os.environ))
-    if threading.active_count() > 1 or "matplotlib" in sys.modules:
+    import torch
+
+    if threading.active_count() > 1 or "matplotlib" in sys.modules or torch.cuda.is_initialized():
         listener.close()
-        raise SystemExit("persona_em.kernels: the preloaded modules started a thread or imported matplotlib; "
-                         "no warm kernels (every job starts a cold one)")
+        raise SystemExit("persona_em.kernels: the preloaded modules started a thread, imported matplotlib or "
+                         "initialised CUDA; no warm kernels (every job starts a cold one)")
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False), wake_w.setblocking(False)
     signal.set_wakeup_fd(wake_w.fileno())
@@ -178,7 +225,11 @@ def serve(where: str, parent: int) -> None:
             for key, _ in sel.select(timeout=1.0):
                 if key.data == "accept":
                     conn, _ = listener.accept()
-                    pid = _fork_for(conn, env, imported, [listener, wake_r, wake_w, *owners])
+                    try:
+                        pid = _fork_for(conn, env, imported, [listener, wake_r, wake_w, *owners])
+                    except Exception as e:   # one bad request never ends the server
+                        print(f"persona_em.kernels: a request failed: {e!r}", file=sys.stderr, flush=True)
+                        pid = None
                     if pid:
                         kernels[pid], owners[conn] = conn, pid
                         sel.register(conn, selectors.EVENT_READ, "launcher")
@@ -204,13 +255,6 @@ def serve(where: str, parent: int) -> None:
         listener.close()
 
 
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def _reap(kernels: dict, owners: dict, sel) -> None:
     while True:
         try:
@@ -230,15 +274,14 @@ def _reap(kernels: dict, owners: dict, sel) -> None:
             conn.close()
 
 
-def _refusal(conn: socket.socket, request: dict, env: dict) -> str | None:
-    uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
-    if uid != os.getuid():
-        return "another user's job"
+def _refusal(request: dict, env: dict) -> str | None:
+    if not isinstance(request.get("env"), dict) or not isinstance(request.get("argv"), list):
+        return "a malformed request"
     if request.get("executable") != sys.executable:
         return f"the job's Python is {request.get('executable')}, the server's {sys.executable}"
     if request.get("xoptions") != sys._xoptions:
         return "the job's -X options are not the server's"
-    theirs = request.get("env") or {}
+    theirs = request["env"]
     differ = sorted(k for k in set(theirs) | set(env) if k not in PER_JOB and theirs.get(k) != env.get(k))
     if differ:
         return "its environment differs from the fork server's in " + ", ".join(differ)
@@ -247,21 +290,23 @@ def _refusal(conn: socket.socket, request: dict, env: dict) -> str | None:
 
 def _fork_for(conn: socket.socket, env: dict, imported: tuple, inherited: list) -> int | None:
     """Fork a kernel for the launcher on `conn`; its pid, or None (refused, or the launcher already gone)."""
+    if _peer_uid(conn) != os.getuid():   # before reading a byte: only this user's jobs
+        return None
+    conn.settimeout(5.0)   # a launcher sends its request at once; a silent peer must not hold the server
     fds = []
     try:
         request, fds = _recv(conn, max_fds=3)
-        if request is None or len(fds) != 3:
-            raise OSError("incomplete request")
-        refused = _refusal(conn, request, env)
+        refused = "an incomplete request" if request is None or len(fds) != 3 else _refusal(request, env)
         if refused:
             _send(conn, {"refused": refused})
-    except (OSError, ValueError):
-        refused = "unreadable request"
+    except (OSError, ValueError) as e:
+        refused = f"an unreadable request ({e})"
     if refused:
         for fd in fds:   # the job's streams: held here, they would keep its pipes open
             os.close(fd)
         return None
     server = os.getpid()
+    sys.stdout.flush(), sys.stderr.flush()   # nothing buffered here may reach a job's log
     pid = os.fork()
     if pid == 0:   # the kernel
         code = 1
@@ -292,6 +337,7 @@ def _fork_for(conn: socket.socket, env: dict, imported: tuple, inherited: list) 
 def _become_kernel(request: dict, fds: list[int], imported: tuple, server: int) -> None:
     import random
 
+    os.setsid()   # a session and process group of its own, as Jupyter starts a cold kernel
     signal.set_wakeup_fd(-1)
     for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, signal.SIG_DFL)
@@ -313,14 +359,14 @@ def _become_kernel(request: dict, fds: list[int], imported: tuple, server: int) 
         os._exit(1)
     argv = [*request["argv"], f"--IPKernelApp.parent_handle={server}"]
     sys.argv = [sys.executable, "-m", "ipykernel_launcher", *argv]
-    # what a new process draws without a seed differs from process to process (torch's default generator
-    # included); drawing from the server's states would make every kernel draw the same
+    # what a new process draws without a seed differs from process to process (torch's CPU generator included;
+    # its CUDA generators start from a fixed seed, and are left so); the server's states would be every kernel's
     import numpy as np
     import torch
 
     random.seed()
     np.random.seed()
-    torch.seed()
+    torch.default_generator.seed()
     from ipykernel import kernelapp
 
     kernelapp.launch_new_instance(argv=argv)
@@ -338,8 +384,8 @@ def _exit_cleanly(code: int) -> int:
 
 
 def _die_with_parent(signum: int = signal.SIGTERM) -> None:
-    """Have the kernel send this process `signum` when the process that started it exits (Linux's
-    PR_SET_PDEATHSIG); a SIGTERM ends the server through its `finally` (its kernels killed)."""
+    """Have Linux send this process `signum` when the process that started it exits (PR_SET_PDEATHSIG); a
+    SIGTERM ends the server through its `finally` (its kernels killed)."""
     try:
         import ctypes
 
@@ -355,31 +401,41 @@ def _die_with_parent(signum: int = signal.SIGTERM) -> None:
 class Servers:
     """The fork servers of one workflow run, one per thread count its jobs use, each in the environment its jobs
     get (Snakemake's thread variables, and its temporary-folder variables where `tmpdir` is given); `stop` ends
-    them (they also end when the process that started them does)."""
+    them (they also end when the process that started them does). Where they cannot start, `note` says why and
+    every kernel starts cold."""
 
     def __init__(self, threads: list[int], tmpdir: str | None = None, run: str | None = None):
+        import secrets
         import subprocess
 
-        self.run = run or str(os.getpid())
-        self.procs = []
+        self.run = run or secrets.token_hex(8)   # the socket names: not guessable from a process list
+        self.procs, self.note = [], None
         if not sys.platform.startswith("linux"):
+            self.note = "warm kernels need Linux; every kernel starts cold"
             return
-        os.environ[ENV] = self.run   # the jobs inherit it
         argv = kernel_spec("")["argv"]
         options = argv[1:argv.index("-m")]   # the kernel's interpreter options: the server runs with them
-        for n in sorted(set(threads)):
-            env = {**os.environ, **{k: str(n) for k in THREAD_VARS},
-                   **({k: tmpdir for k in TMPDIR_VARS} if tmpdir else {})}
-            self.procs.append(subprocess.Popen(
-                [sys.executable, *options, "-m", "persona_em.kernels", "--serve", str(n), self.run,
-                 str(os.getpid())],
-                env=env, stdin=subprocess.DEVNULL))
+        os.environ[ENV] = self.run   # the jobs inherit it (so do the servers: it is in their environment too)
+        try:
+            for n in sorted(set(threads)):
+                env = {**os.environ, **{k: str(n) for k in THREAD_VARS},
+                       **({k: tmpdir for k in TMPDIR_VARS} if tmpdir else {})}
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, *options, "-m", "persona_em.kernels", "--serve", str(n), self.run,
+                     str(os.getpid())],
+                    env=env, stdin=subprocess.DEVNULL, start_new_session=True))   # a terminal's Ctrl-C is the
+        except OSError as e:                                                      # workflow's to handle
+            self.stop()
+            self.note = f"no warm kernels ({e}); every kernel starts cold"
 
     def stop(self) -> None:
         for p in self.procs:
             p.terminate()
         for p in self.procs:
-            p.wait()
+            try:
+                p.wait(timeout=10)
+            except Exception:
+                p.kill()
         os.environ.pop(ENV, None)
 
 

@@ -74,7 +74,10 @@ def ensure_kernel(name: str = KERNEL, prefix: str | None = None) -> str | None:
                     "the chapters will run there")
         if argv[1:] == kernel_spec(display)["argv"][1:]:
             return None
-        install(name, display, folder=specs[name])
+        try:
+            install(name, display, folder=specs[name])
+        except OSError as e:   # e.g. a read-only system folder: the kernel works, cold
+            return f"note: kernel {name!r} ({specs[name]}) starts cold in workflow runs (not re-registered: {e})"
         return f"re-registered the Jupyter kernel {name!r} in {specs[name]} to start warm in workflow runs"
     where = install(name, display, prefix=prefix)
     return f"registered the Jupyter kernel {name!r} for {sys.executable} in {where}"
