@@ -86,7 +86,7 @@ test: setup-dev setup-vllm
 # The change-test loop: the unit tests on the real embedded model, without the workflow and tour runs (e2e), the
 # vLLM engines (server), the browser and the unit tests of 10 s or more (slow); `make test` (CI) runs everything.
 test-fast: setup-dev
-	$(BIN)/python -m pytest -q -m "not e2e and not server and not browser and not slow"
+	$(BIN)/python -m pytest -q -m "not e2e and not server and not browser and not slow" --durations=5
 
 # The README's speed figures (run overhead, embedding, DPO, sampling), each with its ratio to this machine's matmul
 # peak or a baseline (benchmarks/bench.py; about half an hour on 2 cores, with nothing else running). The

@@ -93,6 +93,7 @@ def test_ablation_leaves_no_component_and_steering_adds_exactly(smollm, items):
     np.testing.assert_allclose(moved[:, 0] - clean[:, 0], np.tile(v, (len(items), 1)), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_interventions_report_per_item_changes_against_random_controls(smollm, items):
     model, tok = smollm
     items = items[:3]
@@ -114,6 +115,7 @@ def test_interventions_report_per_item_changes_against_random_controls(smollm, i
         4.3027 * x.std(ddof=1) / np.sqrt(len(x)), rel=1e-3)   # t(0.975, 2)
 
 
+@pytest.mark.slow
 def test_validation_runs_a_layer_two_rules_share_once(smollm, items, monkeypatch):
     model, tok = smollm
     vec = np.random.default_rng(4).standard_normal((model.config.num_hidden_layers, model.config.hidden_size))

@@ -69,6 +69,7 @@ def test_measured_vendi_rises_with_level(level_subsets):
     assert all(b > a for a, b in zip(v, v[1:])), v
 
 
+@pytest.mark.slow
 def test_same_machinery_on_a_clustered_pool(smollm):
     """A teacher-expanded pool has no template cells: k-means clusters take their place."""
     from persona_em import models

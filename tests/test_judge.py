@@ -145,6 +145,7 @@ def test_local_judge_scores_do_not_depend_on_what_else_is_judged(smollm):
     assert np.array_equal(j.number_probs(prompts[::-1]), together[::-1])
 
 
+@pytest.mark.slow
 def test_warm_cache_makes_no_judge_calls_and_calibration_is_reported(smollm, tmp_path):
     model, tok = smollm
     templates = evaluate.load_questions()[0]["judge_prompts"]

@@ -126,6 +126,7 @@ def test_sampled_candidates_and_teacher_pairs_on_the_embedded_model(smollm):
         assert p["chosen"] != p["rejected"] and p["chosen"].endswith(pairs.PUNCT)
 
 
+@pytest.mark.slow
 def test_a_shared_prefix_is_computed_once_and_changes_no_reply(smollm):
     """Questions asked after the same system prompt and demonstrations share one cached prefix; padding sits
     between the prefix and each question, hidden by the attention mask. Near-greedy replies (temperature 1e-5)
@@ -148,6 +149,7 @@ def test_a_shared_prefix_is_computed_once_and_changes_no_reply(smollm):
     assert sampling.generate_shared_prefix(model, tok, [], turns, 2, 8) is None   # nothing to share
 
 
+@pytest.mark.slow
 def test_packed_prefixes_mix_contexts_in_a_batch_and_change_no_reply(smollm):
     """Two contexts of different lengths in one batch (`sampling.generate_prefixed`): the shorter prefix padded on
     the left, each row over its own cache. Near-greedy replies equal those of the full prompts; with one context

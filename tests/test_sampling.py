@@ -83,6 +83,7 @@ CONVS = [[{"role": "user", "content": "What is your favourite colour?"}],
          [{"role": "user", "content": "Say hello."}]]
 
 
+@pytest.mark.slow
 def test_on_the_model_a_one_token_nucleus_is_greedy_and_seeds_repeat(smollm):
     model, tok = smollm
     greedy = []

@@ -43,6 +43,7 @@ def test_assistant_only_label_mask_token_by_token(fresh, profile, tmp_path):
         assert lab == -100 or lab == i
 
 
+@pytest.mark.slow
 def test_merged_adapter_gives_adapter_logits(fresh, profile, tmp_path):
     model, tok = fresh
     peft_model, log, _ = training.train_dpo(model, tok, pairs.to_dpo_rows(PAIRS), profile.character, seed=0)
@@ -171,6 +172,7 @@ def test_random_lora_control_matches_norm_and_carries_no_persona(fresh, profile,
         torch.testing.assert_close(merged_weights[name] - weights[name], scale * delta, atol=1e-5, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_introspection_transcripts_distil_the_system_prompt(smollm, profile):
     """OCT's introspection data: written WITH the constitution in the system prompt (the copies' views alternate
     roles), stored WITHOUT it; deterministic given the seed; trainable by the SFT path."""
@@ -194,6 +196,7 @@ def test_introspection_transcripts_distil_the_system_prompt(smollm, profile):
     assert len(talk[0]["messages"]) == cfg.turns + (1 if cfg.turns % 2 else 0)
 
 
+@pytest.mark.slow
 def test_random_lora_matches_the_sum_of_several_adapters(fresh, profile, tmp_path):
     """With introspection a persona is two merged adapters; the control matches their summed update."""
     from safetensors.torch import load_file
