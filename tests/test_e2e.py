@@ -59,6 +59,7 @@ def manifest(d: Path) -> dict:
     assert m["packages"]["torch"].startswith("2.13.0") and m["packages"]["trl"]
     assert m["started"] <= m["finished"]
     assert list(d.glob("*.ipynb")), f"no executed notebook in {d}"
+    assert m["kernel"] == "warm", f"{d}: the run's kernel started cold"   # forked from the run's server
     return m
 
 

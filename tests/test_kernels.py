@@ -23,7 +23,7 @@ import matplotlib, torch
 print("PROBE " + json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "preloaded": preloaded,
       "backend": matplotlib.get_backend(), "cwd": os.getcwd(), "seed": torch.initial_seed(),
       "threads_var": os.environ.get("OMP_NUM_THREADS"), "mark": os.environ.get("PERSONA_EM_TEST_MARK"),
-      "kernel": __import__("persona_em.provenance").provenance.kernel_start()}))
+      "kernel": __import__("persona_em.provenance").provenance.kernel_start(), "own_session": os.getsid(0) == os.getpid()}))
 """
 
 
@@ -67,6 +67,7 @@ def test_a_job_kernel_is_forked_warm_and_starts_as_a_cold_one(server, tmp_path):
     assert first["cwd"] == str(tmp_path / "work") and first["threads_var"] == "1" and first["mark"] == "server"
     assert first["seed"] != second["seed"]   # each kernel draws its own unseeded random state, as new processes do
     assert first["kernel"] == "warm"   # what its manifest records
+    assert first["own_session"]   # a session of its own, as Jupyter starts a kernel
     cold_env = {k: v for k, v in env.items() if k != kernels.ENV}
     done, cold = _papermill(tmp_path, PROBE, cold_env, "cold")
     assert cold["ppid"] not in pids and not cold["preloaded"] and "a cold kernel" not in done.stderr
@@ -83,22 +84,32 @@ def test_a_job_whose_environment_differs_gets_a_cold_kernel(server, tmp_path):
     assert "a cold kernel (no fork server" in done.stderr and probe["threads_var"] == "2"
 
 
+SLEEPER = """import os, pathlib, signal, subprocess, time
+child = subprocess.Popen(["sleep", "600"])   # a process of the kernel's group, as a training launch makes
+signal.signal(signal.SIGTERM, lambda *_: (pathlib.Path({term!r}).write_text("TERM"), os._exit(0)))
+pathlib.Path({ready!r}).write_text(str(child.pid))
+time.sleep(600)
+"""
+
+
 def _sleeping_job(tmp_path, env: dict, server) -> tuple[subprocess.Popen, psutil.Process, psutil.Process]:
-    """A papermill job whose only cell sleeps, and (once forked) its kernel and the kernel's launcher."""
+    """A papermill job whose cell starts a child and sleeps, and (once the cell runs) its kernel, the kernel's
+    launcher and the child."""
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("import time\ntime.sleep(600)")]
+    ready, term = tmp_path / "ready", tmp_path / "term"
+    nb.cells = [nbformat.v4.new_code_cell(SLEEPER.format(ready=str(ready), term=str(term)))]
     src = tmp_path / "sleep.ipynb"
     nbformat.write(nb, src)
     job = subprocess.Popen([sys.executable, "-m", "papermill", str(src), str(tmp_path / "out.ipynb"), "-k",
                             "persona-em"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server_proc = psutil.Process(server.pid)
     deadline = time.time() + 120
-    while not server_proc.children() and time.time() < deadline:
+    while not ready.exists() and time.time() < deadline:
         time.sleep(0.2)
-    assert len(server_proc.children()) == 1, "the server forked no kernel for the job in 120 s (or several)"
+    assert ready.exists() and len(server_proc.children()) == 1, "no forked kernel ran the job's cell in 120 s"
     kernel = server_proc.children()[0]
     launcher = next(p for p in psutil.Process(job.pid).children() if "persona_em.kernels" in p.cmdline())
-    return job, kernel, launcher
+    return job, kernel, launcher, psutil.Process(int(ready.read_text()))
 
 
 @pytest.mark.parametrize("killed", ["launcher", "job", "server", "forwarded"])
@@ -110,15 +121,21 @@ def test_a_kernel_never_outlives_its_launcher_its_job_or_its_server(server, tmp_
         os.environ.update(env)
         servers = kernels.Servers([1], run=f"test{os.getpid()}-killed")
         env = dict(os.environ)
-    job, kernel, launcher = _sleeping_job(tmp_path, env, servers.procs[0])
+    job, kernel, launcher, child = _sleeping_job(tmp_path, env, servers.procs[0])
     try:
         victim = {"launcher": launcher, "job": psutil.Process(job.pid), "server": psutil.Process(servers.procs[0].pid),
                   "forwarded": launcher}
         victim[killed].send_signal(signal.SIGTERM if killed == "forwarded" else signal.SIGKILL)
         kernel.wait(timeout=10)   # raises if the kernel outlives it
         launcher.wait(timeout=10)
+        if killed == "forwarded":   # the kernel's own handler ran: the signal reached it, not only the launcher
+            assert (tmp_path / "term").read_text() == "TERM"
+        elif killed != "server":   # the server kills the kernel's group, as Jupyter kills a cold kernel's:
+            child.wait(timeout=10)  # nothing it started is left behind (a SIGKILLed server kills nothing)
     finally:
         job.kill()
         job.wait()
+        if child.is_running():
+            child.kill()
         if killed == "server":
             servers.stop()

@@ -57,7 +57,9 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "GO
 TMPDIR_VARS = ("TMPDIR", "TMP", "TEMPDIR", "TEMP")
 
 
-START_LIMIT = 300   # seconds a launcher waits for a fork (the server may still be importing) before starting cold
+# seconds a launcher waits for its fork (the server may still be importing) before it starts a cold kernel, well
+# within the 60 s papermill gives a kernel to start
+START_LIMIT = 40
 MAX_REQUEST = 1 << 24   # bytes: a job's command line, folder and environment
 
 
@@ -69,10 +71,8 @@ def address(run: str, threads: int | str) -> str:
 def _send(conn: socket.socket, message: dict, fds: list[int] | None = None) -> None:
     data = json.dumps(message).encode()
     frame = struct.pack("!I", len(data)) + data
-    if fds:
-        socket.send_fds(conn, [frame], fds)
-    else:
-        conn.sendall(frame)
+    sent = socket.send_fds(conn, [frame], fds) if fds else 0
+    conn.sendall(frame[sent:])
 
 
 def _recv(conn: socket.socket, max_fds: int = 0) -> tuple[dict | None, list[int]]:
@@ -118,10 +118,10 @@ def _kill(pid: int, signum: int = signal.SIGKILL) -> None:
     """`signum` to a kernel's process group (its own session), or to the kernel alone before it made one."""
     try:
         os.killpg(pid, signum)
-    except (ProcessLookupError, PermissionError):
+    except OSError:
         try:
             os.kill(pid, signum)
-        except ProcessLookupError:
+        except OSError:
             pass
 
 
@@ -140,6 +140,7 @@ def launch(argv: list[str]) -> int:
             print(f"persona_em.kernels: a cold kernel (no fork server: {e})", file=sys.stderr, flush=True)
         else:
             return _stand_in(conn, pid, job) if pid else 1   # pid None: the job died while we waited
+    os.environ.pop(FORKED, None)   # a workflow started from a warm kernel passes it on; this kernel is cold
     cmd = [sys.executable, *(f"-X{k}" if v is True else f"-X{k}={v}" for k, v in sys._xoptions.items()),
            "-m", "ipykernel_launcher", *argv]
     os.execv(sys.executable, cmd)   # never returns
@@ -225,7 +226,11 @@ def serve(where: str, parent: int) -> None:
         while os.getppid() == parent:
             for key, _ in sel.select(timeout=1.0):
                 if key.data == "accept":
-                    conn, _ = listener.accept()
+                    try:
+                        conn, _ = listener.accept()
+                    except OSError as e:   # e.g. out of descriptors: the launcher waits, or starts cold
+                        print(f"persona_em.kernels: accept failed: {e!r}", file=sys.stderr, flush=True)
+                        continue
                     try:
                         pid = _fork_for(conn, env, imported, [listener, wake_r, wake_w, *owners])
                     except Exception as e:   # one bad request never ends the server
@@ -307,11 +312,17 @@ def _fork_for(conn: socket.socket, env: dict, imported: tuple, inherited: list) 
             os.close(fd)
         return None
     server = os.getpid()
-    sys.stdout.flush(), sys.stderr.flush()   # nothing buffered here may reach a job's log
-    pid = os.fork()
+    try:
+        sys.stdout.flush(), sys.stderr.flush()   # nothing buffered here may reach a job's log
+        pid = os.fork()
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     if pid == 0:   # the kernel
         code = 1
         try:
+            signal.set_wakeup_fd(-1)   # before its descriptor is closed below
             for s in inherited:
                 s.close()
             conn.close()
@@ -339,13 +350,13 @@ def _become_kernel(request: dict, fds: list[int], imported: tuple, server: int) 
     import random
 
     os.setsid()   # a session and process group of its own, as Jupyter starts a cold kernel
-    signal.set_wakeup_fd(-1)
     for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-        os.close(fd)
+        if fd != target:
+            os.dup2(fd, target)
+            os.close(fd)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -410,7 +421,8 @@ class Servers:
         import secrets
         import subprocess
 
-        self.run = run or secrets.token_hex(8)   # the socket names: not guessable from a process list
+        # random socket names: another user cannot bind them first (and both ends check each other's user)
+        self.run = run or secrets.token_hex(8)
         self.procs, self.note = [], None
         if not sys.platform.startswith("linux"):
             self.note = "warm kernels need Linux; every kernel starts cold"
@@ -418,8 +430,9 @@ class Servers:
         argv = kernel_spec("")["argv"]
         options = argv[1:argv.index("-m")]   # the kernel's interpreter options: the server runs with them
         os.environ[ENV] = self.run   # the jobs inherit it (so do the servers: it is in their environment too)
+        self.threads = sorted(set(threads))
         try:
-            for n in sorted(set(threads)):
+            for n in self.threads:
                 env = {**os.environ, **{k: str(n) for k in THREAD_VARS},
                        **({k: tmpdir for k in TMPDIR_VARS} if tmpdir else {})}
                 self.procs.append(subprocess.Popen(
@@ -429,6 +442,20 @@ class Servers:
         except OSError as e:                                                      # workflow's to handle
             self.stop()
             self.note = f"no warm kernels ({e}); every kernel starts cold"
+            return
+        self._wait_bound()
+
+    def _wait_bound(self, limit: float = 10.0) -> None:
+        """Return once every server listens (each binds as soon as its Python runs, before its imports): a job
+        that came first would find no server and start cold."""
+        names = {address(self.run, n)[1:] for n in self.threads}
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            with open("/proc/net/unix") as f:
+                bound = {line.split()[-1].lstrip("@") for line in f if line.rstrip().endswith(tuple(names))}
+            if names <= bound or any(p.poll() is not None for p in self.procs):
+                return
+            time.sleep(0.05)
 
     def stop(self) -> None:
         for p in self.procs:
