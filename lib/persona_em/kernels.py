@@ -105,9 +105,13 @@ def _recv(conn: socket.socket, max_fds: int = 0) -> tuple[dict | None, list[int]
             raise ValueError("not a JSON object")
         return message, fds
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        _close(fds)
         raise
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -308,16 +312,14 @@ def _fork_for(conn: socket.socket, env: dict, imported: tuple, inherited: list) 
     except (OSError, ValueError) as e:
         refused = f"an unreadable request ({e})"
     if refused:
-        for fd in fds:   # the job's streams: held here, they would keep its pipes open
-            os.close(fd)
+        _close(fds)   # the job's streams: held here, they would keep its pipes open
         return None
     server = os.getpid()
     try:
         sys.stdout.flush(), sys.stderr.flush()   # nothing buffered here may reach a job's log
         pid = os.fork()
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        _close(fds)
         raise
     if pid == 0:   # the kernel
         code = 1
@@ -336,8 +338,7 @@ def _fork_for(conn: socket.socket, env: dict, imported: tuple, inherited: list) 
             traceback.print_exc()
         finally:
             os._exit(_exit_cleanly(code))
-    for fd in fds:
-        os.close(fd)
+    _close(fds)
     try:
         _send(conn, {"pid": pid})
     except OSError:   # the launcher died while we forked
