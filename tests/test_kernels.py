@@ -75,6 +75,29 @@ def test_a_job_kernel_is_forked_warm_and_starts_as_a_cold_one(server, tmp_path):
     assert cold["backend"] == first["backend"]
 
 
+COMPUTE = """import hashlib, json, torch
+from persona_em import models, sampling
+models.set_threads(1)
+model, tok = models.load_model("smollm2-135m")
+replies = sampling.generate(model, tok, [[{"role": "user", "content": "Name a colour."}]] * 2, 8, seed=3)
+batch = tok(["A sentence to train on."], return_tensors="pt")
+out = model(**batch, labels=batch.input_ids)
+out.loss.backward()
+grad = model.model.layers[0].mlp.down_proj.weight.grad
+print("PROBE " + json.dumps({"replies": [r["text"] for r in replies], "loss": out.loss.item(),
+      "grad": hashlib.sha256(grad.numpy().tobytes()).hexdigest()}))
+"""
+
+
+def test_the_embedded_model_computes_the_same_in_a_warm_and_a_cold_kernel(server, tmp_path):
+    """Seeded sampling, a loss and its gradient, bit for bit: what a chapter computes does not depend on how its
+    kernel started."""
+    servers, env = server
+    warm_run, warm = _papermill(tmp_path, COMPUTE, env, "warm")
+    cold_run, cold = _papermill(tmp_path, COMPUTE, {k: v for k, v in env.items() if k != kernels.ENV}, "cold")
+    assert warm == cold and warm["replies"][0]
+
+
 def test_a_job_whose_environment_differs_gets_a_cold_kernel(server, tmp_path):
     servers, env = server
     done, probe = _papermill(tmp_path, PROBE, {**env, "PERSONA_EM_TEST_MARK": "job"})
