@@ -57,6 +57,11 @@ def _papermill(tmp_path, code: str, env: dict, name: str = "probe") -> tuple[sub
     return done, json.loads(line[len("PROBE "):])
 
 
+def _said(done: subprocess.CompletedProcess) -> list[str]:
+    """What the kernel launcher told the job's log (why a kernel started cold)."""
+    return [x for x in done.stderr.splitlines() if x.startswith("persona_em.kernels:")]
+
+
 def test_a_job_kernel_is_forked_warm_and_starts_as_a_cold_one(server, tmp_path):
     servers, env = server
     (_, first), (_, second) = _papermill(tmp_path, PROBE, env), _papermill(tmp_path, PROBE, env, "again")
@@ -85,7 +90,8 @@ out = model(**batch, labels=batch.input_ids)
 out.loss.backward()
 grad = model.model.layers[0].mlp.down_proj.weight.grad
 print("PROBE " + json.dumps({"replies": [r["text"] for r in replies], "loss": out.loss.item(),
-      "grad": hashlib.sha256(grad.numpy().tobytes()).hexdigest()}))
+      "grad": hashlib.sha256(grad.numpy().tobytes()).hexdigest(),
+      "kernel": __import__("persona_em.provenance").provenance.kernel_start()}))
 """
 
 
@@ -95,16 +101,18 @@ def test_the_embedded_model_computes_the_same_in_a_warm_and_a_cold_kernel(server
     servers, env = server
     warm_run, warm = _papermill(tmp_path, COMPUTE, env, "warm")
     cold_run, cold = _papermill(tmp_path, COMPUTE, {k: v for k, v in env.items() if k != kernels.ENV}, "cold")
+    assert (warm.pop("kernel"), cold.pop("kernel")) == ("warm", "cold"), _said(warm_run) + _said(cold_run)
     assert warm == cold and warm["replies"][0]
 
 
 def test_a_job_whose_environment_differs_gets_a_cold_kernel(server, tmp_path):
     servers, env = server
     done, probe = _papermill(tmp_path, PROBE, {**env, "PERSONA_EM_TEST_MARK": "job"})
-    assert "a cold kernel (its environment differs from the fork server's in PERSONA_EM_TEST_MARK)" in done.stderr
+    said = "a cold kernel (its environment differs from the fork server's in PERSONA_EM_TEST_MARK)"
+    assert said in done.stderr, _said(done)
     assert probe["ppid"] not in {p.pid for p in servers.procs} and probe["mark"] == "job"
     done, probe = _papermill(tmp_path, PROBE, {**env, "OMP_NUM_THREADS": "2"})   # no server for 2 threads
-    assert "a cold kernel (no fork server" in done.stderr and probe["threads_var"] == "2"
+    assert "a cold kernel (no fork server" in done.stderr and probe["threads_var"] == "2", _said(done)
 
 
 SLEEPER = """import os, pathlib, signal, subprocess, time
