@@ -45,7 +45,13 @@ def gather() -> None:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    table = ["| figure | value | unit | ratio | against |", "| --- | ---: | --- | ---: | --- |"]
+    machines: dict[str, list[str]] = {}   # machine -> the benchmarks measured on it
+    for r in rows:
+        names = machines.setdefault(r.get("machine") or "a machine not recorded", [])
+        if r["benchmark"] not in names:
+            names.append(r["benchmark"])
+    table = [f"Measured on {m}: {', '.join(names)}." for m, names in machines.items()]
+    table += ["", "| figure | value | unit | ratio | against |", "| --- | ---: | --- | ---: | --- |"]
     table += [f"| {r['figure']} | {r['value']} | {r['unit']} | {r['ratio']} | {r['against']} |" for r in rows]
     (RESULTS / "bench.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))

@@ -109,7 +109,7 @@ def test_a_job_whose_environment_differs_gets_a_cold_kernel(server, tmp_path):
     servers, env = server
     done, probe = _papermill(tmp_path, PROBE, {**env, "PERSONA_EM_TEST_MARK": "job"})
     said = "a cold kernel (its environment differs from the fork server's in PERSONA_EM_TEST_MARK)"
-    assert said in done.stderr, _said(done)
+    assert said in done.stderr, (_said(done), "server exit codes", [p.poll() for p in servers.procs])
     assert probe["ppid"] not in {p.pid for p in servers.procs} and probe["mark"] == "job"
     done, probe = _papermill(tmp_path, PROBE, {**env, "OMP_NUM_THREADS": "2"})   # no server for 2 threads
     assert "a cold kernel (no fork server" in done.stderr and probe["threads_var"] == "2", _said(done)
