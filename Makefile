@@ -89,7 +89,7 @@ test-fast: setup-dev
 	$(BIN)/python -m pytest -q -m "not e2e and not server and not browser and not slow" --durations=5
 
 # The README's speed figures (run overhead, embedding, DPO, sampling), each with its ratio to this machine's matmul
-# peak or a baseline (benchmarks/bench.py; about half an hour on 2 cores, with nothing else running). The
+# peak or a baseline (benchmarks/bench.py; 30-45 minutes on 2 cores, with nothing else running). The
 # end-to-end times of `make reproduce` and `make test` are benchmarks/reproduce_time.sh's.
 bench: setup-dev setup-vllm
 	$(BIN)/python benchmarks/bench.py

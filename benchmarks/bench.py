@@ -17,7 +17,7 @@ from pathlib import Path
 from record import COLUMNS, RESULTS, read
 
 HERE = Path(__file__).resolve().parent
-# name -> arguments: sizes that keep `make bench` near half an hour on 2 cores
+# name -> arguments: sizes that keep `make bench` at 30-45 minutes on 2 cores
 BENCHMARKS = {
     "run_overhead": ["2"],               # each chapter's start twice, the faster counted
     "diversity_speed": ["10000"],        # 10,000 pool questions
@@ -50,7 +50,7 @@ def gather() -> None:
         names = machines.setdefault(r.get("machine") or "a machine not recorded", [])
         if r["benchmark"] not in names:
             names.append(r["benchmark"])
-    table = [f"Measured on {m}: {', '.join(names)}." for m, names in machines.items()]
+    table = [f"- Measured on {m}: {', '.join(names)}." for m, names in machines.items()]
     table += ["", "| figure | value | unit | ratio | against |", "| --- | ---: | --- | ---: | --- |"]
     table += [f"| {r['figure']} | {r['value']} | {r['unit']} | {r['ratio']} | {r['against']} |" for r in rows]
     (RESULTS / "bench.md").write_text("\n".join(table) + "\n")

@@ -12,6 +12,8 @@ COLUMNS = ["benchmark", "figure", "value", "unit", "ratio", "against", "machine"
 def this_machine() -> str:
     """'AMD EPYC (2 cores, no GPU), AVX2, no bf16 instructions': what every figure of a benchmark ran on (the
     vector width and bf16 instructions set the matmul peaks the ratios are against)."""
+    import torch   # noqa: F401 (provenance names a GPU only where torch is loaded)
+
     from persona_em import models, provenance
 
     try:
