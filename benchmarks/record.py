@@ -16,11 +16,7 @@ def this_machine() -> str:
 
     from persona_em import models, provenance
 
-    try:
-        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                 for f in line.split(":", 1)[1].split()}
-    except OSError:
-        flags = set()
+    flags = models.cpu_flags()
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     bf16 = "bf16 instructions" if models.native_bf16() else "no bf16 instructions"
     return f"{provenance.describe_machine(provenance.machine())}, {vector}, {bf16}"

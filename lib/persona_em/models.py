@@ -173,12 +173,16 @@ def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it PyTorch emulates bf16
     matmuls: measured on a 2-core AMD EPYC (AVX2), a 1024^3 matmul ran at 0.85 GFLOP/s in bf16 against 108 in
     float32, so `hardware.*_autocast: auto` runs float32 there. No /proc/cpuinfo (not Linux): False."""
+    return any(f in cpu_flags(cpuinfo) for f in BF16_FLAGS)
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The instruction-set flags /proc/cpuinfo lists (empty where there is none: not Linux)."""
     try:
-        flags = {f for line in Path(cpuinfo).read_text().splitlines() if line.startswith("flags")
-                 for f in line.split(":", 1)[1].split()}
+        return {f for line in Path(cpuinfo).read_text().splitlines() if line.startswith("flags")
+                for f in line.split(":", 1)[1].split()}
     except OSError:
-        return False
-    return any(f in flags for f in BF16_FLAGS)
+        return set()
 
 
 def autocast(mode: str, device: str = "cpu"):
