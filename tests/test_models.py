@@ -61,3 +61,44 @@ def test_a_missing_model_cache_is_rebuilt_from_the_package(monkeypatch, tmp_path
     assert rebuilt.parent == tmp_path and not list(tmp_path.glob(".*.tmp"))
     a, b = load_file(main), load_file(rebuilt / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _random_adapter(base, path, seed: int, **lora) -> None:
+    """A saved LoRA adapter whose A and B are both random (a fresh LoRA's B is zero: its merge would be a no-op)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM", **lora))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.01)
+    peft_model.save_pretrained(path)
+
+
+def test_plain_lora_merges_to_the_bits_peft_merges(smollm, tmp_path):
+    """`merge_adapter` adds a plain LoRA itself; the merged weights must be peft's merge_and_unload's, bit for
+    bit, for two adapters in turn (alpha / r and rsLoRA's alpha / sqrt r), with the tensors peft leaves alone
+    untouched. A variant (DoRA here) is left to peft, and gives peft's weights too."""
+    import copy
+
+    from peft import PeftModel
+
+    base = smollm[0]
+    _random_adapter(base, tmp_path / "a", 0, lora_alpha=16)
+    _random_adapter(base, tmp_path / "b", 1, lora_alpha=32, use_rslora=True)
+    _random_adapter(base, tmp_path / "dora", 2, lora_alpha=16, use_dora=True)
+    assert models.plain_lora_updates(base, tmp_path / "a") and models.plain_lora_updates(base, tmp_path / "b")
+    assert models.plain_lora_updates(base, tmp_path / "dora") is None
+    for adapters in (["a", "b"], ["dora"]):
+        ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+        for a in adapters:
+            ours = models.merge_adapter(ours, tmp_path / a)
+            theirs = PeftModel.from_pretrained(theirs, str(tmp_path / a)).merge_and_unload()
+        want, got = theirs.state_dict(), ours.state_dict()
+        assert type(ours) is type(base) and got.keys() == want.keys()
+        changed = [k for k in want if not torch.equal(want[k], base.state_dict()[k])]
+        assert len(changed) == 30 * 3, adapters   # q, v and down projections of every layer
+        assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])][:3]

@@ -9,6 +9,7 @@ weights and the merge is deterministic.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -118,11 +119,72 @@ def load_model(spec: str, adapters: list[str | Path] = (), dtype: str = "float32
 
 
 def merge_adapter(model, adapter: str | Path):
-    from peft import PeftModel
-
-    if not (Path(adapter) / "adapter_config.json").is_file():
+    """`model` with the LoRA adapter saved at `adapter` added into its weights: peft's merge_and_unload, the same
+    sum. A plain LoRA (no DoRA or other variant, no bias, no per-module rank or alpha) into float32 weights is
+    added here directly, with peft's arithmetic, (B @ A) * scaling, then += (the same bits, tests/test_models.py):
+    peft wraps every target module before merging, 2-3 s an adapter of the embedded model on one core, several
+    times the sum itself. Anything else merges through peft."""
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: no LoRA adapter here (adapter_config.json missing)")
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    deltas = plain_lora_updates(model, adapter)
+    if deltas is None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    import torch
+
+    with torch.no_grad():
+        for module, (b, a, scaling) in deltas.items():
+            module.weight.data += (b @ a) * scaling
+    return model
+
+
+# adapter_config.json fields of a plain LoRA that say nothing about the sum (or are off at these values); any
+# other field set, or these at other values, is a variant `plain_lora_updates` leaves to peft
+PLAIN_LORA_FIELDS = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "use_dora": False,
+                     "lora_bias": False, "alpha_pattern": {}, "rank_pattern": {}}
+LORA_BOOKKEEPING = {"base_model_name_or_path", "revision", "task_type", "inference_mode", "init_lora_weights",
+                    "lora_dropout", "target_modules", "r", "lora_alpha", "use_rslora", "peft_version",
+                    "megatron_core", "qalora_group_size", "loftq_config", "auto_mapping", "layers_pattern",
+                    "layers_to_transform", "exclude_modules", "ensure_weight_tying"}
+
+
+def plain_lora_updates(model, adapter: Path) -> dict | None:
+    """{linear module: (B, A, scaling)} of a plain LoRA adapter folder, whose every module is a float32
+    nn.Linear of `model` with matching shapes; None where peft must merge it (a variant, another dtype, a
+    module that is not a Linear)."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file() or any(cfg.get(k, v) != v for k, v in PLAIN_LORA_FIELDS.items()) or any(
+            v for k, v in cfg.items() if k not in PLAIN_LORA_FIELDS and k not in LORA_BOOKKEEPING):
+        return None
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r   # peft's LoraLayer.update_layer
+    state = load_file(str(weights))
+    out = {}
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            if ".lora_B." not in key:
+                return None   # something else saved with the adapter (e.g. modules_to_save)
+            continue
+        name = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        b = state.get(key.replace(".lora_A.", ".lora_B."))
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            return None
+        if (b is None or type(module) is not torch.nn.Linear or module.weight.dtype != torch.float32
+                or a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[0] != b.shape[1]
+                or module.weight.shape != (b.shape[0], a.shape[1])):
+            return None
+        out[module] = (b, a, scaling)
+    return out if sum(".lora_B." in k for k in state) == len(out) else None
 
 
 EMBEDDERS = ("minilm", "minilm-bf16")
