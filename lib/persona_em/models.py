@@ -183,7 +183,7 @@ def plain_lora_updates(model, adapter: Path) -> dict | None:
                 or a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[0] != b.shape[1]
                 or module.weight.shape != (b.shape[0], a.shape[1])):
             return None
-        out[module] = (b, a, scaling)
+        out[module] = (b.to(module.weight.device), a.to(module.weight.device), scaling)   # where peft's sum runs
     return out if sum(".lora_B." in k for k in state) == len(out) else None
 
 
