@@ -1,4 +1,8 @@
 """Model specs: the embedded default, a local folder, hub ids (validated, never fetched here)."""
+import contextlib
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -63,7 +67,7 @@ def test_a_missing_model_cache_is_rebuilt_from_the_package(monkeypatch, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _random_adapter(base, path, seed: int, **lora) -> None:
+def _random_adapter(base, path, seed: int, r: int = 8, **lora) -> None:
     """A saved LoRA adapter whose A and B are both random (a fresh LoRA's B is zero: its merge would be a no-op)."""
     import copy
 
@@ -71,7 +75,7 @@ def _random_adapter(base, path, seed: int, **lora) -> None:
 
     torch.manual_seed(seed)
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(
-        r=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM", **lora))
+        r=r, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM", **lora))
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.01)
@@ -80,25 +84,36 @@ def _random_adapter(base, path, seed: int, **lora) -> None:
 
 def test_plain_lora_merges_to_the_bits_peft_merges(smollm, tmp_path):
     """`merge_adapter` adds a plain LoRA itself; the merged weights must be peft's merge_and_unload's, bit for
-    bit, for two adapters in turn (alpha / r and rsLoRA's alpha / sqrt r), with the tensors peft leaves alone
-    untouched. A variant (DoRA here) is left to peft, and gives peft's weights too."""
+    bit, for two adapters in turn (alpha / r and rsLoRA's alpha / sqrt r, neither a power of two), with the
+    tensors peft leaves alone untouched, and without peft. A variant (DoRA, PiSSA's initialisation) is left to peft,
+    and gives peft's weights too."""
     import copy
+    from unittest import mock
 
     from peft import PeftModel
 
     base = smollm[0]
-    _random_adapter(base, tmp_path / "a", 0, lora_alpha=16)
+    _random_adapter(base, tmp_path / "a", 0, r=6, lora_alpha=16)
     _random_adapter(base, tmp_path / "b", 1, lora_alpha=32, use_rslora=True)
     _random_adapter(base, tmp_path / "dora", 2, lora_alpha=16, use_dora=True)
     assert models.plain_lora_updates(base, tmp_path / "a") and models.plain_lora_updates(base, tmp_path / "b")
     assert models.plain_lora_updates(base, tmp_path / "dora") is None
+    pissa = tmp_path / "pissa"
+    shutil.copytree(tmp_path / "a", pissa)
+    config = json.loads((pissa / "adapter_config.json").read_text())
+    (pissa / "adapter_config.json").write_text(json.dumps(config | {"init_lora_weights": "pissa"}))
+    assert models.plain_lora_updates(base, pissa) is None
     for adapters in (["a", "b"], ["dora"]):
         ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
         for a in adapters:
-            ours = models.merge_adapter(ours, tmp_path / a)
+            plain = a != "dora"
+            with mock.patch.object(PeftModel, "from_pretrained", side_effect=AssertionError("peft")) if plain else \
+                    contextlib.nullcontext():
+                ours = models.merge_adapter(ours, tmp_path / a)
             theirs = PeftModel.from_pretrained(theirs, str(tmp_path / a)).merge_and_unload()
         want, got = theirs.state_dict(), ours.state_dict()
         assert type(ours) is type(base) and got.keys() == want.keys()
         changed = [k for k in want if not torch.equal(want[k], base.state_dict()[k])]
         assert len(changed) == 30 * 3, adapters   # q, v and down projections of every layer
         assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])][:3]
+        assert not any(p.requires_grad for p in ours.parameters())   # frozen, as peft leaves a merged model

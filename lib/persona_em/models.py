@@ -137,17 +137,19 @@ def merge_adapter(model, adapter: str | Path):
     with torch.no_grad():
         for module, (b, a, scaling) in deltas.items():
             module.weight.data += (b @ a) * scaling
-    return model
+    return model.requires_grad_(False)   # as peft leaves it: every base weight frozen
 
 
-# adapter_config.json fields of a plain LoRA that say nothing about the sum (or are off at these values); any
-# other field set, or these at other values, is a variant `plain_lora_updates` leaves to peft
-PLAIN_LORA_FIELDS = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "use_dora": False,
-                     "lora_bias": False, "alpha_pattern": {}, "rank_pattern": {}}
-LORA_BOOKKEEPING = {"base_model_name_or_path", "revision", "task_type", "inference_mode", "init_lora_weights",
-                    "lora_dropout", "target_modules", "r", "lora_alpha", "use_rslora", "peft_version",
-                    "megatron_core", "qalora_group_size", "loftq_config", "auto_mapping", "layers_pattern",
-                    "layers_to_transform", "exclude_modules", "ensure_weight_tying"}
+# adapter_config.json fields of a plain LoRA, with the values at which the merge is the plain sum (PiSSA, OLoRA,
+# CorDA and LoftQ initialisations rewrite the base weights when peft loads the adapter); any other field set, or
+# these at other values, is a variant `plain_lora_updates` leaves to peft
+PLAIN_LORA_FIELDS = {"peft_type": ("LORA",), "bias": ("none",), "fan_in_fan_out": (False,), "use_dora": (False,),
+                     "lora_bias": (False,), "alpha_pattern": ({},), "rank_pattern": ({},),
+                     "init_lora_weights": (True, False, "gaussian")}
+LORA_BOOKKEEPING = {"base_model_name_or_path", "revision", "task_type", "inference_mode", "lora_dropout",
+                    "target_modules", "r", "lora_alpha", "use_rslora", "peft_version", "megatron_core",
+                    "qalora_group_size", "loftq_config", "auto_mapping", "layers_pattern", "layers_to_transform",
+                    "exclude_modules", "ensure_weight_tying"}
 
 
 def plain_lora_updates(model, adapter: Path) -> dict | None:
@@ -161,7 +163,7 @@ def plain_lora_updates(model, adapter: Path) -> dict | None:
 
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     weights = adapter / "adapter_model.safetensors"
-    if not weights.is_file() or any(cfg.get(k, v) != v for k, v in PLAIN_LORA_FIELDS.items()) or any(
+    if not weights.is_file() or any(cfg.get(k, ok[0]) not in ok for k, ok in PLAIN_LORA_FIELDS.items()) or any(
             v for k, v in cfg.items() if k not in PLAIN_LORA_FIELDS and k not in LORA_BOOKKEEPING):
         return None
     r, alpha = cfg["r"], cfg["lora_alpha"]
@@ -180,7 +182,7 @@ def plain_lora_updates(model, adapter: Path) -> dict | None:
         except AttributeError:
             return None
         if (b is None or type(module) is not torch.nn.Linear or module.weight.dtype != torch.float32
-                or a.dtype != torch.float32 or b.dtype != torch.float32 or a.shape[0] != b.shape[1]
+                or a.dtype != torch.float32 or b.dtype != torch.float32 or not a.shape[0] == b.shape[1] == r
                 or module.weight.shape != (b.shape[0], a.shape[1])):
             return None
         out[module] = (b.to(module.weight.device), a.to(module.weight.device), scaling)   # where peft's sum runs
