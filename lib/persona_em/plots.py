@@ -36,8 +36,8 @@ def save(fig, out_dir: str | Path, name: str) -> list[Path]:
     if "ipykernel" in sys.modules:   # executed notebooks, the reference run's included, carry their figures
         from IPython.display import Image, display
 
-        # shown at an inline figure's size (figure.dpi pixels an inch), not at the file's DPI pixels an inch
-        display(Image(filename=str(paths[0]), width=round(png_width(paths[0]) * plt.rcParams["figure.dpi"] / DPI)))
+        # shown at an inline figure's size (the figure's dpi pixels an inch), not at the file's DPI pixels an inch
+        display(Image(filename=str(paths[0]), width=round(png_width(paths[0]) * fig.dpi / DPI)))
     plt.close(fig)
     return paths
 
