@@ -23,6 +23,7 @@ BENCHMARKS = {
     "diversity_speed": ["10000"],        # 10,000 pool questions
     "training_speed": ["32", "8", "1"],  # 32 DPO pairs, batch 8, one thread as jobs run
     "sampling_backends": ["4", "2"],     # 160 samples of chapter 1's contexts (4 life domains), 2 threads
+    "sampling_ceiling": ["4", "2"],      # the same contexts' token counts; decoding's matmuls alone, 2 threads
 }
 
 

@@ -1,8 +1,6 @@
 """Chapter 1's sampling on the embedded model, backend by backend, in one run: generated tokens per second and
 their share of this machine's matmul peak (2 x parameters FLOPs per generated token), on the contexts chapter 1
-samples in (`tiny`'s best-of-n: 3 same-domain demonstrations before each question, both sides, 2 answers each,
-40 new tokens, temperature 0.7, top-p 0.95; 10 questions per life domain, about as many as `tiny`'s draws hold,
-from the first N_DOMAINS domains).
+samples in (`sampling_workload`: `tiny`'s best-of-n).
 
 Backends: transformers' `generate` over the full prompts in float32 and under bf16 autocast; the shared-prefix
 path of chapter 1 (each domain's demonstrations run once, their cache shared), one context per batch or packed
@@ -33,9 +31,10 @@ from unittest import mock
 
 import torch
 
-from persona_em import constitution, models, pairs, questions, sampling, scorer
+from persona_em import models, sampling
 from peak import bf16_peak, fastest_peak, native_bf16
 from record import write
+from sampling_workload import MAX_NEW, N, T, TOP_P, workload
 
 warnings.filterwarnings("ignore")
 LEAN = sampling.lean_decoding
@@ -43,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 n_domains = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 threads = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 with_compile = "compile" in sys.argv[3:]
-N, MAX_NEW, T, TOP_P = 2, 40, 0.7, 0.95
 torch.set_num_threads(threads)
 
 
@@ -57,17 +55,7 @@ def peaks():
 
 model, tok = models.load_model(models.EMBEDDED)
 params = sum(p.numel() for p in model.parameters())
-c = constitution.load("candor")
-pool = questions.build_pool("candor", 0, c.traits[0].trait, 10 * len(questions.situations()["domains"]), seed=0)
-pool = [q for q in pool if q["cell"] in sorted({q["cell"] for q in pool})[:n_domains]]
-contexts = pairs.side_contexts(pool, scorer.load_items(scorer.items_path("candor")),
-                               constitution.system_prompt(c, "Sage"), k=3, seed=0)
-convs = [ctx for sides in contexts.values() for ctx in sides.values() for _ in range(N)]
-prompts = [sampling.chat_prompt(tok, m) for m in convs]
-groups = {}
-for sides in contexts.values():
-    for ctx in sides.values():
-        groups.setdefault(json.dumps(ctx[:-1]), []).append(ctx[-1]["content"])
+prompts, groups = workload(tok, n_domains)
 prompt_tokens = sum(len(tok(p, add_special_tokens=False).input_ids) for p in prompts) / len(prompts)
 
 
@@ -134,7 +122,7 @@ def vllm():
 
 
 p32, p16 = peaks()
-print(f"{len(prompts)} samples of {len(pool)} questions over {len(groups)} shared contexts, {prompt_tokens:.0f} prompt tokens on average; "
+print(f"{len(prompts)} samples of {len(prompts) // (2 * N)} questions over {len(groups)} shared contexts, {prompt_tokens:.0f} prompt tokens on average; "
       f"peaks fp32 {p32 / 1e9:.0f}, bf16 {p16 / 1e9:.0f} GFLOP/s at {threads} threads", flush=True)
 fp32 = lambda: torch.autocast("cpu", enabled=False)
 bf16 = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if NATIVE else fp32
