@@ -82,6 +82,7 @@ def _random_adapter(base, path, seed: int, r: int = 8, **lora) -> None:
     peft_model.save_pretrained(path)
 
 
+@pytest.mark.slow
 def test_plain_lora_merges_to_the_bits_peft_merges(smollm, tmp_path):
     """`merge_adapter` adds a plain LoRA itself; the merged weights must be peft's merge_and_unload's, bit for
     bit, for two adapters in turn (alpha / r and rsLoRA's alpha / sqrt r, neither a power of two), with the
