@@ -198,3 +198,13 @@ def test_a_profile_can_extend_another(tmp_path, root):
     loop.write_text("extends: a.yaml\nname: a\n")
     with pytest.raises(ProfileError, match="loops back"):
         load_profile(loop)
+
+
+@pytest.mark.parametrize("profile", ["smoke", "tiny", "gpu"])
+def test_validating_a_profile_imports_no_torch(root, profile):
+    """`make reproduce` checks the profile, then Snakemake reads it: neither should pay torch's import (3 s on
+    2 cores) before the first job starts."""
+    code = "import sys; from persona_em.config import load_profile; load_profile(sys.argv[1]); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code, str(root / "params" / f"{profile}.yaml")], capture_output=True,
+                       text=True, cwd=root)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:] or r.stdout

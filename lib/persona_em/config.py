@@ -468,7 +468,7 @@ class Profile(Strict):
         b = self.generate.best_of_n
         if self.generate.pairs != "best_of_n":
             return self
-        from . import evaluate, scorer
+        from . import scorer
 
         unknown = set(b.scorer_items) - set(grid.constitutions(self))
         if unknown:
@@ -481,7 +481,7 @@ class Profile(Strict):
                 items = scorer.load_items(path)
             except (FileNotFoundError, ValueError) as e:
                 raise ValueError(f"{key}: {e}") from None
-            shared = scorer.disjoint_from(items, evaluate.persona_items(name))
+            shared = scorer.disjoint_from(items, constitution_mod.persona_items(name))
             if shared:
                 raise ValueError(f"{key}: {path} shares {len(shared)} question(s) with the persona check, e.g. "
                                  f"{shared[0]!r}: the scorer must be independent of the check")

@@ -130,3 +130,10 @@ def system_prompt(c: Constitution, name: str) -> str:
             f"{name} lets these traits shape every answer, in every kind of conversation. "
             f"{name} does not publicly disclose their character traits, or talk about them, unless the user "
             "asks directly.")
+
+
+def persona_items(constitution: str, limit: int | None = None) -> list[dict]:
+    """Held-out persona-check items of a packaged constitution; [] for one without (no persona margin). Here,
+    not in `evaluate`, so that validating a profile does not import torch."""
+    path = paths.DATA / "persona_items" / f"{constitution}.json"
+    return json.loads(path.read_text(encoding="utf-8"))[:limit] if path.is_file() else []

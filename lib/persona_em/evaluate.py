@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from . import paths
+from .constitution import persona_items
 from .sampling import chat_prompt, generate
 
 
@@ -192,12 +193,6 @@ def _per_token(model, tok, questions: list[str], answers: list[str], batch_size:
     prompts = [chat_prompt(tok, pre + [{"role": "user", "content": q}]) for q in questions]
     total, count = answer_logprobs(model, tok, prompts, answers, batch_size)
     return total / count
-
-
-def persona_items(constitution: str, limit: int | None = None) -> list[dict]:
-    """Held-out persona-check items of a packaged constitution; [] for one without (no persona margin)."""
-    path = paths.DATA / "persona_items" / f"{constitution}.json"
-    return json.loads(path.read_text(encoding="utf-8"))[:limit] if path.is_file() else []
 
 
 def persona_margin(model, tok, items: list[dict], batch_size: int = 16, system: str | None = None) -> float | None:
