@@ -36,17 +36,20 @@ def save(fig, out_dir: str | Path, name: str) -> list[Path]:
     if "ipykernel" in sys.modules:   # executed notebooks, the reference run's included, carry their figures
         from IPython.display import Image, display
 
-        # shown at an inline figure's size (the figure's dpi pixels an inch), not at the file's DPI pixels an inch
-        display(Image(filename=str(paths[0]), width=round(png_width(paths[0]) * fig.dpi / DPI)))
+        shown = Image(filename=str(paths[0]))
+        # at an inline figure's size (the figure's dpi pixels an inch), not at the file's DPI pixels an inch
+        shown.width = round(png_width(shown.data, paths[0]) * fig.dpi / DPI)
+        display(shown)
     plt.close(fig)
     return paths
 
 
-def png_width(path: Path) -> int:
-    """A PNG's width in pixels, from its header (the IHDR chunk right after the 8-byte signature)."""
+def png_width(data: bytes, path: Path) -> int:
+    """The width in pixels of the PNG `data` (read from `path`), from its header (the IHDR chunk right after the
+    8-byte signature)."""
     import struct
 
-    head = path.read_bytes()[:24]
+    head = data[:24]
     if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
         raise ValueError(f"{path}: not a PNG file")
     return struct.unpack(">I", head[16:20])[0]
