@@ -53,24 +53,25 @@ matrices = [(m.weight.shape[1], m.weight.shape[0]) for layer in model.model.laye
             for m in (*(getattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
                       *(getattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj")))]
 head = (model.lm_head.weight.shape[1], model.lm_head.weight.shape[0])
-params = sum(i * o for i, o in matrices) + head[0] * head[1]
-below_head = params - head[0] * head[1]
+below_head = sum(i * o for i, o in matrices)
+matrices.append(head)   # a decoding step runs the vocabulary head too
+params = below_head + head[0] * head[1]
 prompt_per_generated = {"shared": nodes * below_head / (generated * params),
                         "full": full * below_head / (generated * params)}   # prompt FLOPs per generated FLOP
 print(f"{len(prompts)} samples ({N} per question and side): {generated} generated tokens at most; prompts "
       f"{nodes} tokens run once each (the trie), {full} as full prompts; {params / 1e6:.1f}M parameters in "
       f"matmuls, {below_head / 1e6:.1f}M below the head", flush=True)
 
-weights = [torch.randn(o, i) for i, o in matrices + [head]]
+weights = [torch.randn(o, i) for i, o in matrices]
 
 
 def step_seconds(batch: int, repeats: int = 10) -> float:
     """The fastest of `repeats` passes of a batch of one-token rows through every weight matrix."""
-    inputs = {i: torch.randn(batch, i) for i, _ in matrices + [head]}
+    inputs = {i: torch.randn(batch, i) for i, _ in matrices}
     best = float("inf")
     for _ in range(repeats + 1):   # the first warms up
         t0 = time.perf_counter()
-        for (i, _), w in zip(matrices + [head], weights):
+        for (i, _), w in zip(matrices, weights):
             F.linear(inputs[i], w)
         best = min(best, time.perf_counter() - t0)
     return best
