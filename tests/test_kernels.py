@@ -17,13 +17,14 @@ from persona_em import kernels
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="warm kernels are Linux's only")]
 
-PROBE = """import json, os, sys
+PROBE = """import gc, json, os, sys
 preloaded = "torch" in sys.modules and "persona_em.evaluate" in sys.modules
 import matplotlib, torch
 print("PROBE " + json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "preloaded": preloaded,
       "backend": matplotlib.get_backend(), "cwd": os.getcwd(), "seed": torch.initial_seed(),
       "threads_var": os.environ.get("OMP_NUM_THREADS"), "mark": os.environ.get("PERSONA_EM_TEST_MARK"),
-      "kernel": __import__("persona_em.provenance").provenance.kernel_start(), "own_session": os.getsid(0) == os.getpid()}))
+      "kernel": __import__("persona_em.provenance").provenance.kernel_start(), "own_session": os.getsid(0) == os.getpid(),
+      "frozen": gc.get_freeze_count(), "collected": len(gc.get_objects())}))
 """
 
 
@@ -73,10 +74,12 @@ def test_a_job_kernel_is_forked_warm_and_starts_as_a_cold_one(server, tmp_path):
     assert first["seed"] != second["seed"]   # each kernel draws its own unseeded random state, as new processes do
     assert first["kernel"] == "warm"   # what its manifest records
     assert first["own_session"]   # a session of its own, as Jupyter starts a kernel
+    # the preloaded libraries' objects are out of the collector's reach: a full collection walks the kernel's own
+    assert first["frozen"] > 100_000 and first["frozen"] > 2 * first["collected"]
     cold_env = {k: v for k, v in env.items() if k != kernels.ENV}
     done, cold = _papermill(tmp_path, PROBE, cold_env, "cold")
     assert cold["ppid"] not in pids and not cold["preloaded"] and "a cold kernel" not in done.stderr
-    assert cold["kernel"] == "cold"
+    assert cold["kernel"] == "cold" and cold["frozen"] == 0
     assert cold["backend"] == first["backend"]
 
 
