@@ -27,10 +27,10 @@ THREADS = int(config.get("threads_per_job", workflow.cores))
 if not ON_CLUSTER:
     THREADS = min(THREADS, workflow.cores)
 
-# Warm kernels (persona_em.kernels): on one machine each job's kernel is forked from a server, one per thread
-# count, that has imported the chapters' libraries once, instead of importing them itself (9-16 s a job). CPU
-# runs of the project's kernel only (a GPU run's kernels start cold: CUDA is not to be forked);
-# `--config warm_kernels=false` starts every kernel cold; the results are the same either way.
+# Warm kernels (persona_em.kernels): on one machine each job's papermill run and kernel are forked from a server,
+# one per thread count, that has imported papermill and the chapters' libraries once, instead of importing them
+# itself (9-16 s a job). CPU runs of the project's kernel only (a GPU run's kernels start cold: CUDA is not to be
+# forked); `--config warm_kernels=false` starts every kernel cold; the results are the same either way.
 WARM_KERNELS = (not ON_CLUSTER and P.hardware.device == "cpu" and KERNEL == "persona-em"
                 and str(config.get("warm_kernels", True)).lower() not in ("false", "0", "no"))
 kernel_servers = []
@@ -89,10 +89,12 @@ def manifest(stage, name=None):
 def papermill(stage, out_dir, **params):
     """Execute a stage's notebook into out_dir under a temporary name; rename it only when it completed.
     Papermill's report (cell by cell, with the cells' output streams) goes to the rule's log file (`make
-    reproduce` prints a failed job's log)."""
+    reproduce` prints a failed job's log). `persona_em.kernels --papermill` is `python -m papermill`, forked from
+    the run's warm server where there is one (its imports cost 1-1.5 s a job), else started as a new Python."""
     args = " ".join(f"-p {k} {v}" for k, v in params.items())
     name = paths.notebook_name(stage)
-    return (f"mkdir -p {out_dir} && {sys.executable} -m papermill {notebook(stage)} {out_dir}/.tmp-{name} "
+    return (f"mkdir -p {out_dir} && {sys.executable} -m persona_em.kernels --papermill {notebook(stage)} "
+            f"{out_dir}/.tmp-{name} "
             f"-k {KERNEL} "
             f'-p profile_path "$PERSONA_EM_PROFILE" -p root . {args} --log-output > {{log}} 2>&1 '
             f"&& mv {out_dir}/.tmp-{name} {out_dir}/{name}")

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import nbformat
 import psutil
@@ -173,3 +174,94 @@ def test_a_kernel_never_outlives_its_launcher_its_job_or_its_server(server, tmp_
             child.kill()
         if killed == "server":
             servers.stop()
+
+
+# where the papermill process that started this kernel came from: a forked kernel's launcher holds the same
+# connection file on its command line, and the launcher's parent is papermill; a cold kernel is its own launcher
+LINEAGE = """import json, os, sys, psutil
+conn = sys.argv[sys.argv.index("-f") + 1]
+launcher = next((p for p in psutil.process_iter(["cmdline"])
+                 if p.pid != os.getpid() and conn in (p.info["cmdline"] or [])), psutil.Process())
+job = launcher.parent()
+print("PROBE " + json.dumps({"papermill": job.pid, "papermill_parent": job.ppid(), "kernel_parent": os.getppid(),
+      "kernel": __import__("persona_em.provenance").provenance.kernel_start()}))
+"""
+
+
+def _papermill_job(tmp_path, code: str, env: dict, name: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """A workflow job's command: `python -m persona_em.kernels --papermill` on a one-cell notebook."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(code)]
+    src, out = tmp_path / f"{name}.ipynb", tmp_path / f"{name}.out.ipynb"
+    nbformat.write(nb, src)
+    done = subprocess.run([sys.executable, "-m", "persona_em.kernels", "--papermill", str(src), str(out),
+                           "-k", "persona-em", "--log-output"], env=env, capture_output=True, text=True, timeout=300)
+    return done, out
+
+
+def _probe(done: subprocess.CompletedProcess) -> dict:
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(next(x for x in done.stderr.splitlines() if x.startswith("PROBE "))[len("PROBE "):])
+
+
+def test_a_job_papermill_run_is_forked_warm_and_runs_as_a_cold_one(server, tmp_path):
+    """The job's papermill run is a fork of the server, in the job's environment as it came (so its kernel is
+    forked too, not refused); without a server it is a plain `python -m papermill`, and the notebook it writes is
+    the same."""
+    servers, env = server
+    pids = {p.pid for p in servers.procs}
+    done, out = _papermill_job(tmp_path, LINEAGE, env, "warm")
+    warm = _probe(done)
+    assert warm["papermill_parent"] in pids and warm["kernel_parent"] in pids, warm
+    # its kernel was not refused: papermill's environment is the job's, without what the chapters' libraries set
+    # in the server's as they were imported
+    assert warm["kernel"] == "warm" and not _said(done)
+    cold_done, cold_out = _papermill_job(tmp_path, LINEAGE, {k: v for k, v in env.items() if k != kernels.ENV},
+                                         "cold")
+    cold = _probe(cold_done)
+    assert cold["papermill_parent"] == os.getpid() and cold["kernel"] == "cold"
+    warm_nb, cold_nb = nbformat.read(out, as_version=4), nbformat.read(cold_out, as_version=4)
+    assert warm_nb.metadata.papermill.keys() == cold_nb.metadata.papermill.keys()
+    assert [c.metadata.get("tags") for c in warm_nb.cells] == [c.metadata.get("tags") for c in cold_nb.cells]
+
+
+def test_a_failing_notebook_fails_its_job_as_papermill_does(server, tmp_path):
+    """Papermill's exit status, report and half-run notebook, from a forked run as from a cold one."""
+    servers, env = server
+    for name, job_env in (("warm", env), ("cold", {k: v for k, v in env.items() if k != kernels.ENV})):
+        done, out = _papermill_job(tmp_path, "raise ValueError('the cell failed')", job_env, name)
+        assert done.returncode == 1, (name, done.stderr[-2000:])
+        assert "PapermillExecutionError" in done.stderr and "the cell failed" in done.stderr
+        assert nbformat.read(out, as_version=4).cells[-1].outputs[0].ename == "ValueError"
+
+
+def test_a_forked_papermill_run_and_its_kernel_end_with_their_job(server, tmp_path):
+    """SIGKILL to the job's launcher (what Snakemake's cancel does to a job's processes) ends the forked papermill
+    run, its kernel and what the kernel started."""
+    servers, env = server
+    nb = nbformat.v4.new_notebook()
+    ready, term = tmp_path / "ready", tmp_path / "term"
+    nb.cells = [nbformat.v4.new_code_cell(SLEEPER.format(ready=str(ready), term=str(term)))]
+    nbformat.write(nb, tmp_path / "sleep.ipynb")
+    job = subprocess.Popen([sys.executable, "-m", "persona_em.kernels", "--papermill", str(tmp_path / "sleep.ipynb"),
+                            str(tmp_path / "out.ipynb"), "-k", "persona-em"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    try:
+        assert ready.exists(), "no forked kernel ran the job's cell in 120 s"
+        child = psutil.Process(int(ready.read_text()))
+        kernel = child.parent()
+        forks = psutil.Process(servers.procs[0].pid).children()
+        papermill = next(p for p in forks if p.pid != kernel.pid)
+        assert kernel in forks and len(forks) == 2
+        psutil.Process(job.pid).send_signal(signal.SIGKILL)
+        papermill.wait(timeout=10)   # raises if either outlives the job
+        kernel.wait(timeout=10)
+        child.wait(timeout=10)
+    finally:
+        job.kill()
+        job.wait()
+        for p in psutil.Process(servers.procs[0].pid).children(recursive=True):
+            p.kill()

@@ -3,25 +3,27 @@
 Every Snakemake job executes one chapter in a fresh kernel, a new Python that imports torch, transformers, peft
 and trl before its first line of work: 9-16 s of each job on 2 cores, for jobs whose own work takes 10-60 s
 (`benchmarks/run_overhead.py`). During a workflow run the Snakefile therefore starts a fork server: one process
-that imports those libraries (and this package) and then forks a kernel for each job that asks. Every job still
-gets a process of its own with a fresh namespace, and every job starts from the same state, the one a new
-Python reaches by importing the same modules: nothing has run yet (no model loaded, no random number drawn, no
-parallel region entered), and the unseeded random states are drawn afresh in each kernel. So a chapter computes
-what it computes in a cold kernel, and each run keeps its executed notebook, log and manifest. What a kernel
-does share with its server: the string hash seed, and the command line `ps` shows.
+that imports those libraries (and this package, and papermill) and then forks, for each job that asks, its
+papermill run and its kernel. Every job still gets processes of its own with a fresh namespace, and every job
+starts from the same state, the one a new Python reaches by importing the same modules: nothing has run yet (no
+model loaded, no random number drawn, no parallel region entered), and the unseeded random states are drawn
+afresh in each fork. So a chapter computes what it computes in a cold kernel, and each run keeps its executed
+notebook, log and manifest. What a fork does share with its server: the string hash seed, and the command line
+`ps` shows.
 
-How a kernel starts. The `persona-em` kernel spec runs `python -m persona_em.kernels -f CONNECTION_FILE`. Where
-the environment names a run's fork servers (PERSONA_EM_KERNELS) and one serves this job's thread count, this
+How a job starts. The Snakefile runs `python -m persona_em.kernels --papermill ARGS` for `python -m papermill
+ARGS`, and the `persona-em` kernel spec runs `python -m persona_em.kernels -f CONNECTION_FILE`. Where the
+environment names a run's fork servers (PERSONA_EM_KERNELS) and one serves this job's thread count, this
 launcher sends the server its command line, working folder, environment and standard streams; the server forks
-the kernel, which takes them over in a session of its own (as Jupyter starts a cold one). The launcher stays as
-the kernel's stand-in for Jupyter: signals it receives (an interrupt, a shutdown) go to the kernel's process
-group, it exits with the kernel's exit status, and if it or the job that started it dies, the server kills the
-kernel's group; a kernel dies with its server. The server forks only for a job whose Python, interpreter options and environment are its own (per-job
-variables set by Jupyter and the shell apart): an environment variable read at import time would otherwise be
-the server's. Anywhere else (Jupyter, the tour, a run without a server, a refused job) the launcher becomes a
-plain ipykernel, at the usual cost. The servers listen on Linux abstract sockets (no file to leave behind)
-named with a random token, and each side checks that the other runs as its own user; on other systems, and for
-GPU runs, every kernel starts cold.
+papermill or the kernel, which takes them over in a session of its own (as Jupyter starts a cold kernel). The
+launcher stays as the fork's stand-in: signals it receives (an interrupt, a shutdown) go to the fork's process
+group, it exits with the fork's exit status, and if it or the process that started it dies, the server kills the
+fork's group; a fork dies with its server. The server forks only for a job whose Python, interpreter options (a
+kernel's) and environment are its own (per-job variables set by Jupyter and the shell apart): an environment
+variable read at import time would otherwise be the server's. Anywhere else (Jupyter, the tour, a run without a
+server, a refused job) the launcher becomes a plain ipykernel or papermill, at the usual cost. The servers listen
+on Linux abstract sockets (no file to leave behind) named with a random token, and each side checks that the
+other runs as its own user; on other systems, and for GPU runs, every job starts cold.
 """
 from __future__ import annotations
 
@@ -37,15 +39,20 @@ from pathlib import Path
 
 ENV = "PERSONA_EM_KERNELS"   # the run whose fork servers a job's kernel asks for (one per thread count)
 FORKED = "PERSONA_EM_KERNEL_FORKED"   # set in a forked kernel (the server's pid): its manifest says "warm"
-# What the modules preloaded: the chapters' libraries, never matplotlib (its backend is chosen when it is first
-# imported, and a kernel chooses the inline one) and nothing that starts a Python thread or initialises CUDA (a
-# fork keeps only the forking thread; the native pools that start at import, OpenBLAS's and jemalloc's, restart
-# themselves in a forked child, and torch's OpenMP pool starts at its first parallel region, in the kernel).
-PRELOAD = ("ipykernel.kernelapp", "numpy", "pandas", "torch", "transformers",
+# What the modules preloaded: papermill (first: its imports change nothing in the environment, and a forked
+# papermill run gets the job's environment as it came), ipykernel and the chapters' libraries; never matplotlib
+# (its backend is chosen when it is first imported, and a kernel chooses the inline one) and nothing that starts a
+# Python thread or initialises CUDA (a fork keeps only the forking thread; the native pools that start at import,
+# OpenBLAS's and jemalloc's, restart themselves in a forked child, and torch's OpenMP pool starts at its first
+# parallel region, in the kernel).
+PRELOAD = ("papermill.cli", "ipykernel.kernelapp", "numpy", "pandas", "torch", "transformers",
            "transformers.models.llama.modeling_llama", "peft", "trl", "sentence_transformers",
            "statsmodels.formula.api", "persona_em.analysis", "persona_em.direction", "persona_em.em",
            "persona_em.judge", "persona_em.pairs", "persona_em.scorer", "persona_em.diversity",
            "persona_em.forgetting", "persona_em.provenance")
+# What a server forks, and the module a new Python runs instead where it does not: a job's kernel, and the job's
+# papermill run (its imports cost 1-1.5 s a job)
+ROLES = {"kernel": "ipykernel_launcher", "papermill": "papermill"}
 # Set per job by Jupyter, papermill and the shell, and not read while the server imports (ipykernel reads
 # JPY_PARENT_PID then, which is why each kernel is given its parent explicitly).
 PER_JOB = {"JPY_PARENT_PID", "JPY_SESSION_NAME", "PYDEVD_IPYTHON_COMPATIBLE_DEBUGGING",
@@ -131,22 +138,24 @@ def _kill(pid: int, signum: int = signal.SIGKILL) -> None:
 
 # --- the launcher: what the kernel spec runs --------------------------------------------------------------------
 
-def launch(argv: list[str]) -> int:
-    """Start the kernel for a connection file: forked by the run's server where it takes this job, else exec'd."""
+def launch(argv: list[str], role: str = "kernel") -> int:
+    """Start a job's kernel (`argv`: ipykernel's, a connection file) or its papermill run (`argv`: papermill's
+    command line): forked by the run's server where it takes this job, else exec'd as a new Python."""
     run = os.environ.get(ENV)
+    what = "a cold kernel" if role == "kernel" else "papermill started cold"
     if run and sys.platform.startswith("linux"):
-        job = os.getppid()   # the papermill process (or Jupyter) that started this kernel
+        job = os.getppid()   # the papermill process (or Jupyter) that started this kernel; the job's shell
         try:
-            conn, pid = _request(address(run, os.environ.get("OMP_NUM_THREADS") or 0), argv, job)
+            conn, pid = _request(address(run, os.environ.get("OMP_NUM_THREADS") or 0), role, argv, job)
         except _Refused as e:
-            print(f"persona_em.kernels: a cold kernel ({e})", file=sys.stderr, flush=True)
+            print(f"persona_em.kernels: {what} ({e})", file=sys.stderr, flush=True)
         except (OSError, ValueError) as e:   # no server for this thread count, or it is gone
-            print(f"persona_em.kernels: a cold kernel (no fork server: {e})", file=sys.stderr, flush=True)
+            print(f"persona_em.kernels: {what} (no fork server: {e})", file=sys.stderr, flush=True)
         else:
             return _stand_in(conn, pid, job) if pid else 1   # pid None: the job died while we waited
     os.environ.pop(FORKED, None)   # a workflow started from a warm kernel passes it on; this kernel is cold
     cmd = [sys.executable, *(f"-X{k}" if v is True else f"-X{k}={v}" for k, v in sys._xoptions.items()),
-           "-m", "ipykernel_launcher", *argv]
+           "-m", ROLES[role], *argv]
     os.execv(sys.executable, cmd)   # never returns
 
 
@@ -154,13 +163,13 @@ class _Refused(RuntimeError):
     pass
 
 
-def _request(where: str, argv: list[str], job: int) -> tuple[socket.socket, int | None]:
-    """Ask the server at `where` to fork this job's kernel; the connection and the kernel's pid."""
+def _request(where: str, role: str, argv: list[str], job: int) -> tuple[socket.socket, int | None]:
+    """Ask the server at `where` to fork this job's kernel or papermill run; the connection and the fork's pid."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(where)
     if _peer_uid(conn) != os.getuid():
         raise _Refused("the socket's server runs as another user")
-    _send(conn, {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.executable,
+    _send(conn, {"role": role, "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.executable,
                  "xoptions": sys._xoptions}, [0, 1, 2])
     start = time.monotonic()
     while not select.select([conn], [], [], 1.0)[0]:
@@ -293,11 +302,14 @@ def _reap(kernels: dict, owners: dict, sel) -> None:
 
 
 def _refusal(request: dict, env: dict) -> str | None:
-    if not isinstance(request.get("env"), dict) or not isinstance(request.get("argv"), list):
+    if (not isinstance(request.get("env"), dict) or not isinstance(request.get("argv"), list)
+            or request.get("role") not in ROLES):
         return "a malformed request"
     if request.get("executable") != sys.executable:
         return f"the job's Python is {request.get('executable')}, the server's {sys.executable}"
-    if request.get("xoptions") != sys._xoptions:
+    # a kernel's interpreter options are its spec's, which the server runs with (ipykernel's -Xfrozen_modules=off);
+    # papermill's are whatever its command line says, and change nothing it does
+    if request["role"] == "kernel" and request.get("xoptions") != sys._xoptions:
         return "the job's -X options are not the server's"
     theirs = request["env"]
     differ = sorted(k for k in set(theirs) | set(env) if k not in PER_JOB and theirs.get(k) != env.get(k))
@@ -307,7 +319,7 @@ def _refusal(request: dict, env: dict) -> str | None:
 
 
 def _fork_for(conn: socket.socket, env: dict, imported: tuple, inherited: list) -> int | None:
-    """Fork a kernel for the launcher on `conn`; its pid, or None (refused, or the launcher already gone)."""
+    """Fork what the launcher on `conn` asks for; its pid, or None (refused, or the launcher already gone)."""
     if _peer_uid(conn) != os.getuid():   # before reading a byte: only this user's jobs
         return None
     conn.settimeout(5.0)   # a launcher sends its request at once; a silent peer must not hold the server
@@ -329,14 +341,17 @@ def _fork_for(conn: socket.socket, env: dict, imported: tuple, inherited: list) 
     except BaseException:
         _close(fds)
         raise
-    if pid == 0:   # the kernel
+    if pid == 0:   # the job's kernel, or its papermill run
         code = 1
         try:
             signal.set_wakeup_fd(-1)   # before its descriptor is closed below
             for s in inherited:
                 s.close()
             conn.close()
-            _become_kernel(request, fds, imported, server)
+            if request["role"] == "kernel":
+                _become_kernel(request, fds, imported, server)
+            else:
+                _become_papermill(request, fds, server)
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -355,10 +370,13 @@ def _fork_for(conn: socket.socket, env: dict, imported: tuple, inherited: list) 
     return pid
 
 
-def _become_kernel(request: dict, fds: list[int], imported: tuple, server: int) -> None:
+def _take_over(request: dict, fds: list[int], server: int) -> None:
+    """Become the job's process: a session and process group of its own (as Jupyter starts a cold kernel; the
+    launcher signals the group), default signal handling, the job's standard streams, folder and environment; it
+    ends with the server, however that ends (Linux's parent-death signal; the server is single-threaded)."""
     import random
 
-    os.setsid()   # a session and process group of its own, as Jupyter starts a cold kernel
+    os.setsid()
     for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -369,29 +387,42 @@ def _become_kernel(request: dict, fds: list[int], imported: tuple, server: int) 
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    _die_with_parent(signal.SIGKILL)
+    if os.getppid() != server:   # it ended before the signal was asked for
+        os._exit(1)
+    random.seed()   # a new process's unseeded draws differ from process to process; the server's would be every fork's
+
+
+def _become_kernel(request: dict, fds: list[int], imported: tuple, server: int) -> None:
+    _take_over(request, fds, server)
     changed, removed = imported
     os.environ.update(changed)
     for k in removed:
         os.environ.pop(k, None)
     os.environ[FORKED] = str(server)
-    # the kernel ends with the server, however it ends: at once (Linux's parent-death signal; the server is
-    # single-threaded) and through ipykernel's own parent poller, given the server as the parent to watch
-    _die_with_parent(signal.SIGKILL)
-    if os.getppid() != server:   # it ended before the signal was asked for
-        os._exit(1)
+    # ipykernel's parent poller watches the server too
     argv = [*request["argv"], f"--IPKernelApp.parent_handle={server}"]
     sys.argv = [sys.executable, "-m", "ipykernel_launcher", *argv]
-    # what a new process draws without a seed differs from process to process (torch's CPU generator included;
-    # its CUDA generators start from a fixed seed, and are left so); the server's states would be every kernel's
+    # as `random` in _take_over: torch's CPU generator included (its CUDA generators start from a fixed seed, and
+    # are left so)
     import numpy as np
     import torch
 
-    random.seed()
     np.random.seed()
     torch.default_generator.seed()
     from ipykernel import kernelapp
 
     kernelapp.launch_new_instance(argv=argv)
+
+
+def _become_papermill(request: dict, fds: list[int], server: int) -> None:
+    """`python -m papermill ARGV`, in the job's environment as it came (papermill's imports changed nothing in it;
+    the chapters' libraries' changes are their kernels' own); its kernel is another job for the server."""
+    _take_over(request, fds, server)
+    from papermill.cli import papermill
+
+    sys.argv = [sys.executable, "-m", "papermill", *request["argv"]]
+    papermill.main(args=request["argv"], prog_name="papermill")   # click: ends with SystemExit(papermill's status)
 
 
 def _exit_cleanly(code: int) -> int:
@@ -506,5 +537,7 @@ def install(name: str, display_name: str, folder: str | Path | None = None, pref
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
         serve(address(sys.argv[3], sys.argv[2]), int(sys.argv[4]))
+    elif sys.argv[1:2] == ["--papermill"]:   # a workflow job: `python -m persona_em.kernels --papermill NB OUT ...`
+        sys.exit(launch(sys.argv[2:], role="papermill"))
     else:
         sys.exit(launch(sys.argv[1:]))
