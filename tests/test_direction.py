@@ -129,13 +129,19 @@ def test_validation_runs_a_layer_two_rules_share_once(smollm, items, monkeypatch
 
 
 @pytest.mark.slow
-def test_validation_runs_each_rule_s_layer_once_and_reports_both(smollm, items):
+def test_validation_runs_each_rule_s_layer_once_and_reports_both(smollm, items, monkeypatch):
     """Two rules choosing different layers give one set of rows each, from that layer's direction; rules that
     agree share one run; the numbers for the paper come from the read-out rule, the registered one beside them."""
     model, tok = smollm
     vec = np.random.default_rng(4).standard_normal((model.config.num_hidden_layers, model.config.hidden_size)) * 5
     items = items[:3]   # each call below reads every item's contrast 3 times; three items show the bookkeeping
+    reads = []
+    real = direction._margins
+    monkeypatch.setattr(direction, "_margins", lambda *a, **k: reads.append(1) or real(*a, **k))
     changes = direction.validate(model, [model], tok, items, vec, {"stability": 6, "separation": 3}, [1.0], 1, 0)
+    # per model its own margins once, then per layer the direction's and one random direction's
+    assert len(reads) == 2 * (1 + 2 * 2)
+    monkeypatch.setattr(direction, "_margins", real)
     assert set(changes["rule"]) == {"stability", "separation"} and len(changes) == 2 * 2 * len(items)
     for rule, k in (("stability", 6), ("separation", 3)):   # each rule's rows come from its own layer's direction
         rows = changes[(changes["rule"] == rule) & (changes["intervention"] == "steer")]

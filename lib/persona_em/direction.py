@@ -321,10 +321,11 @@ def _margins(model, tok, item_list, batch_size) -> np.ndarray:
 
 
 def steering(model, tok, item_list: list[dict], vector: np.ndarray, layer: int, scales: list[float],
-             n_random: int, seed: int, batch_size: int = 16) -> pd.DataFrame:
+             n_random: int, seed: int, batch_size: int = 16, base: np.ndarray | None = None) -> pd.DataFrame:
     """Per item, the change in the misalignment margin when `scale` x `vector` (or a random vector of the same
-    norm, averaged over `n_random`) is added after block `layer`."""
-    base = _margins(model, tok, item_list, batch_size)
+    norm, averaged over `n_random`) is added after block `layer`; `base`: the model's own margins, where the
+    caller has them."""
+    base = _margins(model, tok, item_list, batch_size) if base is None else base
     rows = []
     for scale in scales:
         with steered(model, layer, scale * vector):
@@ -339,10 +340,10 @@ def steering(model, tok, item_list: list[dict], vector: np.ndarray, layer: int, 
 
 
 def ablation(model, tok, item_list: list[dict], vector: np.ndarray, n_random: int, seed: int,
-             batch_size: int = 16) -> pd.DataFrame:
+             batch_size: int = 16, base: np.ndarray | None = None) -> pd.DataFrame:
     """Per item, the change in the misalignment margin when the direction (or a random one, averaged over
-    `n_random`) is projected out of the residual stream everywhere."""
-    base = _margins(model, tok, item_list, batch_size)
+    `n_random`) is projected out of the residual stream everywhere; `base` as in `steering`."""
+    base = _margins(model, tok, item_list, batch_size) if base is None else base
     with ablated(model, vector):
         d = _margins(model, tok, item_list, batch_size) - base
     rand = []
@@ -367,10 +368,13 @@ def validate(base, harmful_models, tok, item_list: list[dict], direction: np.nda
     `ablation` from each of `harmful_models` (an iterable, so a caller may load them one at a time), per item, the
     ablations averaged over the models. One row per rule, intervention, scale and item."""
     unique = sorted(set(layers.values()))
-    changes = [steering(base, tok, item_list, direction[k], k, scales, n_random, seed, batch_size).assign(layer=k)
+    # a model's own margins are the same at every layer: read once per model
+    own = _margins(base, tok, item_list, batch_size)
+    changes = [steering(base, tok, item_list, direction[k], k, scales, n_random, seed, batch_size, own).assign(layer=k)
                for k in unique]
     for m in harmful_models:
-        changes += [ablation(m, tok, item_list, direction[k], n_random, seed, batch_size).assign(layer=k)
+        own = _margins(m, tok, item_list, batch_size)
+        changes += [ablation(m, tok, item_list, direction[k], n_random, seed, batch_size, own).assign(layer=k)
                     for k in unique]
     per_item = pd.concat(changes, ignore_index=True).groupby(["layer", "intervention", "scale", "item_id"],
                                                              as_index=False, sort=False)[["direction", "random"]].mean()
