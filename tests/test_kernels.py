@@ -229,23 +229,42 @@ def test_a_failing_notebook_fails_its_job_as_papermill_does(server, tmp_path):
     """Papermill's exit status, report and half-run notebook, from a forked run as from a cold one."""
     servers, env = server
     for name, job_env in (("warm", env), ("cold", {k: v for k, v in env.items() if k != kernels.ENV})):
-        done, out = _papermill_job(tmp_path, "raise ValueError('the cell failed')", job_env, name)
+        done, out = _papermill_job(tmp_path, LINEAGE + "raise ValueError('the cell failed')", job_env, name)
         assert done.returncode == 1, (name, done.stderr[-2000:])
         assert "PapermillExecutionError" in done.stderr and "the cell failed" in done.stderr
-        assert nbformat.read(out, as_version=4).cells[-1].outputs[0].ename == "ValueError"
+        assert nbformat.read(out, as_version=4).cells[-1].outputs[-1].ename == "ValueError"
+        lineage = json.loads(next(x for x in done.stderr.splitlines() if x.startswith("PROBE "))[len("PROBE "):])
+        forked = lineage["papermill_parent"] in {p.pid for p in servers.procs}
+        assert forked == (name == "warm") and not _said(done), (name, lineage, _said(done))
+
+
+def test_a_forked_papermill_reads_the_job_s_streams(server, tmp_path):
+    """Papermill decides from its standard input whether it reads the notebook from a pipe; a forked run decides
+    from the job's, not the server's: with the notebook piped in and one path given (the output), it runs the
+    piped notebook, as `python -m papermill` does."""
+    servers, env = server
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("print(6 * 7)")]
+    for name, job_env in (("warm", env), ("cold", {k: v for k, v in env.items() if k != kernels.ENV})):
+        out = tmp_path / f"{name}.out.ipynb"
+        done = subprocess.run([sys.executable, "-m", "persona_em.kernels", "--papermill", str(out), "-k",
+                               "persona-em"], input=nbformat.writes(nb), env=job_env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0 and not _said(done), (name, done.stderr[-2000:])
+        assert nbformat.read(out, as_version=4).cells[0].outputs[0].text == "42\n"
 
 
 def test_a_forked_papermill_run_and_its_kernel_end_with_their_job(server, tmp_path):
-    """SIGKILL to the job's launcher (what Snakemake's cancel does to a job's processes) ends the forked papermill
+    """SIGKILL to the job's shell (what Snakemake's cancel does to a job) ends its launcher, the forked papermill
     run, its kernel and what the kernel started."""
     servers, env = server
     nb = nbformat.v4.new_notebook()
     ready, term = tmp_path / "ready", tmp_path / "term"
     nb.cells = [nbformat.v4.new_code_cell(SLEEPER.format(ready=str(ready), term=str(term)))]
     nbformat.write(nb, tmp_path / "sleep.ipynb")
-    job = subprocess.Popen([sys.executable, "-m", "persona_em.kernels", "--papermill", str(tmp_path / "sleep.ipynb"),
-                            str(tmp_path / "out.ipynb"), "-k", "persona-em"], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = (f"{sys.executable} -m persona_em.kernels --papermill {tmp_path / 'sleep.ipynb'} "
+               f"{tmp_path / 'out.ipynb'} -k persona-em; true")   # `; true`: bash waits, as a job's shell does
+    job = subprocess.Popen(["bash", "-c", command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not ready.exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -253,11 +272,13 @@ def test_a_forked_papermill_run_and_its_kernel_end_with_their_job(server, tmp_pa
         assert ready.exists(), "no forked kernel ran the job's cell in 120 s"
         child = psutil.Process(int(ready.read_text()))
         kernel = child.parent()
-        forks = psutil.Process(servers.procs[0].pid).children()
-        papermill = next(p for p in forks if p.pid != kernel.pid)
-        assert kernel in forks and len(forks) == 2
+        forks = [p for p in psutil.Process(servers.procs[0].pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+        papermill = next((p for p in forks if p.pid != kernel.pid), None)
+        assert kernel in forks and papermill is not None and len(forks) == 2, forks
+        launcher = next(p for p in psutil.Process(job.pid).children() if "--papermill" in p.cmdline())
         psutil.Process(job.pid).send_signal(signal.SIGKILL)
-        papermill.wait(timeout=10)   # raises if either outlives the job
+        launcher.wait(timeout=10)   # raises if any of them outlives the job
+        papermill.wait(timeout=10)
         kernel.wait(timeout=10)
         child.wait(timeout=10)
     finally:

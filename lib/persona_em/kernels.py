@@ -8,8 +8,8 @@ papermill run and its kernel. Every job still gets processes of its own with a f
 starts from the same state, the one a new Python reaches by importing the same modules: nothing has run yet (no
 model loaded, no random number drawn, no parallel region entered), and the unseeded random states are drawn
 afresh in each fork. So a chapter computes what it computes in a cold kernel, and each run keeps its executed
-notebook, log and manifest. What a fork does share with its server: the string hash seed, and the command line
-`ps` shows.
+notebook, log and manifest. What a fork does share with its server: the string hash seed, the command line `ps`
+shows, and the warning filters the preloaded libraries set (in a forked papermill, which only reports).
 
 How a job starts. The Snakefile runs `python -m persona_em.kernels --papermill ARGS` for `python -m papermill
 ARGS`, and the `persona-em` kernel spec runs `python -m persona_em.kernels -f CONNECTION_FILE`. Where the
@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-ENV = "PERSONA_EM_KERNELS"   # the run whose fork servers a job's kernel asks for (one per thread count)
+ENV = "PERSONA_EM_KERNELS"   # the run whose fork servers a job asks (one per thread count)
 FORKED = "PERSONA_EM_KERNEL_FORKED"   # set in a forked kernel (the server's pid): its manifest says "warm"
 # What the modules preloaded: papermill (first: its imports change nothing in the environment, and a forked
 # papermill run gets the job's environment as it came), ipykernel and the chapters' libraries; never matplotlib
@@ -64,8 +64,8 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "GO
 TMPDIR_VARS = ("TMPDIR", "TMP", "TEMPDIR", "TEMP")
 
 
-# seconds a launcher waits for its fork (the server may still be importing) before it starts a cold kernel, well
-# within the 60 s papermill gives a kernel to start
+# seconds a launcher waits for its fork (the server may still be importing) before it starts cold: for a kernel,
+# well within the 60 s papermill gives a kernel to start
 START_LIMIT = 40
 MAX_REQUEST = 1 << 24   # bytes: a job's command line, folder and environment
 
@@ -126,7 +126,7 @@ def _peer_uid(conn: socket.socket) -> int:
 
 
 def _kill(pid: int, signum: int = signal.SIGKILL) -> None:
-    """`signum` to a kernel's process group (its own session), or to the kernel alone before it made one."""
+    """`signum` to a fork's process group (its own session), or to the fork alone before it made one."""
     try:
         os.killpg(pid, signum)
     except OSError:
@@ -153,7 +153,8 @@ def launch(argv: list[str], role: str = "kernel") -> int:
             print(f"persona_em.kernels: {what} (no fork server: {e})", file=sys.stderr, flush=True)
         else:
             return _stand_in(conn, pid, job) if pid else 1   # pid None: the job died while we waited
-    os.environ.pop(FORKED, None)   # a workflow started from a warm kernel passes it on; this kernel is cold
+    if role == "kernel":   # a workflow started from a warm kernel passes it on; this kernel is cold
+        os.environ.pop(FORKED, None)
     cmd = [sys.executable, *(f"-X{k}" if v is True else f"-X{k}={v}" for k, v in sys._xoptions.items()),
            "-m", ROLES[role], *argv]
     os.execv(sys.executable, cmd)   # never returns
@@ -184,9 +185,10 @@ def _request(where: str, role: str, argv: list[str], job: int) -> tuple[socket.s
 
 
 def _stand_in(conn: socket.socket, pid: int, job: int) -> int:
-    """Be the kernel for Jupyter until it exits: forward signals to its group, return its exit status; if the
-    job that started us dies first, leave (the server then kills the kernel), as a cold ipykernel watches its
-    parent."""
+    """Be the fork (for Jupyter, the kernel; for the job's shell, papermill) until it exits: forward signals to
+    its group, return its exit status; if the process that started us dies first, leave (the server then kills
+    the fork's group), as a cold ipykernel watches its parent. So a forked papermill ends within a second of its
+    job's shell, where a cold one would run on as an orphan."""
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, lambda signum, _frame: _kill(pid, signum))
     while not select.select([conn], [], [], 1.0)[0]:
@@ -204,8 +206,8 @@ def _stand_in(conn: socket.socket, pid: int, job: int) -> int:
 # --- the server ---------------------------------------------------------------------------------------------
 
 def serve(where: str, parent: int) -> None:
-    """Bind `where`, import PRELOAD, then fork a kernel for each launcher that connects, until process `parent`
-    (the workflow that started the server) is gone."""
+    """Bind `where`, import PRELOAD, then fork a kernel or papermill run for each launcher that connects, until
+    process `parent` (the workflow that started the server) is gone."""
     import gc
     import selectors
     import threading
@@ -253,7 +255,7 @@ def serve(where: str, parent: int) -> None:
                         print(f"persona_em.kernels: accept failed: {e!r}", file=sys.stderr, flush=True)
                         continue
                     try:
-                        pid = _fork_for(conn, env, imported, [listener, wake_r, wake_w, *owners])
+                        pid = _fork_for(conn, env, imported, [listener, wake_r, wake_w, sel, *owners])
                     except Exception as e:   # one bad request never ends the server
                         print(f"persona_em.kernels: a request failed: {e!r}", file=sys.stderr, flush=True)
                         pid = None
@@ -303,12 +305,12 @@ def _reap(kernels: dict, owners: dict, sel) -> None:
 
 def _refusal(request: dict, env: dict) -> str | None:
     if (not isinstance(request.get("env"), dict) or not isinstance(request.get("argv"), list)
-            or request.get("role") not in ROLES):
+            or not isinstance(request.get("role"), str) or request["role"] not in ROLES):
         return "a malformed request"
     if request.get("executable") != sys.executable:
         return f"the job's Python is {request.get('executable')}, the server's {sys.executable}"
     # a kernel's interpreter options are its spec's, which the server runs with (ipykernel's -Xfrozen_modules=off);
-    # papermill's are whatever its command line says, and change nothing it does
+    # a papermill run's command line gives none (the Snakefile's), and the fork runs with the server's
     if request["role"] == "kernel" and request.get("xoptions") != sys._xoptions:
         return "the job's -X options are not the server's"
     theirs = request["env"]
@@ -316,6 +318,18 @@ def _refusal(request: dict, env: dict) -> str | None:
     if differ:
         return "its environment differs from the fork server's in " + ", ".join(differ)
     return None
+
+
+def _closed(conn: socket.socket) -> bool:
+    """Whether the peer has closed `conn` (a launcher sends nothing after its request)."""
+    timeout = conn.gettimeout()
+    conn.setblocking(False)   # a socket with a timeout would wait for data that never comes
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    finally:
+        conn.settimeout(timeout)
 
 
 def _fork_for(conn: socket.socket, env: dict, imported: tuple, inherited: list) -> int | None:
@@ -329,8 +343,10 @@ def _fork_for(conn: socket.socket, env: dict, imported: tuple, inherited: list) 
         refused = "an incomplete request" if request is None or len(fds) != 3 else _refusal(request, env)
         if refused:
             _send(conn, {"refused": refused})
-    except (OSError, ValueError) as e:
-        refused = f"an unreadable request ({e})"
+        elif _closed(conn):   # the launcher gave up waiting (the server was importing) and started cold
+            refused = "the launcher is gone"
+    except Exception as e:   # whatever a malformed request raises: never keep its descriptors
+        refused = f"an unreadable request ({e!r})"
     if refused:
         _close(fds)   # the job's streams: held here, they would keep its pipes open
         return None
@@ -374,8 +390,6 @@ def _take_over(request: dict, fds: list[int], server: int) -> None:
     """Become the job's process: a session and process group of its own (as Jupyter starts a cold kernel; the
     launcher signals the group), default signal handling, the job's standard streams, folder and environment; it
     ends with the server, however that ends (Linux's parent-death signal; the server is single-threaded)."""
-    import random
-
     os.setsid()
     for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, signal.SIG_DFL)
@@ -390,7 +404,6 @@ def _take_over(request: dict, fds: list[int], server: int) -> None:
     _die_with_parent(signal.SIGKILL)
     if os.getppid() != server:   # it ended before the signal was asked for
         os._exit(1)
-    random.seed()   # a new process's unseeded draws differ from process to process; the server's would be every fork's
 
 
 def _become_kernel(request: dict, fds: list[int], imported: tuple, server: int) -> None:
@@ -403,8 +416,9 @@ def _become_kernel(request: dict, fds: list[int], imported: tuple, server: int) 
     # ipykernel's parent poller watches the server too
     argv = [*request["argv"], f"--IPKernelApp.parent_handle={server}"]
     sys.argv = [sys.executable, "-m", "ipykernel_launcher", *argv]
-    # as `random` in _take_over: torch's CPU generator included (its CUDA generators start from a fixed seed, and
-    # are left so)
+    # what a new process draws without a seed differs from process to process (Python's `random` is reseeded in a
+    # forked child by CPython itself; torch's CUDA generators start from a fixed seed, and are left so); the
+    # server's states would be every kernel's
     import numpy as np
     import torch
 
@@ -417,10 +431,13 @@ def _become_kernel(request: dict, fds: list[int], imported: tuple, server: int) 
 
 def _become_papermill(request: dict, fds: list[int], server: int) -> None:
     """`python -m papermill ARGV`, in the job's environment as it came (papermill's imports changed nothing in it;
-    the chapters' libraries' changes are their kernels' own); its kernel is another job for the server."""
-    _take_over(request, fds, server)
-    from papermill.cli import papermill
+    the chapters' libraries' changes are their kernels' own); its kernel is another job for the server. Its
+    command-line module is run again: it reads at import whether its input and output are piped, which is the
+    job's standard streams, not the server's."""
+    import importlib
 
+    _take_over(request, fds, server)
+    papermill = importlib.reload(sys.modules["papermill.cli"]).papermill
     sys.argv = [sys.executable, "-m", "papermill", *request["argv"]]
     papermill.main(args=request["argv"], prog_name="papermill")   # click: ends with SystemExit(papermill's status)
 
