@@ -229,7 +229,7 @@ def serve(where: str, parent: int) -> None:
         listener.close()
         raise SystemExit("persona_em.kernels: the preloaded modules started a thread, imported matplotlib or "
                          "initialised CUDA; no warm kernels (every job starts a cold one)")
-    # The preloaded modules' objects (about 400,000) live as long as a kernel does: out of the cyclic collector's
+    # The preloaded modules' objects (about 540,000) live as long as a kernel does: out of the cyclic collector's
     # reach, a kernel's full collections (IPython's reset at shutdown, the libraries' own gc.collect calls) skip
     # them, 0.4 s or more each, and do not write to, and so copy, the memory pages the kernels share with the
     # server. The kernel's own garbage is collected as in a cold kernel; what is never freed is a cycle that runs
