@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from peak import NO_BF16, matmul_peak, native_bf16
+from peak import NO_BF16, embedding_flops, matmul_peak, native_bf16
 from record import write
 from persona_em import diversity, models, questions
 
@@ -71,10 +71,7 @@ print(f"n={k}: naive n x n Vendi + distances {t_naive:.2f} s vs project {t_fast:
 
 # The floor: MiniLM's matmuls (2 x non-embedding parameters per token; attention over ~50 tokens is small)
 # against this machine's own 2048^3 matmul rate in float32 and bfloat16.
-st = models.load_embedder("minilm")
-tokens = sum(len(ids) for ids in st.tokenizer(texts)["input_ids"])
-dense = sum(p.numel() for name, p in st.named_parameters() if "embeddings" not in name)
-flops = 2 * dense * tokens
+tokens, flops = embedding_flops(models.load_embedder("minilm"), texts)
 
 
 p32 = matmul_peak(torch.float32)

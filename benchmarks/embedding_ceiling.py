@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from peak import NO_BF16, fastest_peak, native_bf16
+from peak import NO_BF16, embedding_flops, fastest_peak, native_bf16
 from record import write
 from persona_em import diversity, models, questions
 
@@ -29,9 +29,7 @@ if not native_bf16():
 
 texts = [q["text"] for q in questions.build_pool("bench", 0, "t", n, seed=0)]   # diversity_speed's pool
 st = models.load_embedder("minilm")
-tokens = sum(len(ids) for ids in st.tokenizer(texts)["input_ids"])
-dense = sum(p.numel() for name, p in st.named_parameters() if "embeddings" not in name)
-flops = 2 * dense * tokens
+tokens, flops = embedding_flops(st, texts)
 ref = st.encode(texts, batch_size=128, show_progress_bar=False)
 p16 = fastest_peak(torch.bfloat16)   # measured again at the end, the higher kept: the VM's rate drifts
 
@@ -47,13 +45,8 @@ def timed(label: str, encode) -> dict:
             "value": secs, "unit": "s", "against": "its floor at the bf16 peak (x)"}
 
 
-def autocast_encode(batch: int):
-    def encode(x):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return st.encode(x, batch_size=batch, show_progress_bar=False)
-    return encode
-
-
+autocast = models.Bf16Embedder(st)   # what `embedder: minilm-bf16` runs
+autocast_encode = lambda batch: lambda x: autocast.encode(x, batch_size=batch, show_progress_bar=False)
 print(f"{n} questions, {tokens} tokens, {flops / 1e12:.2f} TFLOP", flush=True)
 rows = [timed(f"bf16 autocast, batch {b}", autocast_encode(b)) for b in (128, 512)]
 st16 = models.load_embedder("minilm").to(torch.bfloat16)

@@ -32,4 +32,12 @@ def bf16_peak(tries: int = 3) -> float:
     return fastest_peak(torch.bfloat16, tries) if native_bf16() else matmul_peak(torch.bfloat16, size=256, repeats=1)
 
 
+def embedding_flops(embedder, texts: list[str]) -> tuple[int, int]:
+    """(tokens, FLOPs) of encoding `texts` at the embedding floor's count: 2 x non-embedding parameters per token
+    (the matmuls; attention over ~50 tokens is small)."""
+    tokens = sum(len(ids) for ids in embedder.tokenizer(texts)["input_ids"])
+    dense = sum(p.numel() for name, p in embedder.named_parameters() if "embeddings" not in name)
+    return tokens, 2 * dense * tokens
+
+
 NO_BF16 = "not measured: no bf16 instructions on this CPU (bf16 matmuls emulated)"
