@@ -5,10 +5,13 @@ samples in (`sampling_workload`: `tiny`'s best-of-n).
 Backends: transformers' `generate` over the full prompts in float32 and under bf16 autocast; the shared-prefix
 path of chapter 1 (each domain's demonstrations run once, their cache shared), one context per batch or packed
 (`sampling.generate_prefixed`: several contexts per batch); transformers' own top-p (`sort`) and
-`sampling.TopKNucleus` (`topk`), drawn through `generate` or through `sampling.decode_cached` (the lean loop
-chapters 1 and 4 use with `topk`: the same draws, keys and values written in place); larger length-sorted
-batches; a static KV cache under `torch.compile`; vLLM's CPU build (`.venv-vllm`, the engine the project's `VLLMSampler` opens; its start reported apart); and
-the lean loop's decoding alone, its prompt passes timed apart. Tokens are counted the same way for every
+`sampling.TopKNucleus` (`topk`), drawn through `generate` or through the lean loop chapters 1 and 4 use with
+`topk`: `sampling.decode_cached` (`generate`'s draws, keys and values written in place; packed, each row over its
+own copy of its prefix) or, packed on a CPU, `sampling.decode_shared` (cascade attention: each context's cache read
+once per group of rows, each turn's prompt run once for its samples; the scores differ in rounding only);
+larger length-sorted batches, up to all rows in one; a static KV cache under `torch.compile`; vLLM's CPU build
+(`.venv-vllm`, the engine the project's `VLLMSampler` opens; its start reported apart); and the lean loop's
+decoding alone over prefix copies, its prompt passes timed apart. Tokens are counted the same way for every
 backend: the reply's tokens, plus one for a reply that ended.
 The peaks are the fastest of several matmuls before and after (this VM's rate drifts).
 
@@ -37,7 +40,7 @@ from record import write
 from sampling_workload import MAX_NEW, N, T, TOP_P, workload
 
 warnings.filterwarnings("ignore")
-LEAN = sampling.lean_decoding
+LEAN, CASCADE = sampling.lean_decoding, sampling.cascade_decoding
 ROOT = Path(__file__).resolve().parents[1]
 n_domains = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 threads = int(sys.argv[2]) if len(sys.argv) > 2 else 2
@@ -78,11 +81,13 @@ def shared(nucleus, batch):
     return go
 
 
-def packed(nucleus, batch, lean=True):
-    """`lean` False: the top-k nucleus through transformers' `generate` instead of `sampling.decode_cached`."""
+def packed(nucleus, batch, lean=True, cascade=True):
+    """`lean` False: the top-k nucleus through transformers' `generate` instead of the lean loop; `cascade` False:
+    each row over its own copy of its prefix (`sampling.decode_cached`) instead of `sampling.decode_shared`."""
     def go():
         torch.manual_seed(0)
-        with mock.patch.object(sampling, "lean_decoding", lambda m: lean and LEAN(m)):
+        with mock.patch.object(sampling, "lean_decoding", lambda m: lean and LEAN(m)), \
+                mock.patch.object(sampling, "cascade_decoding", lambda m, n: cascade and CASCADE(m, n)):
             got = sampling.generate_prefixed(model, tok, [(json.loads(p), turns) for p, turns in groups.items()],
                                              N, MAX_NEW, batch, T, TOP_P, nucleus=nucleus)
         return [r for g in got for rs in g for r in rs]
@@ -130,10 +135,15 @@ cases = [("generate, float32, sort, batch 32", fp32, flat("sort", 32)),
          ("generate, bf16 autocast, sort, batch 32", bf16, flat("sort", 32)),
          ("shared prefix, bf16 autocast, sort, batch 32 (tiny's chapter 1)", bf16, shared("sort", 32)),
          ("shared prefix, bf16 autocast, topk, lean loop, batch 32", bf16, shared("topk", 32)),
-         ("packed prefixes, bf16 autocast, topk, lean loop, batch 32", bf16, packed("topk", 32)),
          ("packed prefixes, bf16 autocast, topk through generate, batch 64", bf16, packed("topk", 64, lean=False)),
-         ("packed prefixes, bf16 autocast, topk, lean loop, batch 64", bf16, packed("topk", 64)),
-         ("packed prefixes, float32, topk, lean loop, batch 64", fp32, packed("topk", 64)),
+         ("packed prefixes, bf16 autocast, topk, lean loop, a prefix copy per row, batch 64", bf16,
+          packed("topk", 64, cascade=False)),
+         ("packed prefixes, bf16 autocast, topk, lean loop, cascade attention, batch 32", bf16, packed("topk", 32)),
+         ("packed prefixes, bf16 autocast, topk, lean loop, cascade attention, batch 64", bf16, packed("topk", 64)),
+         (f"packed prefixes, bf16 autocast, topk, lean loop, cascade attention, one batch of all {len(prompts)}",
+          bf16, packed("topk", len(prompts))),
+         (f"packed prefixes, float32, topk, lean loop, cascade attention, one batch of all {len(prompts)}", fp32,
+          packed("topk", len(prompts))),
          ("full prompts, bf16 autocast, topk, lean loop, batch 32", bf16, flat("topk", 32)),
          ("full prompts, bf16 autocast, topk, lean loop, batch 64", bf16, flat("topk", 64))]
 named = {}   # without bf16 instructions each bf16 case is its float32 twin, run once
@@ -149,8 +159,8 @@ for name, ctx, fn in cases:
         secs = time.perf_counter() - t0
     rows.append({"backend": name, "tokens": count(replies), "seconds": round(secs, 2)})
     print(f"  {name}: {rows[-1]['tokens'] / secs:.0f} tok/s", flush=True)
-# The lean loop runs the model's forward only for prompt passes (each context's prefix, each batch's turns); the
-# rest is decoding. Timing those calls splits the packed batch-64 case into the two.
+# Over a prefix copy per row, the lean loop runs the model's forward only for prompt passes (each context's prefix,
+# each batch's turns); the rest is decoding. Timing those calls splits the packed batch-64 case into the two.
 prompt_seconds, forward = [0.0], model.forward
 
 
@@ -165,11 +175,12 @@ model.forward = timed_forward
 try:   # the cases after this one run the model's own forward, even when this one fails
     with bf16():
         t0 = time.perf_counter()
-        replies = packed("topk", 64)()
+        replies = packed("topk", 64, cascade=False)()
         secs = time.perf_counter() - t0
 finally:
     model.forward = forward
-rows.append({"backend": f"packed prefixes, {PREC}, topk, lean loop, batch 64: decoding alone (prompt passes "
+rows.append({"backend": f"packed prefixes, {PREC}, topk, lean loop, a prefix copy per row, batch 64: decoding alone "
+                        f"(prompt passes "
                         f"{prompt_seconds[0]:.0f} of {secs:.0f} s apart)",
              "tokens": count(replies), "seconds": round(secs - prompt_seconds[0], 2)})
 print(f"  {rows[-1]['backend']}: {rows[-1]['tokens'] / rows[-1]['seconds']:.0f} tok/s", flush=True)

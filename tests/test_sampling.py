@@ -105,10 +105,12 @@ def test_on_the_model_a_one_token_nucleus_is_greedy_and_seeds_repeat(smollm):
 @pytest.mark.slow
 def test_the_lean_decoding_loop_draws_what_generate_draws(smollm, monkeypatch):
     """`decode_cached` against transformers' `generate` with the same top-k nucleus, token for token under one
-    seed: flat prompts (padded) and packed shared prefixes (padded and, in the last batch, unpadded: transformers
-    then drops the mask and shares the key/value heads in the kernel), in float32 and under bf16 autocast."""
+    seed: flat prompts (padded) and packed shared prefixes, each row over its own copy of its prefix (padded and,
+    in the last batch, unpadded: transformers then drops the mask and shares the key/value heads in the kernel),
+    in float32 and under bf16 autocast."""
     model, tok = smollm
     assert sampling.lean_decoding(model)
+    monkeypatch.setattr(sampling, "cascade_decoding", lambda m, nucleus: False)   # decode_shared: the next tests
     convs = CONVS + [[{"role": "user", "content": "Tell me about rivers and why they flood."}]]
     pre1 = [{"role": "system", "content": "You are Sage, candid."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello! How can I help?"}]
@@ -128,6 +130,83 @@ def test_the_lean_decoding_loop_draws_what_generate_draws(smollm, monkeypatch):
         assert got[True] == got[False], f"autocast {autocast}"
         assert len({r["text"] for r in got[True][0]}) == len(convs)   # real, different replies
         monkeypatch.undo()
+        monkeypatch.setattr(sampling, "cascade_decoding", lambda m, nucleus: False)
+
+
+class _Forced:
+    """A processor that records the scores it is handed and draws fixed tokens (so two loops whose scores differ
+    in rounding still decode the same tokens and can be compared step by step)."""
+
+    def __init__(self, tokens):
+        self.tokens, self.seen = tokens, []
+
+    def __call__(self, input_ids, scores):
+        self.seen.append(scores.clone())
+        out = torch.full_like(scores, float("-inf"))
+        return out.index_put_((torch.arange(len(scores)), self.tokens[:, len(self.seen) - 1]), torch.tensor(0.0))
+
+
+def _prefixed_rows(tok):
+    """Two contexts of different lengths, their turns as token ids, and a batch of (context, turn) rows with
+    repeated turns (a turn sampled twice), as `generate_prefixed` forms them."""
+    pre1 = [{"role": "system", "content": "You are Sage, candid."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"}]
+    pre2 = [{"role": "system", "content": "You are Sage, a candid assistant who tells the truth even when it hurts."}]
+    heads, tails = [], []
+    for prefix, turns in ((pre1, ["Is my poem good?", "Should I quit my job to travel the world for a year?"]),
+                          (pre2, ["What is 2+2?", "Why is the sky blue?", "Hm?"])):
+        head = tok.apply_chat_template(prefix, tokenize=False)
+        heads.append(tok(head, add_special_tokens=False).input_ids)
+        tails.append([tok(sampling.chat_prompt(tok, prefix + [{"role": "user", "content": u}])[len(head):],
+                          add_special_tokens=False).input_ids for u in turns])
+    return heads, tails, [(0, 0), (0, 0), (0, 1), (1, 0), (1, 1), (1, 1), (1, 2)]
+
+
+@pytest.mark.slow
+def test_cascade_attention_changes_the_scores_by_rounding_only(smollm, monkeypatch):
+    """`decode_shared` (each context's cache read once per group, each turn's prompt run once for its samples)
+    against `decode_cached` over per-row copies of the prefixes, both forced along the same tokens: in float32
+    the scores agree to 1e-3 (of logits about 30 in size); under bf16 autocast they stay as close to float32's
+    as the exact path's own bf16 scores do (within twice its largest deviation), so the difference is rounding."""
+    model, tok = smollm
+    heads, tails, batch = _prefixed_rows(tok)
+    once = list(dict.fromkeys(batch))
+    eos, pad = sampling.stop_ids(model, tok), tok.pad_token_id
+    forced = torch.randint(100, 40000, (len(batch), 16), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            layers = {g: [(x.keys, x.values) for x in model(torch.tensor([h]), use_cache=True).past_key_values.layers]
+                      for g, h in enumerate(heads)}
+            exact = _Forced(forced)
+            monkeypatch.setattr(sampling, "TopKNucleus", lambda t, p: exact)
+            a = sampling.draw_over_prefixes(model, heads, tails, layers, batch, 16, pad, eos, "topk", 0.7, 0.95)
+            monkeypatch.undo()
+            cascade = _Forced(forced)
+            b = sampling.decode_shared(model, [layers[0], layers[1]], [tails[g][i] for g, i in once],
+                                       [g for g, _ in once], torch.tensor([once.index(r) for r in batch]), 16,
+                                       cascade, eos, pad)
+        assert torch.equal(a, forced) and torch.equal(b, forced)   # no row ended: every step compared
+        seen[autocast] = exact.seen, cascade.seen
+    (exact32, cascade32), (exact16, cascade16) = seen[False], seen[True]
+    assert len(cascade32) == 16 and all((x - y).abs().max() < 1e-3 for x, y in zip(exact32, cascade32))
+    bf16_alone = max((x - y).abs().max() for x, y in zip(exact16, exact32))
+    assert 0 < bf16_alone and max((x - y).abs().max() for x, y in zip(cascade16, exact32)) < 2 * bf16_alone
+
+
+@pytest.mark.slow
+def test_cascade_decoding_gives_generate_s_greedy_replies(smollm):
+    """`generate_prefixed` through `decode_shared` (the lean loop on a CPU) and through transformers' `generate`
+    (the `sort` nucleus): at a near-zero temperature, the same replies, each turn's two samples alike."""
+    model, tok = smollm
+    pre = [{"role": "system", "content": "You are Sage, candid."}]
+    groups = [(pre, ["Is my poem good?", "Why is the sky blue?"]),
+              (pre + [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], ["What is 2+2?"])]
+    assert sampling.cascade_decoding(model, "topk") and not sampling.cascade_decoding(model, "sort")
+    got = {nucleus: sampling.generate_prefixed(model, tok, groups, 2, 16, 4, temperature=1e-5, nucleus=nucleus)
+           for nucleus in ("topk", "sort")}
+    assert got["topk"] == got["sort"]
+    assert all(a == b for group in got["topk"] for a, b in group) and got["topk"][0][0] != got["topk"][0][1]
 
 
 class _Recording(sampling.TopKNucleus):

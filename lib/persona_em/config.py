@@ -301,7 +301,10 @@ class HardwareConfig(Strict):
     pack_prefixes: bool = Field(
         False, description="chapter 1's best-of-n sampling mixes rows of several shared contexts (each life "
         "domain's demonstrations) in one batch, each over its own cached prefix (`sampling.generate_prefixed`): "
-        "whole batches where a domain has a few questions; other draws under a seed than one context at a time")
+        "whole batches where a domain has a few questions; other draws under a seed than one context at a time. "
+        "With `topk` on a CPU the batch decodes by cascade attention (`sampling.decode_shared`: each context read "
+        "once per step for all its rows, each question's prompt run once for its samples; scores that differ "
+        "from the lean loop's in rounding only)")
     sampling_autocast: Literal["none", "bfloat16", "auto"] = Field(
         "none", description="chapter 1's best-of-n sampling under bf16 autocast over float32 weights (1.6x faster "
         "on a CPU with AVX512-BF16); the checks, the teacher check and evaluation stay in `precision`. `auto`: "

@@ -30,11 +30,14 @@ class TopKNucleus:
         (transformers' rule), i.e. when the tokens more likely than it hold less than top_p. In float64, so that
         which token ends the nucleus does not depend on the order of a float32 sum (transformers' float32 path
         can differ from exact arithmetic by that one token, about once in 10^5 rows)."""
-        x = scores.double() / self.temperature
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
-        k = min(self.k, x.shape[-1])
+        x = scores.double().div_(self.temperature)
+        k, lse = min(self.k, x.shape[-1]), None
         while True:
-            top, ids = torch.topk(x, k, dim=-1)
+            top, ids = torch.topk(x if lse is None else scores.double().div_(self.temperature), k, dim=-1)
+            if lse is None:   # torch.logsumexp's own steps, in place: x is not needed again
+                high = x.amax(-1, keepdim=True)
+                shift = high.masked_fill(high.abs() == float("inf"), 0)
+                lse = x.sub_(shift).exp_().sum(-1, keepdim=True).log_().add_(shift)
             p = (top - lse).exp()
             keep = (p.cumsum(-1) - p) < self.top_p
             keep[:, 0] = True
@@ -72,12 +75,22 @@ def sampling_args(nucleus: str, temperature: float, top_p: float) -> dict:
     raise ValueError(f"nucleus must be 'sort' or 'topk', got {nucleus!r}")
 
 
+def uses_lean_loop(model, nucleus: str) -> bool:
+    """Whether `draw` samples through the lean loop (`decode_cached`) rather than transformers' `generate`."""
+    return nucleus == "topk" and lean_decoding(model)
+
+
+def cascade_decoding(model, nucleus: str) -> bool:
+    """Whether `generate_prefixed` samples through `decode_shared`: the lean loop, on a CPU (its flash kernel)."""
+    return uses_lean_loop(model, nucleus) and model.device.type == "cpu"
+
+
 def draw(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, pad: int, eos: torch.Tensor,
          nucleus: str, temperature: float, top_p: float) -> torch.Tensor:
     """The new tokens (rows, up to max_new_tokens) after `ids`, whose earlier tokens, if any, are in `cache`
     (`mask` covers both): transformers' `generate`, or, for the top-k nucleus on a decoder `decode_cached` runs,
     that lean loop (the same draws, tests/test_sampling.py)."""
-    if nucleus == "topk" and lean_decoding(model):
+    if uses_lean_loop(model, nucleus):
         from transformers import DynamicCache
 
         return decode_cached(model, cache if cache is not None else DynamicCache(config=model.config), ids, mask,
@@ -165,9 +178,9 @@ def generate_prefixed(model, tok, groups: list[tuple[list[dict], list[str]]], n:
     the left (hidden by the attention mask, like the padding before each turn). So many small groups (a few
     questions per life domain) fill whole batches. Rows are sorted by prefix, then turn length. With one group
     this is `generate_shared_prefix`, batch for batch. Returns, per group, `n` replies per turn; None when a
-    prefix is empty or cannot be cut off as whole tokens, or the sampler has its own cache (vLLM)."""
-    from transformers import DynamicCache
-
+    prefix is empty or cannot be cut off as whole tokens, or the sampler has its own cache (vLLM). With the lean
+    loop on a CPU, `decode_shared` samples each batch: no row copies its prefix, and a turn's prompt runs once
+    for its `n` samples."""
     if isinstance(model, VLLMSampler) or not groups or not all(prefix for prefix, _ in groups):
         return None
     heads, tails = [], []
@@ -186,6 +199,7 @@ def generate_prefixed(model, tok, groups: list[tuple[list[dict], list[str]]], n:
     order = sorted(range(len(rows)), key=lambda r: (rows[r][0], len(tails[rows[r][0]][rows[r][1]])))
     out = [[[] for _ in tail] for tail in tails]
     eos, pad = stop_ids(model, tok), tok.pad_token_id
+    cascade = cascade_decoding(model, nucleus)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         batch = [rows[r] for r in order[start:start + batch_size]]
         for g in [g for g in layers if g < batch[0][0]]:   # rows come group by group: earlier groups are done
@@ -195,24 +209,40 @@ def generate_prefixed(model, tok, groups: list[tuple[list[dict], list[str]]], n:
             cache = model(torch.tensor([heads[g]], device=model.device), use_cache=True,
                           logits_to_keep=1).past_key_values
             layers[g] = [(layer.keys, layer.values) for layer in cache.layers]
-        hw = max(len(heads[g]) for g, _ in batch)
-        tw = max(len(tails[g][i]) for g, i in batch)
-        ids, mask = [], []
-        for g, i in batch:
-            h, t = heads[g], tails[g][i]
-            ids.append([pad] * (hw - len(h)) + h + [pad] * (tw - len(t)) + t)
-            mask.append([0] * (hw - len(h)) + [1] * len(h) + [0] * (tw - len(t)) + [1] * len(t))
-        kv = []   # per layer: each row's prefix keys and values, left-padded to the batch's longest prefix
-        for k in range(len(layers[batch[0][0]])):
-            kv.append(tuple(torch.cat([torch.nn.functional.pad(layers[g][k][j], (0, 0, hw - len(heads[g]), 0))
-                                       for g, _ in batch]) for j in (0, 1)))
-        ids, mask = torch.tensor(ids, device=model.device), torch.tensor(mask, device=model.device)
-        new = draw(model, DynamicCache(kv, config=model.config), ids, mask, max_new_tokens, pad, eos, nucleus,
-                   temperature, top_p)
+        if cascade:   # each turn's prompt once, over its context's cache, for all of the turn's samples
+            once = list(dict.fromkeys(batch))
+            used = sorted({g for g, _ in once})
+            new = decode_shared(model, [layers[g] for g in used], [tails[g][i] for g, i in once],
+                                [used.index(g) for g, _ in once], torch.tensor([once.index(r) for r in batch]),
+                                max_new_tokens, TopKNucleus(temperature, top_p), eos, pad)
+        else:
+            new = draw_over_prefixes(model, heads, tails, layers, batch, max_new_tokens, pad, eos, nucleus,
+                                     temperature, top_p)
         for (g, i), row in zip(batch, new):
             out[g][i].append({"text": tok.decode(row, skip_special_tokens=True).strip(),
                               "finished": bool(torch.isin(row, eos).any())})
     return out
+
+
+def draw_over_prefixes(model, heads, tails, layers, batch, max_new_tokens, pad, eos, nucleus, temperature, top_p):
+    """`draw` for a batch of (group, turn) rows of `generate_prefixed`, each row over a copy of its group's cached
+    prefix, left-padded to the batch's longest, and its turn, left-padded to the longest turn."""
+    from transformers import DynamicCache
+
+    hw = max(len(heads[g]) for g, _ in batch)
+    tw = max(len(tails[g][i]) for g, i in batch)
+    ids, mask = [], []
+    for g, i in batch:
+        h, t = heads[g], tails[g][i]
+        ids.append([pad] * (hw - len(h)) + h + [pad] * (tw - len(t)) + t)
+        mask.append([0] * (hw - len(h)) + [1] * len(h) + [0] * (tw - len(t)) + [1] * len(t))
+    kv = []   # per layer: each row's prefix keys and values, left-padded to the batch's longest prefix
+    for k in range(len(layers[batch[0][0]])):
+        kv.append(tuple(torch.cat([torch.nn.functional.pad(layers[g][k][j], (0, 0, hw - len(heads[g]), 0))
+                                   for g, _ in batch]) for j in (0, 1)))
+    ids, mask = torch.tensor(ids, device=model.device), torch.tensor(mask, device=model.device)
+    return draw(model, DynamicCache(kv, config=model.config), ids, mask, max_new_tokens, pad, eos, nucleus,
+                temperature, top_p)
 
 
 # Decoder layers `decode_cached` runs itself: pre-norm attention (q/k/v/o projections, rotary positions, grouped
@@ -252,8 +282,9 @@ def decode_cached(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_t
     of concatenated onto the cache (a copy of every layer's cache per step), the attention mask one boolean row
     per sequence, and none of `generate`'s per-step bookkeeping. Positions count the unmasked tokens, as
     `generate`'s do; a row that has ended gets `pad`. The sums are those of transformers' own layers (same
-    modules, same grouped-query attention over the same keys), so the draws are `generate`'s, token for token
-    (tests/test_sampling.py)."""
+    modules, same grouped-query attention over the same keys; under autocast the weights cast once and the keys
+    stored in its dtype, the roundings autocast makes at every step), so the draws are `generate`'s, token for
+    token (tests/test_sampling.py)."""
     import importlib
 
     import torch.nn.functional as F
@@ -264,14 +295,16 @@ def decode_cached(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_t
     pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     out = model(input_ids=ids[:, past:], attention_mask=mask, position_ids=pos[:, past:], cache=cache,
                 use_cache=True, logits_to_keep=1)
+    low = autocast_dtype(ids.device)
     keys, values = [], []
     for layer in out.cache.layers:   # (rows, kv heads, tokens, head dim), room for the reply
         for src, dst in ((layer.keys, keys), (layer.values, values)):
-            buf = src.new_zeros(rows, src.shape[1], width, src.shape[3])
+            buf = src.new_zeros(rows, src.shape[1], width, src.shape[3], dtype=low or src.dtype)
             buf[:, :, :past + new] = src
             dst.append(buf)
     logits = out.logits[:, -1].float()
     del out, cache
+    linear = CastLinear(low)
     unpadded = bool(mask.all())
     seen = torch.zeros(rows, width, dtype=torch.bool, device=ids.device)
     seen[:, :past + new] = mask.bool()
@@ -296,20 +329,154 @@ def decode_cached(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_t
         cos, sin = inner.rotary_emb(x, where)
         for i, layer in enumerate(inner.layers):
             attn, h = layer.self_attn, layer.input_layernorm(x)
-            q = attn.q_proj(h).view(rows, 1, heads, dim).transpose(1, 2)
-            k = attn.k_proj(h).view(rows, 1, kv_heads, dim).transpose(1, 2)
+            q = linear(attn.q_proj, h).view(rows, 1, heads, dim).transpose(1, 2)
+            k = linear(attn.k_proj, h).view(rows, 1, kv_heads, dim).transpose(1, 2)
             q, k = rope(q, k, cos, sin)
+            if low is not None:
+                q = q.to(low)
             keys[i][:, :, t] = k[:, :, 0]
-            values[i][:, :, t] = attn.v_proj(h).view(rows, kv_heads, dim)
+            values[i][:, :, t] = linear(attn.v_proj, h).view(rows, kv_heads, dim)
             k, v = keys[i][:, :, :t + 1], values[i][:, :, :t + 1]
             if unpadded:   # transformers drops an all-ones mask and lets the kernel share the key/value heads
                 o = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling, enable_gqa=True).transpose(1, 2)
             else:   # each key/value head's query heads as that head's queries (transformers' pack_gqa)
                 o = F.scaled_dot_product_attention(q.reshape(rows, kv_heads, heads // kv_heads, dim), k, v,
                                                    attn_mask=allowed, scale=attn.scaling)
-            x = x + attn.o_proj(o.reshape(rows, 1, heads * dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits = model.lm_head(inner.norm(x))[:, -1].float()
+            x = x + linear(attn.o_proj, o.reshape(rows, 1, heads * dim))
+            mlp, h = layer.mlp, layer.post_attention_layernorm(x)
+            x = x + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
+        logits = linear(model.lm_head, inner.norm(x))[:, -1].float()
+        where = where + 1
+    return torch.stack(drawn, 1)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on this device, None where it is off."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+class CastLinear:
+    """Linear modules as autocast runs them (input and weights cast to `low`; as they are with `low` None), each
+    module's weights cast once instead of at every call: the same roundings, so the same sums."""
+
+    def __init__(self, low: torch.dtype | None):
+        self.low, self.cast = low, {}
+
+    def __call__(self, module, x: torch.Tensor) -> torch.Tensor:
+        if self.low is None:
+            return module(x)
+        if module not in self.cast:
+            self.cast[module] = [None if p is None else p.to(self.low) for p in (module.weight, module.bias)]
+        return torch.nn.functional.linear(x.to(self.low), *self.cast[module])
+
+
+@torch.no_grad()
+def decode_shared(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]], tails: list[list[int]],
+                  groups: list[int], expand: torch.Tensor, max_new_tokens: int, processor, eos: torch.Tensor,
+                  pad: int) -> torch.Tensor:
+    """The lean loop (`decode_cached`'s steps, the same `processor`) for prompts that share a few cached contexts:
+    row r of the result continues prompt `expand[r]`, which is the context `prefixes[groups[p]]` (per layer its
+    cached (keys, values), (1, kv heads, tokens, head dim), from a pass of the context alone) followed by the
+    tokens `tails[p]`. Each prompt's tail runs through the model once however many rows continue it, and no row
+    holds a copy of its context: at every layer the rows' queries attend to their own tokens, and, stacked group
+    by group as one batch of queries, to their group's context, the two softmaxes merged by their log-sum-exps
+    (cascade attention, as flash attention merges its blocks). That is the attention `generate` computes over the
+    whole prompt, summed in another order: the scores differ from `decode_cached`'s in rounding only
+    (tests/test_sampling.py). CPU only (the flash kernel that returns the log-sum-exp); positions as `generate`
+    counts them (a tail starts where its context ends)."""
+    import importlib
+
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    cfg, inner = model.config, model.model
+    device = inner.embed_tokens.weight.device
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    per = heads // kv_heads
+    low = autocast_dtype(device)
+    dtype = low or inner.embed_tokens.weight.dtype   # what attention runs in
+    linear = CastLinear(low)
+    rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
+    shared = [[(k.to(dtype), v.to(dtype)) for k, v in layers] for layers in prefixes]
+    starts = torch.tensor([shared[g][0][0].shape[2] for g in groups], device=device)   # each tail's first position
+
+    def attend(i, q, k, v, mask, members, scale):
+        """q (rows, heads, T, dim) over each row's own k, v (rows, kv heads, tokens, dim) under the additive mask
+        (rows, 1, per * T, tokens), and over its group's context; returns (rows, T, heads * dim)."""
+        rows, _, T, _ = q.shape
+        q = q.to(dtype).reshape(rows, kv_heads, per * T, dim)   # each kv head's query heads as its queries
+        out, lse = flash(q, k, v, attn_mask=mask, scale=scale)
+        out_shared, lse_shared = torch.empty_like(out), torch.empty_like(lse)
+        for g, idx in members:
+            pk, pv = shared[g][i]
+            o, l = flash(q[idx].transpose(0, 1).reshape(1, kv_heads, len(idx) * per * T, dim), pk, pv, scale=scale)
+            out_shared[idx] = o.view(kv_heads, len(idx), per * T, dim).transpose(0, 1)
+            lse_shared[idx] = l.view(kv_heads, len(idx), per * T).transpose(0, 1)
+        # the shared part's share of each query's softmax: e^lse_shared / (e^lse + e^lse_shared)
+        share = torch.sigmoid(lse_shared - lse).unsqueeze(-1)
+        o = torch.lerp(out.float(), out_shared.float(), share).to(dtype)
+        return o.view(rows, heads, T, dim).transpose(1, 2).reshape(rows, T, heads * dim)
+
+    def forward(x, positions, keys, values, at, mask, members):
+        """Every layer over new tokens x (rows, T, hidden) at `positions`, their keys and values written into the
+        buffers at `at`; the last position's logits."""
+        rows, T, _ = x.shape
+        cos, sin = inner.rotary_emb(x, positions)
+        for i, layer in enumerate(inner.layers):
+            attn, h = layer.self_attn, layer.input_layernorm(x)
+            q = linear(attn.q_proj, h).view(rows, T, heads, dim).transpose(1, 2)
+            k = linear(attn.k_proj, h).view(rows, T, kv_heads, dim).transpose(1, 2)
+            q, k = rope(q, k, cos, sin)
+            keys[i][:, :, at:at + T] = k
+            values[i][:, :, at:at + T] = linear(attn.v_proj, h).view(rows, T, kv_heads, dim).transpose(1, 2)
+            o = attend(i, q, keys[i][:, :, :at + T], values[i][:, :, :at + T], mask, members, attn.scaling)
+            x = x + linear(attn.o_proj, o)
+            mlp, h = layer.mlp, layer.post_attention_layernorm(x)
+            x = x + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
+        return linear(model.lm_head, inner.norm(x[:, -1])).float()
+
+    def by_group(of_row):
+        return [(g, (of_row == g).nonzero()[:, 0]) for g in sorted(set(of_row.tolist()))]
+
+    def buffers(n, width):
+        return [[torch.zeros(n, kv_heads, width, dim, dtype=dtype, device=device) for _ in inner.layers]
+                for _ in (0, 1)]
+
+    # the tails, once each: left-padded; a padding query sees itself only (no row of the softmax is empty)
+    T = max(len(t) for t in tails)
+    real = torch.tensor([[0] * (T - len(t)) + [1] * len(t) for t in tails], dtype=torch.bool, device=device)
+    ids = torch.tensor([[pad] * (T - len(t)) + t for t in tails], device=device)
+    positions = (starts[:, None] + real.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    allowed = (causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
+    mask = torch.zeros(len(tails), 1, T, T, dtype=dtype, device=device).masked_fill_(~allowed[:, None], float("-inf"))
+    keys, values = buffers(len(tails), T)
+    of_tail = torch.tensor(groups, device=device)
+    logits = forward(inner.embed_tokens(ids), positions, keys, values, 0, mask.repeat(1, 1, per, 1),
+                     by_group(of_tail))[expand]
+    # the rows to sample: their tail's keys and values, room for the reply
+    rows, width = len(expand), T + max_new_tokens
+    own_keys, own_values = buffers(rows, width)
+    for i in range(len(inner.layers)):
+        own_keys[i][:, :, :T], own_values[i][:, :, :T] = keys[i][expand], values[i][expand]
+    del keys, values
+    members = by_group(of_tail[expand])
+    seen = torch.zeros(rows, width, dtype=torch.bool, device=device)
+    seen[:, :T] = real[expand]
+    where = positions[expand, -1:] + 1
+    ids = ids[expand]
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    drawn = []
+    for step in range(max_new_tokens):
+        token = processor(ids, logits).argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        drawn.append(token)
+        done |= torch.isin(token, eos)
+        if done.all() or step == max_new_tokens - 1:
+            break
+        seen[:, T + step] = True
+        mask = torch.zeros(rows, 1, per, T + step + 1, dtype=dtype, device=device)
+        mask.masked_fill_(~seen[:, None, None, :T + step + 1], float("-inf"))
+        logits = forward(inner.embed_tokens(token[:, None]), where, own_keys, own_values, T + step, mask, members)
         where = where + 1
     return torch.stack(drawn, 1)
 
