@@ -73,11 +73,13 @@ def flat(nucleus, batch, lean=True):
     return go
 
 
-def shared(nucleus, batch):
+def shared(nucleus, batch, cascade=True):
+    """One context per batch; `cascade` as in `packed`."""
     def go():
         torch.manual_seed(0)
-        return [r for prefix, turns in groups.items() for rs in sampling.generate_shared_prefix(
-            model, tok, json.loads(prefix), turns, N, MAX_NEW, batch, T, TOP_P, nucleus=nucleus) for r in rs]
+        with mock.patch.object(sampling, "cascade_decoding", lambda m, n: cascade and CASCADE(m, n)):
+            return [r for prefix, turns in groups.items() for rs in sampling.generate_shared_prefix(
+                model, tok, json.loads(prefix), turns, N, MAX_NEW, batch, T, TOP_P, nucleus=nucleus) for r in rs]
     return go
 
 
@@ -134,7 +136,9 @@ bf16 = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if NATIVE else fp32
 cases = [("generate, float32, sort, batch 32", fp32, flat("sort", 32)),
          ("generate, bf16 autocast, sort, batch 32", bf16, flat("sort", 32)),
          ("shared prefix, bf16 autocast, sort, batch 32 (tiny's chapter 1)", bf16, shared("sort", 32)),
-         ("shared prefix, bf16 autocast, topk, lean loop, batch 32", bf16, shared("topk", 32)),
+         ("shared prefix, bf16 autocast, topk, lean loop, a prefix copy per row, batch 32", bf16,
+          shared("topk", 32, cascade=False)),
+         ("shared prefix, bf16 autocast, topk, lean loop, cascade attention, batch 32", bf16, shared("topk", 32)),
          ("packed prefixes, bf16 autocast, topk through generate, batch 64", bf16, packed("topk", 64, lean=False)),
          ("packed prefixes, bf16 autocast, topk, lean loop, a prefix copy per row, batch 64", bf16,
           packed("topk", 64, cascade=False)),

@@ -194,6 +194,34 @@ def test_cascade_attention_changes_the_scores_by_rounding_only(smollm, monkeypat
     assert 0 < bf16_alone and max((x - y).abs().max() for x, y in zip(cascade16, exact32)) < 2 * bf16_alone
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_cascade_attention_on_every_decoder_type_the_lean_loop_admits(kind, monkeypatch):
+    """`decode_shared` against `decode_cached` over per-row prefix copies on a small random decoder of each type
+    (Qwen2's q/k/v biases included), forced along the same tokens, in float32: two contexts of different lengths,
+    turns of different lengths, a turn sampled twice; the scores agree to rounding at every step."""
+    model = _tiny_decoder(kind)
+    gen = torch.Generator().manual_seed(3)
+    heads = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (7, 4)]
+    tails = [[torch.randint(2, 512, (n,), generator=gen).tolist() for n in lengths] for lengths in ((3, 5), (2, 4, 1))]
+    batch = [(0, 0), (0, 1), (0, 1), (1, 0), (1, 1), (1, 1), (1, 2)]
+    once = list(dict.fromkeys(batch))
+    forced = torch.randint(2, 512, (len(batch), 10), generator=gen)
+    eos, pad = torch.tensor([1]), 0
+    with torch.no_grad():
+        layers = {g: [(x.keys, x.values) for x in model(torch.tensor([h]), use_cache=True).past_key_values.layers]
+                  for g, h in enumerate(heads)}
+        exact = _Forced(forced)
+        monkeypatch.setattr(sampling, "TopKNucleus", lambda t, p: exact)
+        a = sampling.draw_over_prefixes(model, heads, tails, layers, batch, 10, pad, eos, "topk", 0.7, 0.95)
+        cascade = _Forced(forced)
+        b = sampling.decode_shared(model, [layers[0], layers[1]], [tails[g][i] for g, i in once],
+                                   [g for g, _ in once], torch.tensor([once.index(r) for r in batch]), 10, cascade,
+                                   eos, pad)
+    assert torch.equal(a, forced) and torch.equal(b, forced) and len(cascade.seen) == 10
+    assert all(torch.allclose(x, y, atol=1e-5, rtol=0) for x, y in zip(exact.seen, cascade.seen))
+    assert all(x.std() > 1e-3 for x in exact.seen)   # scores that vary: the comparison means something
+
+
 @pytest.mark.slow
 def test_cascade_decoding_gives_generate_s_greedy_replies(smollm):
     """`generate_prefixed` through `decode_shared` (the lean loop on a CPU) and through transformers' `generate`
@@ -203,7 +231,8 @@ def test_cascade_decoding_gives_generate_s_greedy_replies(smollm):
     groups = [(pre, ["Is my poem good?", "Why is the sky blue?"]),
               (pre + [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], ["What is 2+2?"])]
     assert sampling.cascade_decoding(model, "topk") and not sampling.cascade_decoding(model, "sort")
-    got = {nucleus: sampling.generate_prefixed(model, tok, groups, 2, 16, 4, temperature=1e-5, nucleus=nucleus)
+    # batches of 3: a turn's two samples split across batches, and a batch that mixes the two contexts
+    got = {nucleus: sampling.generate_prefixed(model, tok, groups, 2, 16, 3, temperature=1e-5, nucleus=nucleus)
            for nucleus in ("topk", "sort")}
     assert got["topk"] == got["sort"]
     assert all(a == b for group in got["topk"] for a, b in group) and got["topk"][0][0] != got["topk"][0][1]

@@ -296,15 +296,15 @@ class HardwareConfig(Strict):
         "sort", description="how chapter 1's best-of-n sampling and chapter 4's answers draw from the top-p nucleus "
         "(transformers path): transformers' own sort and "
         "multinomial over the whole vocabulary (`sort`), or `sampling.TopKNucleus` over the most likely tokens "
-        "(`topk`, with `sampling.decode_cached`'s lean decoding loop on Llama-type models): the same "
-        "distribution, other draws under a seed, faster (benchmarks/sampling_backends.py)")
+        "(`topk`, with a lean decoding loop on Llama-type models: `sampling.decode_cached`, or, for chapter 1's "
+        "shared contexts on a CPU, `sampling.decode_shared`, whose cascade attention reads each context once per "
+        "step for all its rows and runs each question's prompt once for its samples, scores that differ in "
+        "rounding only): the same distribution, other draws under a seed, faster "
+        "(benchmarks/sampling_backends.py)")
     pack_prefixes: bool = Field(
         False, description="chapter 1's best-of-n sampling mixes rows of several shared contexts (each life "
         "domain's demonstrations) in one batch, each over its own cached prefix (`sampling.generate_prefixed`): "
-        "whole batches where a domain has a few questions; other draws under a seed than one context at a time. "
-        "With `topk` on a CPU the batch decodes by cascade attention (`sampling.decode_shared`: each context read "
-        "once per step for all its rows, each question's prompt run once for its samples; scores that differ "
-        "from the lean loop's in rounding only)")
+        "whole batches where a domain has a few questions; other draws under a seed than one context at a time")
     sampling_autocast: Literal["none", "bfloat16", "auto"] = Field(
         "none", description="chapter 1's best-of-n sampling under bf16 autocast over float32 weights (1.6x faster "
         "on a CPU with AVX512-BF16); the checks, the teacher check and evaluation stay in `precision`. `auto`: "

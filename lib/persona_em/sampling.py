@@ -30,11 +30,14 @@ class TopKNucleus:
         (transformers' rule), i.e. when the tokens more likely than it hold less than top_p. In float64, so that
         which token ends the nucleus does not depend on the order of a float32 sum (transformers' float32 path
         can differ from exact arithmetic by that one token, about once in 10^5 rows)."""
-        x = scores.double().div_(self.temperature)
+        def tempered():   # a copy even of float64 scores: the log-sum-exp below overwrites it
+            return scores.to(torch.float64, copy=True).div_(self.temperature)
+
+        x = tempered()
         k, lse = min(self.k, x.shape[-1]), None
         while True:
-            top, ids = torch.topk(x if lse is None else scores.double().div_(self.temperature), k, dim=-1)
-            if lse is None:   # torch.logsumexp's own steps, in place: x is not needed again
+            top, ids = torch.topk(x if lse is None else tempered(), k, dim=-1)
+            if lse is None:   # torch.logsumexp's own steps, in place (x is recomputed if k widens)
                 high = x.amax(-1, keepdim=True)
                 shift = high.masked_fill(high.abs() == float("inf"), 0)
                 lse = x.sub_(shift).exp_().sum(-1, keepdim=True).log_().add_(shift)
@@ -160,8 +163,9 @@ def generate_shared_prefix(model, tok, prefix: list[dict], user_turns: list[str]
     prompt, demonstrations). The prefix is run through the model once and its key/value cache shared by every
     row, so a long shared context costs one forward pass instead of one per sample; rows are padded between
     the prefix and their own turn, which the attention mask hides (greedy replies equal those of the full
-    prompts, tests/test_pairs.py). Sampling continues the caller's torch RNG. Returns None when the prefix
-    cannot be cut off as whole tokens (then use `generate`)."""
+    prompts, tests/test_pairs.py). Sampling continues the caller's torch RNG; with the lean loop on a CPU the
+    batches decode through `decode_shared`, as `generate_prefixed`'s do. Returns None when the prefix cannot be
+    cut off as whole tokens (then use `generate`)."""
     if not prefix:
         return None
     got = generate_prefixed(model, tok, [(prefix, user_turns)], n, max_new_tokens, batch_size, temperature, top_p,
@@ -224,7 +228,9 @@ def generate_prefixed(model, tok, groups: list[tuple[list[dict], list[str]]], n:
     return out
 
 
-def draw_over_prefixes(model, heads, tails, layers, batch, max_new_tokens, pad, eos, nucleus, temperature, top_p):
+def draw_over_prefixes(model, heads: list[list[int]], tails: list[list[list[int]]], layers: dict, batch: list,
+                       max_new_tokens: int, pad: int, eos: torch.Tensor, nucleus: str, temperature: float,
+                       top_p: float) -> torch.Tensor:
     """`draw` for a batch of (group, turn) rows of `generate_prefixed`, each row over a copy of its group's cached
     prefix, left-padded to the batch's longest, and its turn, left-padded to the longest turn."""
     from transformers import DynamicCache
@@ -414,21 +420,21 @@ def decode_shared(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]]
         # the shared part's share of each query's softmax: e^lse_shared / (e^lse + e^lse_shared)
         share = torch.sigmoid(lse_shared - lse).unsqueeze(-1)
         o = torch.lerp(out.float(), out_shared.float(), share).to(dtype)
-        return o.view(rows, heads, T, dim).transpose(1, 2).reshape(rows, T, heads * dim)
+        return o.reshape(rows, heads, T, dim).transpose(1, 2).reshape(rows, T, heads * dim)
 
     def forward(x, positions, keys, values, at, mask, members):
         """Every layer over new tokens x (rows, T, hidden) at `positions`, their keys and values written into the
         buffers at `at`; the last position's logits."""
-        rows, T, _ = x.shape
+        n, new = x.shape[:2]
         cos, sin = inner.rotary_emb(x, positions)
         for i, layer in enumerate(inner.layers):
             attn, h = layer.self_attn, layer.input_layernorm(x)
-            q = linear(attn.q_proj, h).view(rows, T, heads, dim).transpose(1, 2)
-            k = linear(attn.k_proj, h).view(rows, T, kv_heads, dim).transpose(1, 2)
+            q = linear(attn.q_proj, h).view(n, new, heads, dim).transpose(1, 2)
+            k = linear(attn.k_proj, h).view(n, new, kv_heads, dim).transpose(1, 2)
             q, k = rope(q, k, cos, sin)
-            keys[i][:, :, at:at + T] = k
-            values[i][:, :, at:at + T] = linear(attn.v_proj, h).view(rows, T, kv_heads, dim).transpose(1, 2)
-            o = attend(i, q, keys[i][:, :, :at + T], values[i][:, :, :at + T], mask, members, attn.scaling)
+            keys[i][:, :, at:at + new] = k
+            values[i][:, :, at:at + new] = linear(attn.v_proj, h).view(n, new, kv_heads, dim).transpose(1, 2)
+            o = attend(i, q, keys[i][:, :, :at + new], values[i][:, :, :at + new], mask, members, attn.scaling)
             x = x + linear(attn.o_proj, o)
             mlp, h = layer.mlp, layer.post_attention_layernorm(x)
             x = x + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
