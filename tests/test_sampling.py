@@ -250,9 +250,9 @@ class _Recording(sampling.TopKNucleus):
         self.widened |= ids.shape[1] > self.k
         return ids, p
 
-    def __call__(self, input_ids, scores):
+    def pick(self, scores):   # both loops draw through it: `generate` by __call__, the lean loop directly
         self.seen.append(scores.clone())
-        return super().__call__(input_ids, scores)
+        return super().pick(scores)
 
 
 def _tiny_decoder(kind: str):

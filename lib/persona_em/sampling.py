@@ -49,6 +49,11 @@ class TopKNucleus:
             k = min(4 * k, x.shape[-1])
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, self.pick(scores)[:, None], 0.0)
+
+    def pick(self, scores: torch.Tensor) -> torch.Tensor:
+        """The drawn token of each row (what `__call__`'s argmax gives, without a vocabulary-wide tensor)."""
         if self.top_p < 1:
             ids, p = self.nucleus(scores)
         else:   # the whole vocabulary: no ranking needed
@@ -60,8 +65,7 @@ class TopKNucleus:
         # top-p 1 the vocabulary is unsorted, so zeros that underflowed can sit anywhere)
         last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True)
         pick = torch.minimum(torch.searchsorted(cdf, u, right=True), last)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, ids.gather(1, pick), 0.0)
+        return ids.gather(1, pick)[:, 0]
 
 
 def sampling_args(nucleus: str, temperature: float, top_p: float) -> dict:
@@ -322,7 +326,7 @@ def decode_cached(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_t
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     drawn = []
     for step in range(max_new_tokens):
-        token = processor(ids, logits).argmax(-1)
+        token = next_token(processor, ids, logits)
         token = torch.where(done, torch.full_like(token, pad), token)
         drawn.append(token)
         done |= torch.isin(token, eos)
@@ -354,6 +358,13 @@ def decode_cached(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_t
         logits = linear(model.lm_head, inner.norm(x))[:, -1].float()
         where = where + 1
     return torch.stack(drawn, 1)
+
+
+def next_token(processor, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Each row's next token: the argmax of the processed scores, as `generate` takes it, or the processor's own
+    `pick` where it has one (`TopKNucleus`: the same tokens)."""
+    pick = getattr(processor, "pick", None)
+    return pick(logits) if pick is not None else processor(ids, logits).argmax(-1)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -473,7 +484,7 @@ def decode_shared(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]]
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     drawn = []
     for step in range(max_new_tokens):
-        token = processor(ids, logits).argmax(-1)
+        token = next_token(processor, ids, logits)
         token = torch.where(done, torch.full_like(token, pad), token)
         drawn.append(token)
         done |= torch.isin(token, eos)
