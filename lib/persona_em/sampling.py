@@ -326,10 +326,8 @@ def decode_cached(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_t
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     drawn = []
     for step in range(max_new_tokens):
-        token = next_token(processor, ids, logits)
-        token = torch.where(done, torch.full_like(token, pad), token)
+        token = next_token(processor, ids, logits, done, eos, pad)
         drawn.append(token)
-        done |= torch.isin(token, eos)
         if done.all() or step == max_new_tokens - 1:
             break
         t = past + new + step
@@ -360,11 +358,16 @@ def decode_cached(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_t
     return torch.stack(drawn, 1)
 
 
-def next_token(processor, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Each row's next token: the argmax of the processed scores, as `generate` takes it, or the processor's own
-    `pick` where it has one (`TopKNucleus`: the same tokens)."""
+def next_token(processor, ids: torch.Tensor, logits: torch.Tensor, done: torch.Tensor, eos: torch.Tensor,
+               pad: int) -> torch.Tensor:
+    """Each row's next token, `pad` where the row has ended (`done`, updated in place with the rows this token
+    ends): the argmax of the processed scores, as `generate` takes it, or the processor's own `pick` where it has
+    one (`TopKNucleus`: the same tokens)."""
     pick = getattr(processor, "pick", None)
-    return pick(logits) if pick is not None else processor(ids, logits).argmax(-1)
+    token = pick(logits) if pick is not None else processor(ids, logits).argmax(-1)
+    token = torch.where(done, torch.full_like(token, pad), token)
+    done |= torch.isin(token, eos)
+    return token
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -484,10 +487,8 @@ def decode_shared(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]]
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     drawn = []
     for step in range(max_new_tokens):
-        token = next_token(processor, ids, logits)
-        token = torch.where(done, torch.full_like(token, pad), token)
+        token = next_token(processor, ids, logits, done, eos, pad)
         drawn.append(token)
-        done |= torch.isin(token, eos)
         if done.all() or step == max_new_tokens - 1:
             break
         seen[:, T + step] = True
