@@ -362,7 +362,8 @@ def next_token(processor, ids: torch.Tensor, logits: torch.Tensor, done: torch.T
                pad: int) -> torch.Tensor:
     """Each row's next token, `pad` where the row has ended (`done`, updated in place with the rows this token
     ends): the argmax of the processed scores, as `generate` takes it, or the processor's own `pick` where it has
-    one (`TopKNucleus`: the same tokens)."""
+    one (`TopKNucleus`: the same tokens; a subclass that changes the draw overrides `pick`, which `__call__`
+    calls)."""
     pick = getattr(processor, "pick", None)
     token = pick(logits) if pick is not None else processor(ids, logits).argmax(-1)
     token = torch.where(done, torch.full_like(token, pad), token)
