@@ -323,18 +323,13 @@ def decode_cached(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_t
     cfg, inner = model.config, model.model
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
-    drawn = []
-    for step in range(max_new_tokens):
-        token = next_token(processor, ids, logits, done, eos, pad)
-        drawn.append(token)
-        if done.all() or step == max_new_tokens - 1:
-            break
+
+    def advance(step, token):   # the logits after this step's tokens
         t = past + new + step
         seen[:, t] = True
         allowed = seen[:, None, None, :t + 1]
         x = inner.embed_tokens(token[:, None])
-        cos, sin = inner.rotary_emb(x, where)
+        cos, sin = inner.rotary_emb(x, where + step)
         for i, layer in enumerate(inner.layers):
             attn, h = layer.self_attn, layer.input_layernorm(x)
             q = linear(attn.q_proj, h).view(rows, 1, heads, dim).transpose(1, 2)
@@ -353,22 +348,30 @@ def decode_cached(model, cache, ids: torch.Tensor, mask: torch.Tensor, max_new_t
             x = x + linear(attn.o_proj, o.reshape(rows, 1, heads * dim))
             mlp, h = layer.mlp, layer.post_attention_layernorm(x)
             x = x + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
-        logits = linear(model.lm_head, inner.norm(x))[:, -1].float()
-        where = where + 1
-    return torch.stack(drawn, 1)
+        return linear(model.lm_head, inner.norm(x))[:, -1].float()
+
+    return draw_steps(processor, ids, logits, max_new_tokens, eos, pad, advance)
 
 
-def next_token(processor, ids: torch.Tensor, logits: torch.Tensor, done: torch.Tensor, eos: torch.Tensor,
-               pad: int) -> torch.Tensor:
-    """Each row's next token, `pad` where the row has ended (`done`, updated in place with the rows this token
-    ends): the argmax of the processed scores, as `generate` takes it, or the processor's own `pick` where it has
-    one (`TopKNucleus`: the same tokens; a subclass that changes the draw overrides `pick`, which `__call__`
-    calls)."""
+def draw_steps(processor, ids: torch.Tensor, logits: torch.Tensor, max_new_tokens: int, eos: torch.Tensor,
+               pad: int, advance) -> torch.Tensor:
+    """The drawing loop of the lean loops: up to `max_new_tokens` tokens per row from the first `logits`, each
+    step's from `advance(step, tokens)`; `pad` once a row has drawn an `eos` token, and no step after every row
+    has. Each token is the argmax of the processed scores, as `generate` takes it, or the processor's own `pick`
+    where it has one (`TopKNucleus`: the same tokens; a subclass that changes the draw overrides `pick`, which
+    `__call__` calls)."""
     pick = getattr(processor, "pick", None)
-    token = pick(logits) if pick is not None else processor(ids, logits).argmax(-1)
-    token = torch.where(done, torch.full_like(token, pad), token)
-    done |= torch.isin(token, eos)
-    return token
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    drawn = []
+    for step in range(max_new_tokens):
+        token = pick(logits) if pick is not None else processor(ids, logits).argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        drawn.append(token)
+        done |= torch.isin(token, eos)
+        if done.all() or step == max_new_tokens - 1:
+            break
+        logits = advance(step, token)
+    return torch.stack(drawn, 1)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -485,19 +488,15 @@ def decode_shared(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]]
     seen[:, :T] = real[expand]
     where = positions[expand, -1:] + 1
     ids = ids[expand]
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    drawn = []
-    for step in range(max_new_tokens):
-        token = next_token(processor, ids, logits, done, eos, pad)
-        drawn.append(token)
-        if done.all() or step == max_new_tokens - 1:
-            break
+
+    def advance(step, token):   # the logits after this step's tokens
         seen[:, T + step] = True
         mask = torch.zeros(rows, 1, per, T + step + 1, dtype=dtype, device=device)
         mask.masked_fill_(~seen[:, None, None, :T + step + 1], float("-inf"))
-        logits = forward(inner.embed_tokens(token[:, None]), where, own_keys, own_values, T + step, mask, members)
-        where = where + 1
-    return torch.stack(drawn, 1)
+        return forward(inner.embed_tokens(token[:, None]), where + step, own_keys, own_values, T + step, mask,
+                       members)
+
+    return draw_steps(processor, ids, logits, max_new_tokens, eos, pad, advance)
 
 
 def trim_to_sentence(text: str) -> str:
