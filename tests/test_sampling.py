@@ -34,6 +34,31 @@ def test_the_nucleus_is_the_one_transformers_keeps(temperature, top_p, spread):
     assert torch.allclose(p[p > 0], full[p > 0], rtol=1e-9, atol=0)
 
 
+def test_a_row_s_nucleus_and_draw_do_not_depend_on_its_batch():
+    """Rows whose nucleus ends inside the top k next to rows it must widen for (some several times): each row's
+    nucleus, probabilities and draw are the ones it gets alone, bit for bit, and the narrow rows' padding carries
+    no probability."""
+    g = torch.Generator().manual_seed(3)
+    spreads = torch.tensor([8.0, 0.05, 8.0, 0.02, 8.0, 0.05])[:, None]   # 0.02: past 1024 tokens
+    scores = (torch.randn(6, 49152, generator=g) * spreads).bfloat16().float()   # bf16 logits: many ties
+    proc = sampling.TopKNucleus(0.7, 0.95)
+    ids, p = proc.nucleus(scores)
+    assert ids.shape[1] > 1024 and (p[1::2] > 0).sum(-1).min() > 256
+    torch.manual_seed(7)
+    u = torch.rand(6, 1, dtype=torch.float64)
+    torch.manual_seed(7)
+    drawn = proc.pick(scores)
+    for r in range(6):
+        alone_ids, alone_p = sampling.TopKNucleus(0.7, 0.95).nucleus(scores[r:r + 1])
+        k = alone_ids.shape[1]
+        assert torch.equal(ids[r, :k], alone_ids[0]) and torch.equal(p[r, :k], alone_p[0])
+        assert not p[r, k:].any()
+        assert (k == 256) == (spreads[r, 0] > 1)
+        cdf = alone_p[0].cumsum(0)   # the draw `pick` makes from the row alone, with the row's uniform number
+        at = min(int(torch.searchsorted(cdf, u[r] * cdf[-1], right=True)), int((cdf < cdf[-1]).sum()))
+        assert drawn[r] == alone_ids[0, at]
+
+
 def test_draws_follow_the_renormalised_nucleus():
     """20,000 draws over an 8-token vocabulary: tokens outside the nucleus never come, the others in proportion
     to their probability (chi-square; the seed fixes the draws, so this cannot flake)."""

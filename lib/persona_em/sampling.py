@@ -23,30 +23,50 @@ class TopKNucleus:
         if not temperature > 0 or not 0 < top_p <= 1:
             raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature}, {top_p}")
         self.temperature, self.top_p, self.k = temperature, top_p, k
+        self._buffer = None   # `tempered`'s
 
     def nucleus(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(token ids, probabilities with the tokens outside the nucleus at 0), both (rows, k'), most likely first.
         A token is in the nucleus when the probability of the tokens less likely than it exceeds 1 - top_p
         (transformers' rule), i.e. when the tokens more likely than it hold less than top_p. In float64, so that
         which token ends the nucleus does not depend on the order of a float32 sum (transformers' float32 path
-        can differ from exact arithmetic by that one token, about once in 10^5 rows)."""
-        def tempered():   # a copy even of float64 scores: the log-sum-exp below overwrites it
-            return scores.to(torch.float64, copy=True).div_(self.temperature)
-
-        x = tempered()
-        k, lse = min(self.k, x.shape[-1]), None
-        while True:
-            top, ids = torch.topk(x if lse is None else tempered(), k, dim=-1)
-            if lse is None:   # torch.logsumexp's own steps, in place (x is recomputed if k widens)
-                high = x.amax(-1, keepdim=True)
-                shift = high.masked_fill(high.abs() == float("inf"), 0)
-                lse = x.sub_(shift).exp_().sum(-1, keepdim=True).log_().add_(shift)
-            p = (top - lse).exp()
-            keep = (p.cumsum(-1) - p) < self.top_p
-            keep[:, 0] = True
-            if k == x.shape[-1] or not keep[:, -1].any():
-                return ids, p * keep
+        can differ from exact arithmetic by that one token, about once in 10^5 rows). Only the rows whose
+        nucleus reaches past the top k are ranked again, with k four times wider: a row's nucleus and draw do
+        not depend on the other rows of its batch. The rows ranked less widely are padded with their last
+        token at probability 0."""
+        x = self.tempered(scores)
+        k = min(self.k, x.shape[-1])
+        top, ids = torch.topk(x, k, dim=-1)
+        high = x.amax(-1, keepdim=True)   # the log-sum-exp in place, by torch.logsumexp's own steps
+        shift = high.masked_fill(high.abs() == float("inf"), 0)
+        lse = x.sub_(shift).exp_().sum(-1, keepdim=True).log_().add_(shift)
+        p, wide = self.kept(top, lse)   # wide: the nucleus may go on past the top k
+        while k < x.shape[-1] and wide.any():
             k = min(4 * k, x.shape[-1])
+            rows = wide.nonzero()[:, 0]
+            top, more = torch.topk(scores[rows].to(torch.float64).div_(self.temperature), k, dim=-1)
+            q, still = self.kept(top, lse[rows])
+            ids = torch.cat([ids, ids[:, -1:].expand(-1, k - ids.shape[1])], 1).index_copy_(0, rows, more)
+            p = torch.nn.functional.pad(p, (0, k - p.shape[1])).index_copy_(0, rows, q)
+            wide = torch.zeros_like(wide).index_fill_(0, rows[still], True)
+        return ids, p
+
+    def kept(self, top: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ranked tokens' probabilities, those outside the nucleus at 0, and whether each row keeps its
+        last-ranked token (so its nucleus may go on)."""
+        p = (top - lse).exp()
+        keep = (p.cumsum(-1) - p) < self.top_p
+        keep[:, 0] = True
+        return p * keep, keep[:, -1]
+
+    def tempered(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores in float64 over the temperature, in a buffer kept from the last call of the same shape
+        (the log-sum-exp overwrites it): a fresh one per step would be as large as the vocabulary's logits and
+        cost the page faults of new memory each time."""
+        buf = self._buffer
+        if buf is None or buf.shape != scores.shape or buf.device != scores.device:
+            buf = self._buffer = torch.empty(scores.shape, dtype=torch.float64, device=scores.device)
+        return buf.copy_(scores).div_(self.temperature)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         out = torch.full_like(scores, float("-inf"))
