@@ -35,28 +35,33 @@ def test_the_nucleus_is_the_one_transformers_keeps(temperature, top_p, spread):
 
 
 def test_a_row_s_nucleus_and_draw_do_not_depend_on_its_batch():
-    """Rows whose nucleus ends inside the top k next to rows it must widen for (some several times): each row's
-    nucleus, probabilities and draw are the ones it gets alone, bit for bit, and the narrow rows' padding carries
-    no probability."""
+    """Rows whose nucleus ends inside the top k next to rows ranked 4, 16, 64 and 192 times wider: each row's
+    nucleus, probabilities and draw are the ones it gets in a batch of its own (two copies of it: a one-row sum
+    over the vocabulary may split differently across threads), bit for bit; the rows ranked less widely are
+    padded with their last token at probability 0, and the scores handed in are left as they were."""
     g = torch.Generator().manual_seed(3)
-    spreads = torch.tensor([8.0, 0.05, 8.0, 0.02, 8.0, 0.05])[:, None]   # 0.02: past 1024 tokens
+    spreads = torch.tensor([8.0, 2.7, 8.0, 2.5, 0.5, 2.0])[:, None]
     scores = (torch.randn(6, 49152, generator=g) * spreads).bfloat16().float()   # bf16 logits: many ties
+    before = scores.clone()
     proc = sampling.TopKNucleus(0.7, 0.95)
+    proc.nucleus(scores[:2])   # a buffer of another shape first: it is replaced, not reused
     ids, p = proc.nucleus(scores)
-    assert ids.shape[1] > 1024 and (p[1::2] > 0).sum(-1).min() > 256
     torch.manual_seed(7)
     u = torch.rand(6, 1, dtype=torch.float64)
     torch.manual_seed(7)
     drawn = proc.pick(scores)
+    assert torch.equal(scores, before)
+    widths = set()
     for r in range(6):
-        alone_ids, alone_p = sampling.TopKNucleus(0.7, 0.95).nucleus(scores[r:r + 1])
-        k = alone_ids.shape[1]
-        assert torch.equal(ids[r, :k], alone_ids[0]) and torch.equal(p[r, :k], alone_p[0])
-        assert not p[r, k:].any()
-        assert (k == 256) == (spreads[r, 0] > 1)
-        cdf = alone_p[0].cumsum(0)   # the draw `pick` makes from the row alone, with the row's uniform number
+        alone_ids, alone_p = (x[0] for x in sampling.TopKNucleus(0.7, 0.95).nucleus(scores[[r, r]]))
+        k = len(alone_ids)
+        widths.add(k)
+        assert torch.equal(ids[r, :k], alone_ids) and torch.equal(p[r, :k], alone_p)
+        assert not p[r, k:].any() and (ids[r, k:] == alone_ids[-1]).all()
+        cdf = alone_p.cumsum(0)   # the draw `pick` makes from the row alone, with the row's uniform number
         at = min(int(torch.searchsorted(cdf, u[r] * cdf[-1], right=True)), int((cdf < cdf[-1]).sum()))
-        assert drawn[r] == alone_ids[0, at]
+        assert drawn[r] == alone_ids[at]
+    assert widths == {256, 1024, 4096, 16384, 49152}
 
 
 def test_draws_follow_the_renormalised_nucleus():

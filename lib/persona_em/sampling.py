@@ -30,10 +30,11 @@ class TopKNucleus:
         A token is in the nucleus when the probability of the tokens less likely than it exceeds 1 - top_p
         (transformers' rule), i.e. when the tokens more likely than it hold less than top_p. In float64, so that
         which token ends the nucleus does not depend on the order of a float32 sum (transformers' float32 path
-        can differ from exact arithmetic by that one token, about once in 10^5 rows). Only the rows whose
-        nucleus reaches past the top k are ranked again, with k four times wider: a row's nucleus and draw do
-        not depend on the other rows of its batch. The rows ranked less widely are padded with their last
-        token at probability 0."""
+        can differ from exact arithmetic by that one token, about once in 10^5 rows). Only the rows that keep
+        their k-th token (so their nucleus may go on) are ranked again, with k four times wider: each row is
+        ranked as widely as it would be alone, so its nucleus and draw do not depend on the other rows of its
+        batch (bit for bit on a CPU, for batches of two rows or more; on CUDA up to the order `topk` gives tied
+        scores). The rows ranked less widely are padded with their last token at probability 0."""
         x = self.tempered(scores)
         k = min(self.k, x.shape[-1])
         top, ids = torch.topk(x, k, dim=-1)
@@ -61,8 +62,8 @@ class TopKNucleus:
 
     def tempered(self, scores: torch.Tensor) -> torch.Tensor:
         """The scores in float64 over the temperature, in a buffer kept from the last call of the same shape
-        (the log-sum-exp overwrites it): a fresh one per step would be as large as the vocabulary's logits and
-        cost the page faults of new memory each time."""
+        (the log-sum-exp overwrites it): a fresh one per step would be twice the size of float32 logits over the
+        vocabulary and cost the page faults of new memory each time."""
         buf = self._buffer
         if buf is None or buf.shape != scores.shape or buf.device != scores.device:
             buf = self._buffer = torch.empty(scores.shape, dtype=torch.float64, device=scores.device)
