@@ -195,9 +195,11 @@ def _prefixed_rows(tok):
 @pytest.mark.slow
 def test_cascade_attention_changes_the_scores_by_rounding_only(smollm, monkeypatch):
     """`decode_shared` (each context's cache read once per group, each turn's prompt run once for its samples)
-    against `decode_cached` over per-row copies of the prefixes, both forced along the same tokens: in float32
-    the scores agree to 1e-3 (of logits about 30 in size); under bf16 autocast they stay as close to float32's
-    as the exact path's own bf16 scores do (within twice its largest deviation), so the difference is rounding."""
+    over the contexts' packed pass (`Cascade.contexts`), as `generate_prefixed` runs them, against
+    `decode_cached` over per-row copies of transformers' caches of the prefixes, both forced along the same
+    tokens: in float32 the scores agree to 1e-3 (of logits about 30 in size); under bf16 autocast they stay as
+    close to float32's as the exact path's own bf16 scores do (within twice its largest deviation), so the
+    difference is rounding."""
     model, tok = smollm
     heads, tails, batch = _prefixed_rows(tok)
     once = list(dict.fromkeys(batch))
@@ -212,10 +214,10 @@ def test_cascade_attention_changes_the_scores_by_rounding_only(smollm, monkeypat
             monkeypatch.setattr(sampling, "TopKNucleus", lambda t, p: exact)
             a = sampling.draw_over_prefixes(model, heads, tails, layers, batch, 16, pad, eos, "topk", 0.7, 0.95)
             monkeypatch.undo()
-            cascade = _Forced(forced)
-            b = sampling.decode_shared(model, [layers[0], layers[1]], [tails[g][i] for g, i in once],
+            cascade, run = _Forced(forced), sampling.Cascade(model)
+            b = sampling.decode_shared(model, run.contexts(heads), [tails[g][i] for g, i in once],
                                        [g for g, _ in once], torch.tensor([once.index(r) for r in batch]), 16,
-                                       cascade, eos, pad)
+                                       cascade, eos, pad, run)
         assert torch.equal(a, forced) and torch.equal(b, forced)   # no row ended: every step compared
         seen[autocast] = exact.seen, cascade.seen
     (exact32, cascade32), (exact16, cascade16) = seen[False], seen[True]
@@ -226,9 +228,10 @@ def test_cascade_attention_changes_the_scores_by_rounding_only(smollm, monkeypat
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 def test_cascade_attention_on_every_decoder_type_the_lean_loop_admits(kind, monkeypatch):
-    """`decode_shared` against `decode_cached` over per-row prefix copies on a small random decoder of each type
-    (Qwen2's q/k/v biases included), forced along the same tokens, in float32: two contexts of different lengths,
-    turns of different lengths, a turn sampled twice; the scores agree to rounding at every step."""
+    """`decode_shared` over the contexts' packed pass against `decode_cached` over per-row copies of
+    transformers' prefix caches on a small random decoder of each type (Qwen2's q/k/v biases included), forced
+    along the same tokens, in float32: two contexts of different lengths, turns of different lengths, a turn
+    sampled twice; the scores agree to rounding at every step."""
     model = _tiny_decoder(kind)
     gen = torch.Generator().manual_seed(3)
     heads = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (7, 4)]
@@ -244,12 +247,31 @@ def test_cascade_attention_on_every_decoder_type_the_lean_loop_admits(kind, monk
         monkeypatch.setattr(sampling, "TopKNucleus", lambda t, p: exact)
         a = sampling.draw_over_prefixes(model, heads, tails, layers, batch, 10, pad, eos, "topk", 0.7, 0.95)
         cascade = _Forced(forced)
-        b = sampling.decode_shared(model, [layers[0], layers[1]], [tails[g][i] for g, i in once],
+        b = sampling.decode_shared(model, sampling.Cascade(model).contexts(heads), [tails[g][i] for g, i in once],
                                    [g for g, _ in once], torch.tensor([once.index(r) for r in batch]), 10, cascade,
                                    eos, pad)
     assert torch.equal(a, forced) and torch.equal(b, forced) and len(cascade.seen) == 10
     assert all(torch.allclose(x, y, atol=1e-5, rtol=0) for x, y in zip(exact.seen, cascade.seen))
     assert all(x.std() > 1e-3 for x in exact.seen)   # scores that vary: the comparison means something
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_the_contexts_packed_pass_caches_what_transformers_caches(kind):
+    """`Cascade.contexts` (contexts of different lengths in one pass, packed through the projections, padded
+    through attention) against transformers' cache of each context run alone, on a small random decoder of each
+    type, in float32: each context's keys and values, of its own length, at every layer, to rounding."""
+    model = _tiny_decoder(kind)
+    gen = torch.Generator().manual_seed(5)
+    heads = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (7, 3, 12)]
+    with torch.no_grad():
+        got = sampling.Cascade(model).contexts(heads)
+        for head, layers in zip(heads, got):
+            want = model(torch.tensor([head]), use_cache=True).past_key_values.layers
+            assert len(layers) == len(want) == 2
+            for (k, v), w in zip(layers, want):
+                assert k.shape == v.shape == w.keys.shape == (1, 2, len(head), 16) and k.is_contiguous()
+                assert torch.allclose(k, w.keys, atol=1e-5, rtol=0) and torch.allclose(v, w.values, atol=1e-5, rtol=0)
+                assert w.values.std() > 1e-2   # values that vary: the comparison means something
 
 
 @pytest.mark.slow

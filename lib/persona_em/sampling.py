@@ -228,12 +228,15 @@ def generate_prefixed(model, tok, groups: list[tuple[list[dict], list[str]]], n:
     order = sorted(range(len(rows)), key=lambda r: (rows[r][0], len(tails[rows[r][0]][rows[r][1]])))
     out = [[[] for _ in tail] for tail in tails]
     eos, pad = stop_ids(model, tok), tok.pad_token_id
-    cascade = cascade_decoding(model, nucleus)
+    cascade = Cascade(model) if cascade_decoding(model, nucleus) else None
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         batch = [rows[r] for r in order[start:start + batch_size]]
         for g in [g for g in layers if g < batch[0][0]]:   # rows come group by group: earlier groups are done
             del layers[g]
-        for g in sorted({g for g, _ in batch} - set(layers)):
+        todo = sorted({g for g, _ in batch} - set(layers))
+        if cascade and todo:   # the batch's new contexts in one packed pass
+            layers.update(zip(todo, cascade.contexts([heads[g] for g in todo])))
+        for g in todo if not cascade else []:
             # the cache is all a prefix pass is for: logits at one position, not the vocabulary at each of them
             cache = model(torch.tensor([heads[g]], device=model.device), use_cache=True,
                           logits_to_keep=1).past_key_values
@@ -243,7 +246,7 @@ def generate_prefixed(model, tok, groups: list[tuple[list[dict], list[str]]], n:
             used = sorted({g for g, _ in once})
             new = decode_shared(model, [layers[g] for g in used], [tails[g][i] for g, i in once],
                                 [used.index(g) for g, _ in once], torch.tensor([once.index(r) for r in batch]),
-                                max_new_tokens, TopKNucleus(temperature, top_p), eos, pad)
+                                max_new_tokens, TopKNucleus(temperature, top_p), eos, pad, cascade)
         else:
             new = draw_over_prefixes(model, heads, tails, layers, batch, max_new_tokens, pad, eos, nucleus,
                                      temperature, top_p)
@@ -402,7 +405,10 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 class CastLinear:
     """Linear modules as autocast runs them (input and weights cast to `low`; as they are with `low` None), each
-    module's weights cast once instead of at every call: the same roundings, so the same sums."""
+    module's weights cast once instead of at every call: the same roundings, so the same sums. Under bf16 on a
+    CPU whose oneDNN runs bf16, the cast weights are also laid out once in oneDNN's blocked format, which
+    `linear` would otherwise redo at every call (the same oneDNN matmul, so the same sums: tests/test_sampling.py);
+    it makes a decoding step's projections 10-50% faster at 160 rows."""
 
     def __init__(self, low: torch.dtype | None):
         self.low, self.cast = low, {}
@@ -411,111 +417,173 @@ class CastLinear:
         if self.low is None:
             return module(x)
         if module not in self.cast:
-            self.cast[module] = [None if p is None else p.to(self.low) for p in (module.weight, module.bias)]
-        return torch.nn.functional.linear(x.to(self.low), *self.cast[module])
+            weight, bias = (None if p is None else p.to(self.low) for p in (module.weight, module.bias))
+            if prepacks(weight):
+                self.cast[module] = torch.ops.mkldnn._reorder_linear_weight(weight), bias
+            else:
+                self.cast[module] = weight, bias
+        weight, bias = self.cast[module]
+        if weight.layout == torch._mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x.to(self.low), weight, bias, "none", [], "")
+        return torch.nn.functional.linear(x.to(self.low), weight, bias)
+
+
+def prepacks(weight: torch.Tensor) -> bool:
+    """Whether `CastLinear` lays this cast weight out for oneDNN: bf16 on a CPU where oneDNN runs bf16."""
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class Cascade:
+    """The decoder layers run by hand over prompts that share a few cached contexts (`decode_shared`), and over
+    the contexts themselves (`contexts`). Queries attend to their own tokens and, stacked group by group as one
+    batch of queries, to their group's context, the two softmaxes merged by their log-sum-exps (cascade
+    attention, as flash attention merges its blocks): the attention `generate` computes over the whole prompt,
+    summed in another order. A prompt pass runs its prompts' tokens packed, without their padding, through the
+    projections and the MLP, and left-padded only through attention. CPU only (the flash kernel that returns the
+    log-sum-exp); one instance casts (and lays out) each weight once for all its passes."""
+
+    def __init__(self, model):
+        import importlib
+
+        self.model, self.cfg, self.inner = model, model.config, model.model
+        self.device = self.inner.embed_tokens.weight.device
+        self.dim = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.cfg.num_attention_heads
+        self.heads, self.kv_heads = self.cfg.num_attention_heads, self.cfg.num_key_value_heads
+        self.per = self.heads // self.kv_heads
+        low = autocast_dtype(self.device)
+        self.dtype = low or self.inner.embed_tokens.weight.dtype   # what attention runs in
+        self.linear = CastLinear(low)
+        self.rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
+
+    def attend(self, i, q, k, v, mask, shared, members, scale):
+        """q (rows, heads, T, dim) over each row's own k, v (rows, kv heads, tokens, dim) under the additive mask
+        (rows, 1, per * T, tokens), and over its group's context (`members`: (group, its rows); none: own tokens
+        only); returns (rows, T, heads * dim)."""
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        rows, _, T, dim = q.shape
+        kv_heads, per, dtype = self.kv_heads, self.per, self.dtype
+        q = q.to(dtype).reshape(rows, kv_heads, per * T, dim)   # each kv head's query heads as its queries
+        out, lse = flash(q, k, v, attn_mask=mask, scale=scale)
+        if members:
+            out_shared, lse_shared = torch.empty_like(out), torch.empty_like(lse)
+            for g, idx in members:
+                pk, pv = shared[g][i]
+                o, l = flash(q[idx].transpose(0, 1).reshape(1, kv_heads, len(idx) * per * T, dim), pk, pv,
+                             scale=scale)
+                out_shared[idx] = o.view(kv_heads, len(idx), per * T, dim).transpose(0, 1)
+                lse_shared[idx] = l.view(kv_heads, len(idx), per * T).transpose(0, 1)
+            # the shared part's share of each query's softmax: e^lse_shared / (e^lse + e^lse_shared)
+            share = torch.sigmoid(lse_shared - lse).unsqueeze(-1)
+            out = torch.lerp(out.float(), out_shared.float(), share).to(dtype)
+        return out.reshape(rows, self.heads, T, dim).transpose(1, 2).reshape(rows, T, self.heads * dim)
+
+    def forward(self, x, positions, keys, values, at, mask, shared, members, slots=None, last=None):
+        """Every layer over new tokens x at `positions`, their keys and values written into the buffers (rows,
+        kv heads, tokens, dim) at `at`; the logits at `last` (None: none). x is (rows, T, hidden), or, with
+        `slots` (the (row, position) of each token in the buffers), the rows' tokens packed, (tokens, hidden)."""
+        inner, linear, rope, dim = self.inner, self.linear, self.rope, self.dim
+        heads, kv_heads = self.heads, self.kv_heads
+        n, new = (1, x.shape[0]) if slots is not None else x.shape[:2]
+        rows, T = (keys[0].shape[0], mask.shape[-1] - at) if slots is not None else (n, new)
+        cos, sin = inner.rotary_emb(x, positions) if slots is None else inner.rotary_emb(x[None], positions[None])
+        for i, layer in enumerate(inner.layers):
+            attn, h = layer.self_attn, layer.input_layernorm(x)
+            q = linear(attn.q_proj, h).view(n, new, heads, dim).transpose(1, 2)
+            k = linear(attn.k_proj, h).view(n, new, kv_heads, dim).transpose(1, 2)
+            v = linear(attn.v_proj, h).view(n, new, kv_heads, dim).transpose(1, 2)
+            q, k = rope(q, k, cos, sin)
+            if slots is None:
+                keys[i][:, :, at:at + new], values[i][:, :, at:at + new] = k, v
+            else:   # the packed tokens to their rows' places, the padding's queries left at zero
+                for buf, new_kv in ((keys[i], k), (values[i], v)):
+                    buf.transpose(1, 2)[slots] = new_kv[0].transpose(0, 1).to(buf.dtype)
+                padded = q.new_zeros(rows, T, heads, dim, dtype=self.dtype)
+                q = padded.index_put_(slots, q[0].transpose(0, 1).to(self.dtype)).transpose(1, 2)
+            o = self.attend(i, q, keys[i][:, :, :at + T], values[i][:, :, :at + T], mask, shared, members,
+                            attn.scaling)
+            x = x + linear(attn.o_proj, o if slots is None else o[slots])
+            mlp, h = layer.mlp, layer.post_attention_layernorm(x)
+            x = x + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
+        return None if last is None else linear(self.model.lm_head, inner.norm(x[last])).float()
+
+    def buffers(self, n, width):
+        return [[torch.zeros(n, self.kv_heads, width, self.dim, dtype=self.dtype, device=self.device)
+                 for _ in self.inner.layers] for _ in (0, 1)]
+
+    def prompt(self, tails: list[list[int]], starts: torch.Tensor, shared, members, logits: bool = True):
+        """One pass of the prompts `tails` (each starting at position `starts[p]`, after its group's context in
+        `shared` per `members`, or at 0 with none): (the logits after each prompt or None, the keys and values per
+        layer, left-padded, (prompts, kv heads, longest, dim), which of those positions are real, the last
+        position of each prompt). A padding query sees itself only (no row of the softmax is empty)."""
+        device = self.device
+        T = max(len(t) for t in tails)
+        real = torch.tensor([[0] * (T - len(t)) + [1] * len(t) for t in tails], dtype=torch.bool, device=device)
+        slots = real.nonzero(as_tuple=True)   # row by row, in each row's order: the packed tokens' places
+        ids = torch.tensor([token for t in tails for token in t], device=device)
+        positions = (starts[:, None] + real.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        allowed = (causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
+        mask = torch.zeros(len(tails), 1, T, T, dtype=self.dtype, device=device)
+        mask.masked_fill_(~allowed[:, None], float("-inf"))
+        keys, values = self.buffers(len(tails), T)
+        ends = torch.tensor([len(t) for t in tails], device=device).cumsum(0) - 1   # each prompt's last token
+        out = self.forward(self.inner.embed_tokens(ids), positions[slots], keys, values, 0,
+                           mask.repeat(1, 1, self.per, 1), shared, members, slots, ends if logits else None)
+        return out, keys, values, real, positions[:, -1:]
+
+    @torch.no_grad()
+    def contexts(self, heads: list[list[int]]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Each context's cached (keys, values) per layer, (1, kv heads, tokens, head dim), from one packed pass
+        of them all (as transformers' cache of a pass of the context alone, summed in another order)."""
+        _, keys, values, _, _ = self.prompt(heads, torch.zeros(len(heads), dtype=torch.long, device=self.device),
+                                            None, [], logits=False)
+        T = keys[0].shape[2]
+        return [[tuple(x[c:c + 1, :, T - len(h):].clone(memory_format=torch.contiguous_format) for x in (k, v))
+                 for k, v in zip(keys, values)] for c, h in enumerate(heads)]
+
+
+def by_group(of_row: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(group, the rows of that group) for each group present."""
+    return [(g, (of_row == g).nonzero()[:, 0]) for g in sorted(set(of_row.tolist()))]
 
 
 @torch.no_grad()
 def decode_shared(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]], tails: list[list[int]],
                   groups: list[int], expand: torch.Tensor, max_new_tokens: int, processor, eos: torch.Tensor,
-                  pad: int) -> torch.Tensor:
+                  pad: int, cascade: Cascade | None = None) -> torch.Tensor:
     """The lean loop (`decode_cached`'s steps, the same `processor`) for prompts that share a few cached contexts:
     row r of the result continues prompt `expand[r]`, which is the context `prefixes[groups[p]]` (per layer its
     cached (keys, values), (1, kv heads, tokens, head dim), from a pass of the context alone) followed by the
     tokens `tails[p]`. Each prompt's tail runs through the model once however many rows continue it, and no row
-    holds a copy of its context: at every layer the rows' queries attend to their own tokens, and, stacked group
-    by group as one batch of queries, to their group's context, the two softmaxes merged by their log-sum-exps
-    (cascade attention, as flash attention merges its blocks). That is the attention `generate` computes over the
-    whole prompt, summed in another order: the scores differ from `decode_cached`'s in rounding only
-    (tests/test_sampling.py). CPU only (the flash kernel that returns the log-sum-exp); positions as `generate`
-    counts them (a tail starts where its context ends)."""
-    import importlib
-
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    cfg, inner = model.config, model.model
-    device = inner.embed_tokens.weight.device
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    per = heads // kv_heads
-    low = autocast_dtype(device)
-    dtype = low or inner.embed_tokens.weight.dtype   # what attention runs in
-    linear = CastLinear(low)
-    rope = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
-    shared = [[(k.to(dtype), v.to(dtype)) for k, v in layers] for layers in prefixes]
-    starts = torch.tensor([shared[g][0][0].shape[2] for g in groups], device=device)   # each tail's first position
-
-    def attend(i, q, k, v, mask, members, scale):
-        """q (rows, heads, T, dim) over each row's own k, v (rows, kv heads, tokens, dim) under the additive mask
-        (rows, 1, per * T, tokens), and over its group's context; returns (rows, T, heads * dim)."""
-        rows, _, T, _ = q.shape
-        q = q.to(dtype).reshape(rows, kv_heads, per * T, dim)   # each kv head's query heads as its queries
-        out, lse = flash(q, k, v, attn_mask=mask, scale=scale)
-        out_shared, lse_shared = torch.empty_like(out), torch.empty_like(lse)
-        for g, idx in members:
-            pk, pv = shared[g][i]
-            o, l = flash(q[idx].transpose(0, 1).reshape(1, kv_heads, len(idx) * per * T, dim), pk, pv, scale=scale)
-            out_shared[idx] = o.view(kv_heads, len(idx), per * T, dim).transpose(0, 1)
-            lse_shared[idx] = l.view(kv_heads, len(idx), per * T).transpose(0, 1)
-        # the shared part's share of each query's softmax: e^lse_shared / (e^lse + e^lse_shared)
-        share = torch.sigmoid(lse_shared - lse).unsqueeze(-1)
-        o = torch.lerp(out.float(), out_shared.float(), share).to(dtype)
-        return o.reshape(rows, heads, T, dim).transpose(1, 2).reshape(rows, T, heads * dim)
-
-    def forward(x, positions, keys, values, at, mask, members):
-        """Every layer over new tokens x (rows, T, hidden) at `positions`, their keys and values written into the
-        buffers at `at`; the last position's logits."""
-        n, new = x.shape[:2]
-        cos, sin = inner.rotary_emb(x, positions)
-        for i, layer in enumerate(inner.layers):
-            attn, h = layer.self_attn, layer.input_layernorm(x)
-            q = linear(attn.q_proj, h).view(n, new, heads, dim).transpose(1, 2)
-            k = linear(attn.k_proj, h).view(n, new, kv_heads, dim).transpose(1, 2)
-            q, k = rope(q, k, cos, sin)
-            keys[i][:, :, at:at + new] = k
-            values[i][:, :, at:at + new] = linear(attn.v_proj, h).view(n, new, kv_heads, dim).transpose(1, 2)
-            o = attend(i, q, keys[i][:, :, :at + new], values[i][:, :, :at + new], mask, members, attn.scaling)
-            x = x + linear(attn.o_proj, o)
-            mlp, h = layer.mlp, layer.post_attention_layernorm(x)
-            x = x + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
-        return linear(model.lm_head, inner.norm(x[:, -1])).float()
-
-    def by_group(of_row):
-        return [(g, (of_row == g).nonzero()[:, 0]) for g in sorted(set(of_row.tolist()))]
-
-    def buffers(n, width):
-        return [[torch.zeros(n, kv_heads, width, dim, dtype=dtype, device=device) for _ in inner.layers]
-                for _ in (0, 1)]
-
-    # the tails, once each: left-padded; a padding query sees itself only (no row of the softmax is empty)
-    T = max(len(t) for t in tails)
-    real = torch.tensor([[0] * (T - len(t)) + [1] * len(t) for t in tails], dtype=torch.bool, device=device)
-    ids = torch.tensor([[pad] * (T - len(t)) + t for t in tails], device=device)
-    positions = (starts[:, None] + real.long().cumsum(-1) - 1).clamp(min=0)
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    allowed = (causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
-    mask = torch.zeros(len(tails), 1, T, T, dtype=dtype, device=device).masked_fill_(~allowed[:, None], float("-inf"))
-    keys, values = buffers(len(tails), T)
-    of_tail = torch.tensor(groups, device=device)
-    logits = forward(inner.embed_tokens(ids), positions, keys, values, 0, mask.repeat(1, 1, per, 1),
-                     by_group(of_tail))[expand]
+    holds a copy of its context: `Cascade`'s attention. The scores differ from `decode_cached`'s in rounding only
+    (tests/test_sampling.py). CPU only; positions as `generate` counts them (a tail starts where its context
+    ends). `cascade`: the instance to run (one per model and autocast setting; a fresh one if None)."""
+    c = cascade or Cascade(model)
+    shared = [[(k.to(c.dtype), v.to(c.dtype)) for k, v in layers] for layers in prefixes]
+    starts = torch.tensor([shared[g][0][0].shape[2] for g in groups], device=c.device)   # each tail's first position
+    of_tail = torch.tensor(groups, device=c.device)
+    logits, keys, values, real, last = c.prompt(tails, starts, shared, by_group(of_tail))
+    logits = logits[expand]
     # the rows to sample: their tail's keys and values, room for the reply
+    T = real.shape[1]
     rows, width = len(expand), T + max_new_tokens
-    own_keys, own_values = buffers(rows, width)
-    for i in range(len(inner.layers)):
+    own_keys, own_values = c.buffers(rows, width)
+    for i in range(len(keys)):
         own_keys[i][:, :, :T], own_values[i][:, :, :T] = keys[i][expand], values[i][expand]
     del keys, values
     members = by_group(of_tail[expand])
-    seen = torch.zeros(rows, width, dtype=torch.bool, device=device)
+    seen = torch.zeros(rows, width, dtype=torch.bool, device=c.device)
     seen[:, :T] = real[expand]
-    where = positions[expand, -1:] + 1
-    ids = ids[expand]
+    where = last[expand] + 1
+    ids = torch.tensor([[pad] * (T - len(t)) + t for t in tails], device=c.device)[expand]
 
     def advance(step, token):   # the logits after this step's tokens
         seen[:, T + step] = True
-        mask = torch.zeros(rows, 1, per, T + step + 1, dtype=dtype, device=device)
+        mask = torch.zeros(rows, 1, c.per, T + step + 1, dtype=c.dtype, device=c.device)
         mask.masked_fill_(~seen[:, None, None, :T + step + 1], float("-inf"))
-        return forward(inner.embed_tokens(token[:, None]), where + step, own_keys, own_values, T + step, mask,
-                       members)
+        return c.forward(c.inner.embed_tokens(token[:, None]), where + step, own_keys, own_values, T + step, mask,
+                         shared, members, last=(slice(None), -1))
 
     return draw_steps(processor, ids, logits, max_new_tokens, eos, pad, advance)
 
