@@ -381,14 +381,14 @@ def draw_steps(processor, ids: torch.Tensor, logits: torch.Tensor, max_new_token
                pad: int, advance) -> torch.Tensor:
     """The drawing loop of the lean loops: up to `max_new_tokens` tokens per row from the first `logits`, each
     step's from `advance(step, tokens)`; `pad` once a row has drawn an `eos` token, and no step after every row
-    has. Each token is the argmax of the processed scores, as `generate` takes it, or the processor's own `pick`
-    where it has one (`TopKNucleus`: the same tokens; a subclass that changes the draw overrides `pick`, which
-    `__call__` calls)."""
+    has. Each token is the argmax of the processed scores (handed over in float32, as `generate` hands them), as
+    `generate` takes it, or the processor's own `pick` where it has one (`TopKNucleus`: the same tokens; a
+    subclass that changes the draw overrides `pick`, which `__call__` calls)."""
     pick = getattr(processor, "pick", None)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     drawn = []
     for step in range(max_new_tokens):
-        token = pick(logits) if pick is not None else processor(ids, logits).argmax(-1)
+        token = pick(logits) if pick is not None else processor(ids, logits.float()).argmax(-1)
         token = torch.where(done, torch.full_like(token, pad), token)
         drawn.append(token)
         done |= torch.isin(token, eos)
@@ -480,8 +480,10 @@ class Cascade:
 
     def forward(self, x, positions, keys, values, at, mask, shared, members, slots=None, last=None):
         """Every layer over new tokens x at `positions`, their keys and values written into the buffers (rows,
-        kv heads, tokens, dim) at `at`; the logits at `last` (None: none). x is (rows, T, hidden), or, with
-        `slots` (the (row, position) of each token in the buffers), the rows' tokens packed, (tokens, hidden)."""
+        kv heads, tokens, dim) at `at`; the logits at `last` (None: none), in the vocabulary head's dtype (under
+        bf16 not widened to float32: `TopKNucleus` reads them into float64 as they are). x is (rows, T, hidden),
+        or, with `slots` (the (row, position) of each token in the buffers), the rows' tokens packed, (tokens,
+        hidden)."""
         inner, linear, rope, dim = self.inner, self.linear, self.rope, self.dim
         heads, kv_heads = self.heads, self.kv_heads
         n, new = (1, x.shape[0]) if slots is not None else x.shape[:2]
@@ -505,7 +507,7 @@ class Cascade:
             x = x + linear(attn.o_proj, o if slots is None else o[slots])
             mlp, h = layer.mlp, layer.post_attention_layernorm(x)
             x = x + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
-        return None if last is None else linear(self.model.lm_head, inner.norm(x[last])).float()
+        return None if last is None else linear(self.model.lm_head, inner.norm(x[last]))
 
     def buffers(self, n, width):
         return [[torch.zeros(n, self.kv_heads, width, self.dim, dtype=self.dtype, device=self.device)
