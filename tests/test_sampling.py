@@ -321,6 +321,26 @@ def _tiny_decoder(kind: str):
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
 
 
+@pytest.mark.skipif(not sampling.prepacks(torch.zeros(1, dtype=torch.bfloat16)),
+                    reason="oneDNN runs no bf16 on this CPU: CastLinear keeps linear's own path")
+def test_prepacked_bf16_weights_give_autocast_s_sums_bit_for_bit():
+    """`CastLinear` under bf16, its weights laid out for oneDNN's inner product (another primitive than
+    `linear`'s), against autocast's own linear: the same sums to the bit, from one row to a prompt pass's
+    thousands, 2-D and 3-D inputs, with and without a bias, at the embedded model's shapes (its vocabulary head
+    included)."""
+    torch.manual_seed(0)
+    cast = sampling.CastLinear(torch.bfloat16)
+    for fan_in, fan_out, bias in ((576, 1536, False), (1536, 576, False), (576, 192, True), (576, 49152, False)):
+        module = torch.nn.Linear(fan_in, fan_out, bias=bias)
+        for shape in ((1, fan_in), (7, fan_in), (160, 1, fan_in), (2000, fan_in)):
+            x = torch.randn(*shape)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                want = module(x)
+                got = cast(module, x)
+            assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+        assert cast.cast[module][0].layout == torch._mkldnn   # the laid-out weights were the ones used
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("autocast", [False, True])

@@ -406,9 +406,10 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 class CastLinear:
     """Linear modules as autocast runs them (input and weights cast to `low`; as they are with `low` None), each
     module's weights cast once instead of at every call: the same roundings, so the same sums. Under bf16 on a
-    CPU whose oneDNN runs bf16, the cast weights are also laid out once in oneDNN's blocked format, which
-    `linear` would otherwise redo at every call (the same oneDNN matmul, so the same sums: tests/test_sampling.py);
-    it makes a decoding step's projections 10-50% faster at 160 rows."""
+    CPU whose oneDNN runs bf16, the cast weights are also laid out once in oneDNN's blocked format (which `linear`
+    would redo at every call) and multiplied by oneDNN's inner product: another oneDNN primitive than `linear`'s,
+    whose sums were the same bit for bit at every shape tested (tests/test_sampling.py), and 10-50% faster at a
+    decoding step's 160 rows. The weights must not change while an instance is in use."""
 
     def __init__(self, low: torch.dtype | None):
         self.low, self.cast = low, {}
@@ -431,7 +432,7 @@ class CastLinear:
 def prepacks(weight: torch.Tensor) -> bool:
     """Whether `CastLinear` lays this cast weight out for oneDNN: bf16 on a CPU where oneDNN runs bf16."""
     return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            and torch.backends.mkldnn.enabled and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class Cascade:
@@ -513,11 +514,14 @@ class Cascade:
         return [[torch.zeros(n, self.kv_heads, width, self.dim, dtype=self.dtype, device=self.device)
                  for _ in self.inner.layers] for _ in (0, 1)]
 
+    @torch.no_grad()
     def prompt(self, tails: list[list[int]], starts: torch.Tensor, shared, members, logits: bool = True):
         """One pass of the prompts `tails` (each starting at position `starts[p]`, after its group's context in
         `shared` per `members`, or at 0 with none): (the logits after each prompt or None, the keys and values per
         layer, left-padded, (prompts, kv heads, longest, dim), which of those positions are real, the last
         position of each prompt). A padding query sees itself only (no row of the softmax is empty)."""
+        if not tails or not all(tails):
+            raise ValueError("a prompt pass needs at least one prompt, and no empty one")
         device = self.device
         T = max(len(t) for t in tails)
         real = torch.tensor([[0] * (T - len(t)) + [1] * len(t) for t in tails], dtype=torch.bool, device=device)
@@ -556,11 +560,13 @@ def decode_shared(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]]
                   pad: int, cascade: Cascade | None = None) -> torch.Tensor:
     """The lean loop (`decode_cached`'s steps, the same `processor`) for prompts that share a few cached contexts:
     row r of the result continues prompt `expand[r]`, which is the context `prefixes[groups[p]]` (per layer its
-    cached (keys, values), (1, kv heads, tokens, head dim), from a pass of the context alone) followed by the
+    cached (keys, values), (1, kv heads, tokens, head dim), as a pass of the context alone caches them:
+    transformers' cache or `Cascade.contexts`) followed by the
     tokens `tails[p]`. Each prompt's tail runs through the model once however many rows continue it, and no row
     holds a copy of its context: `Cascade`'s attention. The scores differ from `decode_cached`'s in rounding only
     (tests/test_sampling.py). CPU only; positions as `generate` counts them (a tail starts where its context
-    ends). `cascade`: the instance to run (one per model and autocast setting; a fresh one if None)."""
+    ends). `cascade`: the instance to run (one per model, its weights unchanged, and autocast setting; a fresh
+    one if None)."""
     c = cascade or Cascade(model)
     shared = [[(k.to(c.dtype), v.to(c.dtype)) for k, v in layers] for layers in prefixes]
     starts = torch.tensor([shared[g][0][0].shape[2] for g in groups], device=c.device)   # each tail's first position
