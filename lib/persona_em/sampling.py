@@ -234,13 +234,15 @@ def generate_prefixed(model, tok, groups: list[tuple[list[dict], list[str]]], n:
         for g in [g for g in layers if g < batch[0][0]]:   # rows come group by group: earlier groups are done
             del layers[g]
         todo = sorted({g for g, _ in batch} - set(layers))
-        if cascade and todo:   # the batch's new contexts in one packed pass
-            layers.update(zip(todo, cascade.contexts([heads[g] for g in todo])))
-        for g in todo if not cascade else []:
-            # the cache is all a prefix pass is for: logits at one position, not the vocabulary at each of them
-            cache = model(torch.tensor([heads[g]], device=model.device), use_cache=True,
-                          logits_to_keep=1).past_key_values
-            layers[g] = [(layer.keys, layer.values) for layer in cache.layers]
+        if cascade:
+            if todo:   # the batch's new contexts in one packed pass
+                layers.update(zip(todo, cascade.contexts([heads[g] for g in todo])))
+        else:
+            for g in todo:
+                # the cache is all a prefix pass is for: logits at one position, not the vocabulary at each of them
+                cache = model(torch.tensor([heads[g]], device=model.device), use_cache=True,
+                              logits_to_keep=1).past_key_values
+                layers[g] = [(layer.keys, layer.values) for layer in cache.layers]
         if cascade:   # each turn's prompt once, over its context's cache, for all of the turn's samples
             once = list(dict.fromkeys(batch))
             used = sorted({g for g, _ in once})
