@@ -8,7 +8,8 @@ path of chapter 1 (each domain's demonstrations run once, their cache shared), o
 `sampling.TopKNucleus` (`topk`), drawn through `generate` or through the lean loop chapters 1 and 4 use with
 `topk`: `sampling.decode_cached` (`generate`'s draws, keys and values written in place; packed, each row over its
 own copy of its prefix) or, packed on a CPU, `sampling.decode_shared` (cascade attention: each context's cache read
-once per group of rows, each turn's prompt run once for its samples; the scores differ in rounding only);
+once per group of rows, each turn's prompt run once for its samples; the scores differ in rounding only; each
+row's own tokens attended to by `cpu_attention`'s compiled kernel, or, in a case of its own, by the flash kernel);
 larger length-sorted batches, up to all rows in one; a static KV cache under `torch.compile`; vLLM's CPU build
 (`.venv-vllm`, the engine the project's `VLLMSampler` opens; its start reported apart); and the lean loop's
 decoding alone over prefix copies, its prompt passes timed apart. Tokens are counted the same way for every
@@ -34,13 +35,13 @@ from unittest import mock
 
 import torch
 
-from persona_em import models, sampling
+from persona_em import cpu_attention, models, sampling
 from peak import bf16_peak, fastest_peak, native_bf16
 from record import write
 from sampling_workload import MAX_NEW, N, T, TOP_P, workload
 
 warnings.filterwarnings("ignore")
-LEAN, CASCADE = sampling.lean_decoding, sampling.cascade_decoding
+LEAN, CASCADE, KERNEL = sampling.lean_decoding, sampling.cascade_decoding, cpu_attention.kernel
 ROOT = Path(__file__).resolve().parents[1]
 n_domains = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 threads = int(sys.argv[2]) if len(sys.argv) > 2 else 2
@@ -83,13 +84,15 @@ def shared(nucleus, batch, cascade=True):
     return go
 
 
-def packed(nucleus, batch, lean=True, cascade=True):
+def packed(nucleus, batch, lean=True, cascade=True, kernel=True):
     """`lean` False: the top-k nucleus through transformers' `generate` instead of the lean loop; `cascade` False:
-    each row over its own copy of its prefix (`sampling.decode_cached`) instead of `sampling.decode_shared`."""
+    each row over its own copy of its prefix (`sampling.decode_cached`) instead of `sampling.decode_shared`;
+    `kernel` False: decoding's own-token attention by the flash kernel instead of `cpu_attention`'s."""
     def go():
         torch.manual_seed(0)
         with mock.patch.object(sampling, "lean_decoding", lambda m: lean and LEAN(m)), \
-                mock.patch.object(sampling, "cascade_decoding", lambda m, n: cascade and CASCADE(m, n)):
+                mock.patch.object(sampling, "cascade_decoding", lambda m, n: cascade and CASCADE(m, n)), \
+                mock.patch.object(cpu_attention, "kernel", KERNEL if kernel else lambda: None):
             got = sampling.generate_prefixed(model, tok, [(json.loads(p), turns) for p, turns in groups.items()],
                                              N, MAX_NEW, batch, T, TOP_P, nucleus=nucleus)
         return [r for g in got for rs in g for r in rs]
@@ -146,6 +149,8 @@ cases = [("generate, float32, sort, batch 32", fp32, flat("sort", 32)),
          ("packed prefixes, bf16 autocast, topk, lean loop, cascade attention, batch 64", bf16, packed("topk", 64)),
          (f"packed prefixes, bf16 autocast, topk, lean loop, cascade attention, one batch of all {len(prompts)}",
           bf16, packed("topk", len(prompts))),
+         (f"packed prefixes, bf16 autocast, topk, lean loop, cascade attention, one batch of all {len(prompts)}, "
+          f"own-token attention by the flash kernel", bf16, packed("topk", len(prompts), kernel=False)),
          (f"packed prefixes, float32, topk, lean loop, cascade attention, one batch of all {len(prompts)}", fp32,
           packed("topk", len(prompts))),
          ("full prompts, bf16 autocast, topk, lean loop, batch 32", bf16, flat("topk", 32)),
@@ -155,6 +160,7 @@ for name, ctx, fn in cases:
     named.setdefault(name.replace("bf16 autocast", PREC), (ctx, fn))
 cases = [(name, ctx, fn) for name, (ctx, fn) in named.items()]
 sampling.sample_text(model, tok, prompts[:8], 8, 0, 8, T, TOP_P)   # warm-up: the baseline starts warm too
+cpu_attention.kernel()   # compiled once per process, before the timed cases (under a second)
 rows = []
 for name, ctx, fn in cases:
     with ctx():

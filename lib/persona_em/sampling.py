@@ -6,6 +6,8 @@ import re
 import torch
 from tqdm.auto import tqdm
 
+from . import cpu_attention
+
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
 
 
@@ -109,7 +111,7 @@ def uses_lean_loop(model, nucleus: str) -> bool:
 
 
 def cascade_decoding(model, nucleus: str) -> bool:
-    """Whether `generate_prefixed` samples through `decode_shared`: the lean loop, on a CPU (its flash kernel)."""
+    """Whether `generate_prefixed` samples through `decode_shared`: the lean loop, on a CPU (its attention kernels)."""
     return uses_lean_loop(model, nucleus) and model.device.type == "cpu"
 
 
@@ -444,7 +446,10 @@ class Cascade:
     attention, as flash attention merges its blocks): the attention `generate` computes over the whole prompt,
     summed in another order. A prompt pass runs its prompts' tokens packed, without their padding, through the
     projections and the MLP, and left-padded only through attention. CPU only (the flash kernel that returns the
-    log-sum-exp); one instance casts (and lays out) each weight once for all its passes."""
+    log-sum-exp); while decoding in bf16, each row's one query over its own tokens runs in `cpu_attention`'s
+    compiled kernel where it could be built (480 problems of a few queries each per layer, where the flash kernel's
+    cost is its fixed cost per problem), the context's part merged into it. One instance casts (and lays out)
+    each weight once for all its passes."""
 
     def __init__(self, model):
         import importlib
@@ -461,25 +466,35 @@ class Cascade:
 
     def attend(self, i, q, k, v, mask, shared, members, scale):
         """q (rows, heads, T, dim) over each row's own k, v (rows, kv heads, tokens, dim) under the additive mask
-        (rows, 1, per * T, tokens), and over its group's context (`members`: (group, its rows); none: own tokens
-        only); returns (rows, T, heads * dim)."""
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        (rows, 1, per * T, tokens), or, with one query per row, `mask` the tokens each row sees (rows, tokens,
+        bool: `cpu_attention`'s kernel instead of the flash kernel), and over its group's context (`members`:
+        (group, its rows); none: own tokens only); returns (rows, T, heads * dim)."""
         rows, _, T, dim = q.shape
-        kv_heads, per, dtype = self.kv_heads, self.per, self.dtype
-        q = q.to(dtype).reshape(rows, kv_heads, per * T, dim)   # each kv head's query heads as its queries
-        out, lse = flash(q, k, v, attn_mask=mask, scale=scale)
-        if members:
-            out_shared, lse_shared = torch.empty_like(out), torch.empty_like(lse)
-            for g, idx in members:
-                pk, pv = shared[g][i]
-                o, l = flash(q[idx].transpose(0, 1).reshape(1, kv_heads, len(idx) * per * T, dim), pk, pv,
-                             scale=scale)
-                out_shared[idx] = o.view(kv_heads, len(idx), per * T, dim).transpose(0, 1)
-                lse_shared[idx] = l.view(kv_heads, len(idx), per * T).transpose(0, 1)
-            # the shared part's share of each query's softmax: e^lse_shared / (e^lse + e^lse_shared)
-            share = torch.sigmoid(lse_shared - lse).unsqueeze(-1)
-            out = torch.lerp(out.float(), out_shared.float(), share).to(dtype)
+        # each key/value head's query heads as its queries
+        q = q.to(self.dtype).reshape(rows, self.kv_heads, self.per * T, dim)
+        other = self.attend_shared(i, q, shared, members, scale) if members else None
+        if mask.dtype == torch.bool:
+            out = cpu_attention.own_attention(q, k, v, mask, scale, other)
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
+            if other is not None:   # the shared part's share of each softmax: e^lse_other / (e^lse + e^lse_other)
+                share = torch.sigmoid(other[1] - lse).unsqueeze(-1)
+                out = torch.lerp(out.float(), other[0].float(), share).to(self.dtype)
         return out.reshape(rows, self.heads, T, dim).transpose(1, 2).reshape(rows, T, self.heads * dim)
+
+    def attend_shared(self, i, q, shared, members, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (rows, kv heads, queries, dim) over each row's group's context at layer i: (output like q, log-sum-exp
+        (rows, kv heads, queries) float32), one flash call per group, its rows' queries stacked."""
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        rows, kv_heads, queries, dim = q.shape
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        for g, idx in members:
+            pk, pv = shared[g][i]
+            n = q[idx].shape[0]
+            o, l = flash(q[idx].transpose(0, 1).reshape(1, kv_heads, n * queries, dim), pk, pv, scale=scale)
+            out[idx] = o.view(kv_heads, n, queries, dim).transpose(0, 1)
+            lse[idx] = l.view(kv_heads, n, queries).transpose(0, 1)
+        return out, lse
 
     def forward(self, x, positions, keys, values, at, mask, shared, members, slots=None, last=None):
         """Every layer over new tokens x at `positions`, their keys and values written into the buffers (rows,
@@ -551,9 +566,15 @@ class Cascade:
                  for k, v in zip(keys, values)] for c, h in enumerate(heads)]
 
 
-def by_group(of_row: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """(group, the rows of that group) for each group present."""
-    return [(g, (of_row == g).nonzero()[:, 0]) for g in sorted(set(of_row.tolist()))]
+def by_group(of_row: torch.Tensor) -> list[tuple[int, torch.Tensor | slice]]:
+    """(group, the rows of that group) for each group present: a slice where they are consecutive (rows sorted by
+    group: views instead of gathered copies), else their indices."""
+    out = []
+    for g in sorted(set(of_row.tolist())):
+        idx = (of_row == g).nonzero()[:, 0]
+        first, last = int(idx[0]), int(idx[-1])
+        out.append((g, slice(first, last + 1) if last - first + 1 == len(idx) else idx))
+    return out
 
 
 @torch.no_grad()
@@ -588,10 +609,15 @@ def decode_shared(model, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]]
     where = last[expand] + 1
     ids = torch.tensor([[pad] * (T - len(t)) + t for t in tails], device=c.device)[expand]
 
+    own = cpu_attention.fits(c.dtype, c.device, c.per, c.dim, width)   # the compiled kernel for own tokens
+
     def advance(step, token):   # the logits after this step's tokens
         seen[:, T + step] = True
-        mask = torch.zeros(rows, 1, c.per, T + step + 1, dtype=c.dtype, device=c.device)
-        mask.masked_fill_(~seen[:, None, None, :T + step + 1], float("-inf"))
+        if own:
+            mask = seen[:, :T + step + 1]
+        else:
+            mask = torch.zeros(rows, 1, c.per, T + step + 1, dtype=c.dtype, device=c.device)
+            mask.masked_fill_(~seen[:, None, None, :T + step + 1], float("-inf"))
         return c.forward(c.inner.embed_tokens(token[:, None]), where + step, own_keys, own_values, T + step, mask,
                          shared, members, last=(slice(None), -1))
 

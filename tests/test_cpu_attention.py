@@ -1,0 +1,152 @@
+"""The compiled own-token attention kernel (`cpu_attention`): the attention it computes against float64
+arithmetic, the shapes it refuses, the OpenMP threads it runs on, and decoding through it against the flash
+kernel's path."""
+import pytest
+import torch
+
+from persona_em import cpu_attention, sampling
+
+needs_kernel = pytest.mark.skipif(cpu_attention.kernel() is None,
+                                  reason="no C compiler or no AVX-512 bf16 on this CPU: the flash kernel runs")
+
+
+def _case(rows, kv, per, dim, width, n, seed):
+    """bf16 queries and key/value buffers, each row's first keys unseen (left padding, as the turns are padded)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, kv, per, dim, generator=g).bfloat16()
+    k, v = (torch.randn(rows, kv, width, dim, generator=g).bfloat16() for _ in range(2))
+    pad = torch.randint(0, n - 1, (rows,), generator=g)
+    seen = torch.arange(width)[None, :] >= pad[:, None]
+    return q, k, v, seen
+
+
+def _exact(q, k, v, seen, scale):
+    """Attention in float64: (output, log-sum-exp) per (row, kv head, query head)."""
+    s = torch.einsum("rhpd,rhjd->rhpj", q.double(), k.double()) * scale
+    s = s.masked_fill(~seen[:, None, None, :], float("-inf"))
+    return torch.einsum("rhpj,rhjd->rhpd", s.softmax(-1), v.double()), s.logsumexp(-1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("per,dim", [(1, 32), (3, 64), (7, 64), (2, 128)])
+def test_the_kernel_is_attention_rounded_once_to_bf16(per, dim):
+    """Over the first n positions of wider buffers, with padding masked, alone and merged with a shared part by
+    the log-sum-exps: the float64 attention over all the keys, within bf16's rounding of the output."""
+    rows, kv, width, n, scale = 9, 2, 40, 29, dim ** -0.5
+    q, k, v, seen = _case(rows, kv, per, dim, width, n, seed=per * dim)
+    own, own_lse = _exact(q, k[:, :, :n], v[:, :, :n], seen[:, :n], scale)
+    got = cpu_attention.own_attention(q, k[:, :, :n], v[:, :, :n], seen[:, :n], scale)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    assert ((got.double() - own).abs() <= own.abs() * 2 ** -8 + 1e-6).all()
+    # a shared context of 17 keys, all seen: its part as the flash kernel hands it over (bf16, float32 lse)
+    _, sk, sv, _ = _case(rows, kv, per, dim, 17, 17, seed=1)
+    other, other_lse = _exact(q, sk, sv, torch.ones(rows, 17, dtype=torch.bool), scale)
+    both, _ = _exact(q, torch.cat([k[:, :, :n], sk], 2), torch.cat([v[:, :, :n], sv], 2),
+                     torch.cat([seen[:, :n], torch.ones(rows, 17, dtype=torch.bool)], 1), scale)
+    got = cpu_attention.own_attention(q, k[:, :, :n], v[:, :, :n], seen[:, :n], scale,
+                                      (other.bfloat16(), other_lse.float()))
+    # the shared part arrives rounded to bf16: up to two bf16 roundings apart from exact arithmetic
+    assert ((got.double() - both).abs() <= both.abs().clamp(min=other.abs()) * 2 ** -7 + 1e-5).all()
+    assert (both - own).abs().max() > 0.05   # the shared part matters: the merge is tested
+
+
+@needs_kernel
+def test_the_kernel_refuses_buffers_it_would_misread():
+    q, k, v, seen = _case(4, 2, 3, 64, 16, 10, seed=0)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_attention.own_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, seen, 0.125)
+    with pytest.raises(ValueError, match="seen must be bool"):
+        cpu_attention.own_attention(q, k, v, seen.float(), 0.125)
+    with pytest.raises(ValueError, match="shared part"):
+        cpu_attention.own_attention(q, k, v, seen, 0.125, (q.float(), torch.zeros(4, 2, 3)))
+
+
+def test_the_kernel_is_used_only_where_it_computes_the_same_attention():
+    cpu = torch.device("cpu")
+    built = cpu_attention.kernel() is not None
+    assert cpu_attention.fits(torch.bfloat16, cpu, 3, 64, 500) == built
+    assert not cpu_attention.fits(torch.float32, cpu, 3, 64, 500)   # float32 decoding keeps the flash kernel
+    assert not cpu_attention.fits(torch.bfloat16, torch.device("cuda"), 3, 64, 500)
+    assert not cpu_attention.fits(torch.bfloat16, cpu, 9, 64, 500)   # more query heads than it holds
+    assert not cpu_attention.fits(torch.bfloat16, cpu, 3, 48, 500)   # not a multiple of 32
+    assert not cpu_attention.fits(torch.bfloat16, cpu, 3, 64, cpu_attention.MAX_SCORES)   # scores off its stack
+
+
+@needs_kernel
+def test_the_kernel_runs_on_torch_s_openmp_threads(tmp_path, root):
+    """Linked to the libgomp torch loaded: `torch.set_num_threads` sets its thread count (a second OpenMP
+    runtime would keep its own pool, competing with torch's for the cores). A run's manifest names its compiler."""
+    import json
+
+    from persona_em import provenance
+    from persona_em.config import load_profile
+
+    run = provenance.Run("01_generate", load_profile(root / "params" / "test.yaml"), tmp_path)
+    assert json.loads(run.finish().read_text())["compiled_attention"].endswith(" -O3 -march=native")
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert cpu_attention.kernel().threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
+def _decoder():
+    """A random llama decoder whose heads the kernel takes (dimension 32, 2 query heads per key/value head)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.05)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+class _Forced:
+    """Draws fixed tokens and keeps the scores it is handed."""
+
+    def __init__(self, tokens):
+        self.tokens, self.seen = tokens, []
+
+    def __call__(self, input_ids, scores):
+        self.seen.append(scores.float().clone())
+        out = torch.full_like(scores, float("-inf"))
+        return out.index_put_((torch.arange(len(scores)), self.tokens[:, len(self.seen) - 1]), torch.tensor(0.0))
+
+
+@needs_kernel
+def test_decoding_through_the_kernel_stays_as_close_to_float32_as_the_flash_path(monkeypatch):
+    """`decode_shared` under bf16 autocast, its own-token attention by the kernel and by the flash kernel, both
+    forced along the same tokens, against the same loop in float32: the kernel's scores are no further from
+    float32's than the flash path's (both are bf16 rounding), and the kernel ran at every step."""
+    model = _decoder()
+    gen = torch.Generator().manual_seed(3)
+    heads = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (9, 5)]
+    tails = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (3, 6, 2, 4)]
+    groups, expand = [0, 0, 1, 1], torch.tensor([0, 0, 1, 2, 3, 3])
+    forced = torch.randint(2, 512, (len(expand), 8), generator=gen)
+    calls = []
+    kernel_attention = cpu_attention.own_attention
+    monkeypatch.setattr(cpu_attention, "own_attention", lambda *a: calls.append(1) or kernel_attention(*a))
+
+    def scores(bf16: bool, kernel: bool):
+        with monkeypatch.context() as m, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if not kernel:
+                m.setattr(cpu_attention, "kernel", lambda: None)
+            run, forced_draws = sampling.Cascade(model), _Forced(forced)
+            out = sampling.decode_shared(model, run.contexts(heads), tails, groups, expand, 8, forced_draws,
+                                         torch.tensor([1]), 0, run)
+        assert torch.equal(out, forced)
+        return forced_draws.seen
+
+    exact = scores(False, False)
+    assert not calls
+    flash = scores(True, False)
+    assert not calls
+    ours = scores(True, True)
+    assert len(calls) == 7 * 2   # every step after the first (the prompt pass's logits), every layer
+    flash_off = max((x - y).abs().max() for x, y in zip(flash, exact))
+    ours_off = max((x - y).abs().max() for x, y in zip(ours, exact))
+    assert 0 < ours_off <= 1.5 * flash_off
+    assert all(x.std() > 1e-3 for x in exact)
