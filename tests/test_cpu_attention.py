@@ -28,7 +28,7 @@ def _exact(q, k, v, seen, scale):
 
 
 @needs_kernel
-@pytest.mark.parametrize("per,dim", [(1, 32), (3, 64), (7, 64), (2, 128)])
+@pytest.mark.parametrize("per,dim", [(1, 32), (3, 64), (7, 64), (2, 128), (8, 256)])
 def test_the_kernel_is_attention_rounded_once_to_bf16(per, dim):
     """Over the first n positions of wider buffers, with padding masked, alone and merged with a shared part by
     the log-sum-exps: the float64 attention over all the keys, within bf16's rounding of the output."""
@@ -59,6 +59,21 @@ def test_the_kernel_refuses_buffers_it_would_misread():
         cpu_attention.own_attention(q, k, v, seen.float(), 0.125)
     with pytest.raises(ValueError, match="shared part"):
         cpu_attention.own_attention(q, k, v, seen, 0.125, (q.float(), torch.zeros(4, 2, 3)))
+    for q2, k2, v2 in ((q.half(), k.half(), v.half()), (q[:, :, :, :48], k[..., :48], v[..., :48])):
+        with pytest.raises(ValueError, match="the kernel takes bf16"):   # its arrays' sizes, before any read
+            cpu_attention.own_attention(q2, k2, v2, seen, 0.125)
+    wide = torch.zeros(4, 2, cpu_attention.MAX_PER + 1, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="query heads"):
+        cpu_attention.own_attention(wide, k, v, seen, 0.125)
+
+
+def test_without_a_usable_compiler_the_flash_kernel_runs(monkeypatch):
+    """A compiler that is not there, or one named with its options, builds nothing or builds as usual; neither
+    raises."""
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert cpu_attention.kernel.__wrapped__() is None
+    monkeypatch.setenv("CC", "gcc -m64")
+    assert (cpu_attention.kernel.__wrapped__() is None) == (cpu_attention.kernel() is None)
 
 
 def test_the_kernel_is_used_only_where_it_computes_the_same_attention():
@@ -115,16 +130,25 @@ class _Forced:
         return out.index_put_((torch.arange(len(scores)), self.tokens[:, len(self.seen) - 1]), torch.tensor(0.0))
 
 
+def test_rows_by_group_are_slices_where_consecutive():
+    got = sampling.by_group(torch.tensor([1, 1, 0, 0, 0]))
+    assert [(g, idx) for g, idx in got] == [(0, slice(2, 5)), (1, slice(0, 2))]
+    got = sampling.by_group(torch.tensor([0, 1, 0]))
+    assert got[0][0] == 0 and torch.equal(got[0][1], torch.tensor([0, 2])) and got[1] == (1, slice(1, 2))
+
+
 @needs_kernel
-def test_decoding_through_the_kernel_stays_as_close_to_float32_as_the_flash_path(monkeypatch):
+@pytest.mark.parametrize("groups", [[0, 0, 1, 1], [0, 1, 1, 0]])
+def test_decoding_through_the_kernel_stays_as_close_to_float32_as_the_flash_path(groups, monkeypatch):
     """`decode_shared` under bf16 autocast, its own-token attention by the kernel and by the flash kernel, both
     forced along the same tokens, against the same loop in float32: the kernel's scores are no further from
-    float32's than the flash path's (both are bf16 rounding), and the kernel ran at every step."""
+    float32's than the flash path's (both are bf16 rounding), and the kernel ran at every step. Rows in group
+    order (each group's rows a slice) and not (gathered by index)."""
     model = _decoder()
     gen = torch.Generator().manual_seed(3)
     heads = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (9, 5)]
     tails = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (3, 6, 2, 4)]
-    groups, expand = [0, 0, 1, 1], torch.tensor([0, 0, 1, 2, 3, 3])
+    expand = torch.tensor([0, 0, 1, 2, 3, 3])
     forced = torch.randint(2, 512, (len(expand), 8), generator=gen)
     calls = []
     kernel_attention = cpu_attention.own_attention

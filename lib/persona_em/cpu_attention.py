@@ -3,14 +3,14 @@
 While `sampling.Cascade` decodes, each row's new token attends to the row's own tokens (its turn and its reply so
 far) and to its group's shared context. The shared part is a real matrix product (a group's queries against one
 context) and runs well in PyTorch's flash kernel; the own part does not: 160 rows x 3 key/value heads are 480
-tiny problems of 3 queries over about 100 keys each, and the flash kernel's fixed cost per problem makes it about
-ten times slower than reading those keys from memory (`benchmarks/sampling_backends.py`). This kernel does the
+tiny problems of 3 queries over about 100 keys each, and the flash kernel's fixed cost per problem makes it take
+about 3 ms per layer and step where reading those keys and values from memory takes 0.4 ms. This kernel does the
 same sums directly: per (row, key/value head), the query heads' scores with AVX-512 bf16 dot products (float32
 accumulation, as the flash kernel's bf16 matrix products), a float32 softmax, and the values summed in float32; it
 merges in the shared part's result by the two log-sum-exps (as `Cascade` merges them after the flash kernel), and
 returns the output in bf16.
 
-It is compiled on first use with the C compiler on the PATH (`cc`, or `$CC`) for the CPU it runs on
+It is compiled on first use with the C compiler `$CC` (else `cc` on the PATH) for the CPU it runs on
 (`-march=native`), in a temporary folder that is removed once the library is loaded, and it runs on the OpenMP
 threads PyTorch already uses (the same libgomp, so `torch.set_num_threads` governs both). Where there is no
 compiler or the CPU has no AVX-512 bf16 instructions, `kernel()` is None and `Cascade` keeps the flash kernel:
@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -111,25 +112,31 @@ BUILT: str | None = None   # the compiler that built the kernel in this process 
 
 @functools.cache
 def kernel():
-    """The compiled library (ctypes), or None where it cannot be built here (no C compiler, no AVX-512 bf16, not
-    Linux x86-64)."""
+    """The compiled library (ctypes), or None where it cannot be built or loaded here (no C compiler, no AVX-512
+    bf16, not Linux x86-64, a temporary folder that cannot hold programs) or would not run on torch's OpenMP
+    threads (a compiler with another OpenMP runtime)."""
     global BUILT
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or os.uname().machine != "x86_64" or not torch.backends.openmp.is_available():
+    compiler = shlex.split(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "")
+    if not compiler or os.uname().machine != "x86_64" or not torch.backends.openmp.is_available():
         return None
-    with tempfile.TemporaryDirectory(prefix="persona_em_attention_") as d:
-        src, lib = Path(d) / "own_attention.c", Path(d) / "own_attention.so"
-        src.write_text(SOURCE)
-        run = subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o",
-                              str(lib), "-lm"], capture_output=True, text=True)
-        if run.returncode != 0:
-            return None
-        so = ctypes.CDLL(str(lib))   # mapped: the file can go with its folder
+    try:
+        with tempfile.TemporaryDirectory(prefix="persona_em_attention_") as d:
+            src, lib = Path(d) / "own_attention.c", Path(d) / "own_attention.so"
+            src.write_text(SOURCE)
+            run = subprocess.run([*compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o",
+                                  str(lib), "-lm"], capture_output=True, text=True)
+            if run.returncode != 0:
+                return None
+            so = ctypes.CDLL(str(lib))   # mapped: the file can go with its folder
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True).stdout.splitlines()
+    except OSError:
+        return None
     so.own_attention.restype = None
     so.own_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 3
     so.threads.restype = ctypes.c_int
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()
-    BUILT = f"{version[0] if version else compiler} -O3 -march=native"
+    if so.threads() != torch.get_num_threads():   # its own OpenMP runtime: a second pool competing for the cores
+        return None
+    BUILT = f"{version[0] if version else ' '.join(compiler)} -O3 -march=native"
     return so
 
 
@@ -147,9 +154,14 @@ def own_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch
     first n positions of contiguous buffers), the positions where `seen` (rows, n, bool, rows contiguous) is False
     left out, merged with `shared`, the same queries' attention over other keys (output (rows, kv heads, per, dim)
     bf16, log-sum-exp (rows, kv heads, per) float32), if any: the output (rows, kv heads, per, dim), bf16. Every
-    row must see at least one key (`fits` first: the kernel checks nothing itself)."""
+    row must see at least one key (the kernel checks no mask; `fits` says whether it runs here)."""
     rows, kv, per, dim = q.shape
     n, width = k.shape[2], k.stride(1) // dim
+    if not (q.dtype == k.dtype == v.dtype == torch.bfloat16 and per <= MAX_PER and dim % 32 == 0 and dim <= MAX_DIM
+            and 1 <= n and per * n <= MAX_SCORES):   # what the kernel's fixed-size arrays hold
+        raise ValueError(f"the kernel takes bf16 queries, keys and values, at most {MAX_PER} query heads per key/value "
+                         f"head of a multiple of 32 up to {MAX_DIM} dimensions, and 1 to {MAX_SCORES} // per keys; got "
+                         f"{q.dtype}/{k.dtype}/{v.dtype}, {per} heads of {dim}, {n} keys")
     for x in (k, v):
         if x.shape != (rows, kv, n, dim) or x.stride() != (kv * width * dim, width * dim, dim, 1):
             raise ValueError(f"keys and values must be the first {n} positions of contiguous (rows, kv heads, "

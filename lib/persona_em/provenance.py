@@ -181,7 +181,8 @@ class Run:
             # CPU float reductions depend on the thread count: same seeds, same threads, same numbers
             "torch_threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None,
             "kernel": kernel_start(),
-            # decoding's own-token attention: the kernel compiled here (its compiler), or the flash kernel (None)
+            # whether this process compiled decoding's own-token attention kernel (its compiler; None: not built,
+            # so bf16 decoding, if any, ran the flash kernel)
             "compiled_attention": getattr(sys.modules.get("persona_em.cpu_attention"), "BUILT", None),
             "inputs": self.inputs,
             "started": self.started,

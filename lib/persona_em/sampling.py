@@ -474,6 +474,8 @@ class Cascade:
         q = q.to(self.dtype).reshape(rows, self.kv_heads, self.per * T, dim)
         other = self.attend_shared(i, q, shared, members, scale) if members else None
         if mask.dtype == torch.bool:
+            if T != 1:
+                raise ValueError(f"a mask of seen tokens is for one query per row, got {T}")
             out = cpu_attention.own_attention(q, k, v, mask, scale, other)
         else:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
@@ -489,9 +491,9 @@ class Cascade:
         rows, kv_heads, queries, dim = q.shape
         out, lse = torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
         for g, idx in members:
-            pk, pv = shared[g][i]
-            n = q[idx].shape[0]
-            o, l = flash(q[idx].transpose(0, 1).reshape(1, kv_heads, n * queries, dim), pk, pv, scale=scale)
+            (pk, pv), qg = shared[g][i], q[idx]
+            n = qg.shape[0]
+            o, l = flash(qg.transpose(0, 1).reshape(1, kv_heads, n * queries, dim), pk, pv, scale=scale)
             out[idx] = o.view(kv_heads, n, queries, dim).transpose(0, 1)
             lse[idx] = l.view(kv_heads, n, queries).transpose(0, 1)
         return out, lse
