@@ -50,8 +50,8 @@ def test_the_kernel_is_attention_rounded_once_to_bf16(per, dim):
     assert (both - own).abs().max() > 0.05   # the shared part matters: the merge is tested
 
 
-@needs_kernel
 def test_the_kernel_refuses_buffers_it_would_misread():
+    """Before any read, and whether or not the kernel can be built here."""
     q, k, v, seen = _case(4, 2, 3, 64, 16, 10, seed=0)
     with pytest.raises(ValueError, match="contiguous"):
         cpu_attention.own_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, seen, 0.125)
@@ -65,15 +65,25 @@ def test_the_kernel_refuses_buffers_it_would_misread():
     wide = torch.zeros(4, 2, cpu_attention.MAX_PER + 1, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="query heads"):
         cpu_attention.own_attention(wide, k, v, seen, 0.125)
+    with pytest.raises(ValueError, match="1 to 21845 keys"):   # the scores of 3 query heads over too many keys
+        cpu_attention.own_attention(q, *(torch.zeros(4, 2, 21846, 64, dtype=torch.bfloat16),) * 2,
+                                    torch.ones(4, 21846, dtype=torch.bool), 0.125)
 
 
 def test_without_a_usable_compiler_the_flash_kernel_runs(monkeypatch):
-    """A compiler that is not there, or one named with its options, builds nothing or builds as usual; neither
-    raises."""
-    monkeypatch.setenv("CC", "/nonexistent/cc")
-    assert cpu_attention.kernel.__wrapped__() is None
-    monkeypatch.setenv("CC", "gcc -m64")
-    assert (cpu_attention.kernel.__wrapped__() is None) == (cpu_attention.kernel() is None)
+    """A compiler that is not there, or quoting that does not parse, builds nothing and raises nothing; a
+    compiler named with an option builds as the plain one does. (Each a fresh build: `kernel` itself is cached.)"""
+    import os
+    import shutil
+
+    plain = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    monkeypatch.setattr(cpu_attention, "BUILT", cpu_attention.BUILT)   # what this process's manifests report
+    for named in ("/nonexistent/cc", "gcc '-m64"):
+        monkeypatch.setenv("CC", named)
+        assert cpu_attention.kernel.__wrapped__() is None
+    if plain:
+        monkeypatch.setenv("CC", f"{plain} -m64")
+        assert (cpu_attention.kernel.__wrapped__() is None) == (cpu_attention.kernel() is None)
 
 
 def test_the_kernel_is_used_only_where_it_computes_the_same_attention():

@@ -226,17 +226,21 @@ def test_cascade_attention_changes_the_scores_by_rounding_only(smollm, monkeypat
     assert 0 < bf16_alone and max((x - y).abs().max() for x, y in zip(cascade16, exact32)) < 2 * bf16_alone
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-def test_cascade_attention_on_every_decoder_type_the_lean_loop_admits(kind, monkeypatch):
+@pytest.mark.parametrize("kind,batch", [
+    ("llama", [(0, 0), (0, 1), (0, 1), (1, 0), (1, 1), (1, 1), (1, 2)]),
+    ("mistral", [(0, 0), (0, 1), (0, 1), (1, 0), (1, 1), (1, 1), (1, 2)]),
+    ("qwen2", [(0, 0), (0, 1), (0, 1), (1, 0), (1, 1), (1, 1), (1, 2)]),
+    ("llama", [(1, 0), (0, 0), (1, 1), (0, 1), (0, 1), (1, 1), (1, 2)])])   # rows not in group order
+def test_cascade_attention_on_every_decoder_type_the_lean_loop_admits(kind, batch, monkeypatch):
     """`decode_shared` over the contexts' packed pass against `decode_cached` over per-row copies of
     transformers' prefix caches on a small random decoder of each type (Qwen2's q/k/v biases included), forced
     along the same tokens, in float32: two contexts of different lengths, turns of different lengths, a turn
-    sampled twice; the scores agree to rounding at every step."""
+    sampled twice, rows in group order (each group's rows a slice) and not (gathered by index); the scores agree
+    to rounding at every step."""
     model = _tiny_decoder(kind)
     gen = torch.Generator().manual_seed(3)
     heads = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (7, 4)]
     tails = [[torch.randint(2, 512, (n,), generator=gen).tolist() for n in lengths] for lengths in ((3, 5), (2, 4, 1))]
-    batch = [(0, 0), (0, 1), (0, 1), (1, 0), (1, 1), (1, 1), (1, 2)]
     once = list(dict.fromkeys(batch))
     forced = torch.randint(2, 512, (len(batch), 10), generator=gen)
     eos, pad = torch.tensor([1]), 0
