@@ -162,8 +162,12 @@ def fits(dtype: torch.dtype, device: torch.device, per: int, dim: int, keys: int
     """Whether the kernel runs attention in `dtype` on `device` with `per` query heads per key/value head of `dim`
     dimensions over at most `keys` keys: bf16 on a CPU where it could be built, within its sizes. Otherwise the
     caller runs the flash kernel."""
-    return (dtype == torch.bfloat16 and device.type == "cpu" and per <= MAX_PER and dim % 32 == 0
-            and dim <= MAX_DIM and per * keys <= MAX_SCORES and kernel() is not None)
+    return dtype == torch.bfloat16 and device.type == "cpu" and within_limits(per, dim, keys) and kernel() is not None
+
+
+def within_limits(per: int, dim: int, keys: int) -> bool:
+    """Whether the kernel's fixed-size arrays hold `per` query heads of `dim` dimensions over `keys` keys."""
+    return 1 <= per <= MAX_PER and 0 < dim <= MAX_DIM and dim % 32 == 0 and 1 <= keys <= MAX_SCORES // per
 
 
 def own_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float,
@@ -176,8 +180,7 @@ def own_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch
     rows, kv, per, dim = q.shape
     n = k.shape[2]
     if not (q.dtype == k.dtype == v.dtype == torch.bfloat16 and all(x.device.type == "cpu" for x in (q, k, v, seen))
-            and 1 <= per <= MAX_PER and 0 < dim <= MAX_DIM and dim % 32 == 0
-            and 1 <= n <= MAX_SCORES // per):   # what the kernel's fixed-size arrays hold
+            and within_limits(per, dim, n)):
         raise ValueError(f"the kernel takes bf16 queries, keys and values on a CPU, 1 to {MAX_PER} query heads per "
                          f"key/value head of a multiple of 32 up to {MAX_DIM} dimensions, and 1 to "
                          f"{MAX_SCORES // max(per, 1)} keys; got {q.dtype}/{k.dtype}/{v.dtype} on {q.device}, {per} "
