@@ -1,8 +1,9 @@
 """Diversity measures on 10,000 questions: seconds, against the issue's 30 s budget and against a naive
 baseline (Vendi from the full n x n similarity matrix, pairwise distances from that matrix), in one run; with
-the packaged MiniLM in float32 and under bf16 autocast (`embedder: minilm-bf16`), how far the bf16 embeddings
-and their Vendi score are from float32's, and the embedding's FLOP rate against the machine's fp32 and bf16
-matmul peaks (the floor on the embedding time at this question length).
+the packaged MiniLM in float32 and in bf16 (`embedder: minilm-bf16`: the packed encoder where it runs, else
+sentence-transformers under bf16 autocast), how far the bf16 embeddings and their Vendi score are from float32's,
+and the embedding's FLOP rate against the machine's fp32 and bf16 matmul peaks (the floor on the embedding time at
+this question length).
 
     .venv/bin/python benchmarks/diversity_speed.py [N]
 
@@ -16,7 +17,7 @@ import torch
 
 from peak import NO_BF16, embedding_flops, matmul_peak, native_bf16
 from record import write
-from persona_em import diversity, models, questions
+from persona_em import diversity, models, packed_encoder, questions
 
 torch.set_num_threads(2)
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
@@ -40,6 +41,7 @@ emb, m, labels, t_embed, t_measure = timed_measures("minilm")
 NATIVE = native_bf16()
 if NATIVE:
     emb16, m16, _, t_embed16, t_measure16 = timed_measures("minilm-bf16")
+    BF16 = "bf16, packed encoder" if packed_encoder.runs_here() else "bf16 autocast"
     agree = float(np.mean(np.sum(diversity.unit(emb) * diversity.unit(emb16), axis=1)))
 
 # naive baseline on a subsample (the full n x n eigenproblem at n = 10,000 takes many minutes)
@@ -62,7 +64,7 @@ print(f"n={n} questions, fp32 MiniLM: embed {t_embed:.1f} s + measures and k-mea
       f"({total / 30:.2f} of the 30 s budget); Vendi {m['vendi']:.2f}, clusters {len(set(labels))}")
 if NATIVE:
     total16 = t_embed16 + t_measure16
-    print(f"n={n} questions, bf16-autocast MiniLM: embed {t_embed16:.1f} s + measures {t_measure16:.2f} s = "
+    print(f"n={n} questions, {BF16} MiniLM: embed {t_embed16:.1f} s + measures {t_measure16:.2f} s = "
           f"{total16:.1f} s ({total16 / 30:.2f} of the budget, x{total / total16:.1f} faster); Vendi "
           f"{m16['vendi']:.2f} ({m16['vendi'] / m['vendi'] - 1:+.2%} vs fp32), mean cosine to the fp32 embedding "
           f"{agree:.4f}")
@@ -82,10 +84,10 @@ if NATIVE:
     p16 = matmul_peak(torch.bfloat16)
     print(f"bf16 at {flops / t_embed16 / 1e9:.0f} GFLOP/s ({flops / t_embed16 / p16:.0%} of the bf16 peak "
           f"{p16 / 1e9:.0f}): at 100% of it {flops / p16:.0f} s")
-bf16_row = ({"figure": f"embedding {n} questions, MiniLM bf16 autocast (mean cosine to float32 {agree:.4f})",
+bf16_row = ({"figure": f"embedding {n} questions, MiniLM {BF16} (mean cosine to float32 {agree:.6f})",
              "value": t_embed16, "unit": "s", "ratio": t_embed16 / (flops / p16),
              "against": "its floor at the bf16 peak (x)"} if NATIVE else
-            {"figure": f"embedding {n} questions, MiniLM bf16 autocast", "value": "", "unit": "", "ratio": "",
+            {"figure": f"embedding {n} questions, MiniLM bf16", "value": "", "unit": "", "ratio": "",
              "against": NO_BF16})
 write("diversity_speed", [
     {"figure": f"embedding {n} questions, MiniLM float32 ({tokens} tokens)", "value": t_embed, "unit": "s",

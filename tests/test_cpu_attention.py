@@ -1,8 +1,9 @@
-"""The compiled own-token attention kernel (`cpu_attention`): the attention it computes against float64
-arithmetic, the shapes it refuses, the OpenMP threads it runs on, and decoding through it against the flash
-kernel's path."""
+"""The compiled kernels (`cpu_attention`): the own-token attention and the packed encoder's attention and residual
+step against float64 arithmetic, the shapes they refuse, the OpenMP threads they run on, and decoding through the
+own-token kernel against the flash kernel's path."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from persona_em import cpu_attention, sampling
 
@@ -184,3 +185,64 @@ def test_decoding_through_the_kernel_stays_as_close_to_float32_as_the_flash_path
     ours_off = max((x - y).abs().max() for x, y in zip(ours, exact))
     assert 0 < ours_off <= 1.5 * flash_off
     assert all(x.std() > 1e-3 for x in exact)
+
+
+def _packed_exact(qkv, lengths, heads, dim):
+    """Each sequence's attention over its own tokens, in float64: (tokens, heads x dim)."""
+    out, at = [], 0
+    for n in lengths:
+        q, k, v = qkv[at:at + n, :3 * heads * dim].double().view(n, 3, heads, dim).unbind(1)
+        s = torch.einsum("ihd,jhd->hij", q, k) * dim ** -0.5
+        out.append(torch.einsum("hij,jhd->ihd", s.softmax(-1), v).reshape(n, heads * dim))
+        at += n
+    return torch.cat(out)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,dim,lengths", [(12, 32, [1, 2, 15, 16, 17, 33, 50]), (2, 64, [300, 3]),
+                                               (1, 128, [31, 1, 64])])
+def test_packed_attention_is_each_sequence_s_attention_rounded_once_to_bf16(heads, dim, lengths):
+    """Sequences of 1 to 300 tokens (one to 19 blocks of 16 keys, full and partial), packed, in rows wider than
+    their queries, keys and values: float64's attention within each sequence, within bf16's rounding of the
+    output; no token sees another sequence's."""
+    g = torch.Generator().manual_seed(heads * dim)
+    qkv = (2 * torch.randn(sum(lengths), 3 * heads * dim + 32, generator=g)).bfloat16()
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    got = cpu_attention.packed_attention(qkv, starts, heads, dim, dim ** -0.5)
+    exact = _packed_exact(qkv, lengths, heads, dim)
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+    merged = _packed_exact(qkv, [sum(lengths)], heads, dim)   # had sequences seen each other's tokens
+    assert (merged - exact).abs().max() > 0.1
+
+
+def test_packed_attention_refuses_what_it_would_misread():
+    qkv = torch.zeros(10, 3 * 64, dtype=torch.bfloat16)
+    starts = torch.tensor([0, 4, 10])
+    for bad in (qkv.float(), qkv[:, :100], qkv.t().contiguous().t()):
+        with pytest.raises(ValueError, match="qkv must be"):
+            cpu_attention.packed_attention(bad, starts, 2, 32, 0.1)
+    with pytest.raises(ValueError, match="qkv must be"):   # heads of 48: not a multiple of 32
+        cpu_attention.packed_attention(torch.zeros(10, 3 * 48, dtype=torch.bfloat16), starts, 1, 48, 0.1)
+    for bad in (torch.tensor([0, 4, 9]), torch.tensor([1, 4, 10]), torch.tensor([0, 4, 4, 10]),
+                torch.tensor([0, 4, 10], dtype=torch.int32), torch.tensor([0])):
+        with pytest.raises(ValueError, match="starts must be"):
+            cpu_attention.packed_attention(qkv, bad, 2, 32, 0.1)
+
+
+@needs_kernel
+def test_add_layer_norm_is_autocast_s_residual_step():
+    """h <- LayerNorm(h + o) in float32, in place, and h rounded to bf16 returned: float64's layer norm within
+    float32's rounding, and the returned matrix exactly the new h cast to bf16."""
+    g = torch.Generator().manual_seed(0)
+    h, o = 3 * torch.randn(37, 384, generator=g), torch.randn(37, 384, generator=g).bfloat16()
+    weight, bias = torch.randn(384, generator=g), torch.randn(384, generator=g)
+    exact = F.layer_norm((h.double() + o.double()), (384,), weight.double(), bias.double(), 1e-12)
+    x = cpu_attention.add_layer_norm(h, o, weight, bias, 1e-12)
+    assert (h.double() - exact).abs().max() < 1e-5 * exact.abs().max()
+    assert torch.equal(x, h.bfloat16())
+    with pytest.raises(ValueError, match="add_layer_norm takes"):
+        cpu_attention.add_layer_norm(h, o.float(), weight, bias, 1e-12)
+    with pytest.raises(ValueError, match="add_layer_norm takes"):
+        cpu_attention.add_layer_norm(h[:, :100].contiguous(), o[:, :100].contiguous(), weight[:100], bias[:100],
+                                     1e-12)

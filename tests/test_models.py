@@ -43,7 +43,8 @@ def test_embedder_is_packaged_minilm():
 
 
 def test_bf16_embedder_stays_close_to_float32():
-    """`minilm-bf16` is the packaged MiniLM encoding under bf16 autocast: float32 out, the same space."""
+    """`minilm-bf16` is the packaged MiniLM encoding in bf16 (packed, or under autocast): float32 out, the same
+    space."""
     import numpy as np
 
     texts = ["Should I lend my savings to a friend?", "My landlord wants cash only. Is that normal?",

@@ -1,23 +1,29 @@
-"""Attention of one new query per row over the row's own cached keys, as a small compiled CPU kernel.
+"""Attention as small compiled CPU kernels: decoding's one new query per row over the row's own cached keys, and
+an encoder's attention within sequences packed without padding (with the residual add and layer norm after it).
 
 While `sampling.Cascade` decodes, each row's new token attends to the row's own tokens (its turn and its reply so
 far) and to its group's shared context. The shared part is a real matrix product (a group's queries against one
 context) and runs well in PyTorch's flash kernel; the own part does not: 160 rows x 3 key/value heads are 480
 tiny problems of 3 queries over about 100 keys each, and the flash kernel's fixed cost per problem makes it take
-about 3 ms per layer and step where reading those keys and values from memory takes 0.4 ms. This kernel does the
-same sums directly: per (row, key/value head), the query heads' scores with AVX-512 bf16 dot products (float32
+about 3 ms per layer and step where reading those keys and values from memory takes 0.4 ms. `own_attention` does
+the same sums directly: per (row, key/value head), the query heads' scores with AVX-512 bf16 dot products (float32
 accumulation, as the flash kernel's bf16 matrix products), a float32 softmax, and the values summed in float32; it
 merges in the shared part's result by the two log-sum-exps (as `Cascade` merges them after the flash kernel), and
 returns the output in bf16.
 
-It is compiled on first use with the C compiler `$CC` (else `cc` on the PATH) for the CPU it runs on
-(`-march=native`), in a temporary folder that is removed once the library is loaded, and it runs on the OpenMP
-threads PyTorch already uses: it links libgomp, which resolves to the copy torch has loaded, so
+`packed_attention` and `add_layer_norm` serve `packed_encoder`, which embeds questions with MiniLM in bf16 with no
+padding: 12 heads of 32 dimensions over about 50 tokens per question are again many small problems, which
+PyTorch's attention runs at a few percent of the machine's bf16 rate and only over padded batches.
+
+The kernels are compiled on first use with the C compiler `$CC` (else `cc` on the PATH) for the CPU they run on
+(`-march=native`), in a temporary folder that is removed once the library is loaded, and they run on the OpenMP
+threads PyTorch already uses: the library links libgomp, which resolves to the copy torch has loaded, so
 `torch.set_num_threads` governs both. Where there is no compiler, the CPU has no AVX-512 bf16 instructions, the
-library cannot be loaded, or loading it mapped an OpenMP runtime besides the one already loaded, `kernel()` is None and
-`Cascade` keeps the flash kernel: the same attention, rounded differently (the flash kernel returns bf16 outputs).
-The timings above are from a timing script run on a 2-core AMD EPYC (AVX-512 bf16): the flash kernel 2.7-3.4 ms,
-this kernel 1.0-1.3 ms, for 160 rows over 60-108 keys; the memory read is 12 MB at about 30 GB/s."""
+library cannot be loaded, or loading it mapped an OpenMP runtime besides the one already loaded, `kernel()` is None:
+`Cascade` keeps the flash kernel (the same attention, rounded differently: the flash kernel returns bf16 outputs),
+and `models.Bf16Embedder` encodes under bf16 autocast. The timings above are from a timing script run on a 2-core
+AMD EPYC (AVX-512 bf16): the flash kernel 2.7-3.4 ms, `own_attention` 1.0-1.3 ms, for 160 rows over 60-108 keys;
+the memory read is 12 MB at about 30 GB/s."""
 from __future__ import annotations
 
 import ctypes
@@ -37,6 +43,7 @@ MAX_SCORES = 1 << 16   # per x keys: the scores live on the stack of an OpenMP t
 
 SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <math.h>
 #include <omp.h>
 #include <immintrin.h>
@@ -107,6 +114,180 @@ void own_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
         }
     }
 }
+
+/* e^x for x <= 0, in float32: x log2(e) split into a whole number w, applied by scalef, and a fraction in
+   [-1/2, 1/2], whose e^(f ln 2) is its degree-7 Taylor polynomial (truncation error under 1e-8, below float32's
+   rounding). Below -87 it returns e^-87, about 1.6e-38, just above the smallest normal float32 (a weight that small beside the
+   largest, 1, is 0 to float32's precision anyway). */
+static inline __m512 exp_nonpositive(__m512 x) {
+    __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504088896341f));
+    __m512 w = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, w), _mm512_set1_ps(0.693147180559945309f));
+    __m512 p = _mm512_set1_ps(1.f / 5040);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, w);
+}
+
+/* r[c] <- column c of the 16 x 16 matrix of 32-bit words whose row i is r[i] */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int k = 0; k < 4; k++) {
+            t[i + k] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0x88);
+            t[i + k + 4] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0xdd);
+        }
+    for (int k = 0; k < 8; k++) {
+        r[k] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0x88);
+        r[k + 8] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0xdd);
+    }
+}
+
+/* Attention within sequences packed one after another (an encoder's, every token attending to every token of its
+   sequence). qkv: (tokens, stride) bf16, each token's queries, keys and values at columns [0, heads*dim),
+   [heads*dim, 2*heads*dim), [2*heads*dim, 3*heads*dim), as one fused projection writes them; sequence s is tokens
+   [starts[s], starts[s+1]), at least one. out: (tokens, out_stride) bf16, heads*dim columns written, rounded to
+   nearest even. dim a multiple of 32. One OpenMP task per sequence: its keys and values are laid out once for all
+   its heads. Scores by dpbf16 (bf16 products, float32 sums), softmax and the values' sums in float32. */
+void packed_attention(const uint16_t *qkv, long stride, const long *starts, long seqs, long heads, long dim,
+                      float scale, uint16_t *out, long out_stride) {
+    long longest = 0;
+    for (long s = 0; s < seqs; s++) longest = starts[s + 1] - starts[s] > longest ? starts[s + 1] - starts[s] : longest;
+    long width = (longest + 15) / 16 * 16, pairs = dim / 2, lanes = dim / 16;
+#pragma omp parallel
+    {
+        /* per sequence, all heads: keys as pairs, kt[(h * pairs + c) * width + j] = k[j][h][2c, 2c+1] (the layout
+           dpbf16 multiplies 16 keys at a time in); values widened to float32, vf[(h * width + j) * dim + d] */
+        uint32_t *kt = aligned_alloc(64, heads * pairs * width * 4);
+        float *vf = aligned_alloc(64, heads * width * dim * 4), *sc = aligned_alloc(64, 4 * width * 4);
+#pragma omp for schedule(dynamic, 1)
+        for (long s = 0; s < seqs; s++) {
+            long t0 = starts[s], n = starts[s + 1] - t0, blocks = (n + 15) / 16;
+            for (long b = 0; b < blocks; b++)   /* keys: 16 x 16 blocks of pairs transposed in registers */
+                for (long hc = 0; hc < heads * pairs; hc += 16) {
+                    __m512i r[16];
+                    for (long i = 0; i < 16; i++)
+                        r[i] = 16 * b + i < n ? _mm512_loadu_si512(qkv + (t0 + 16 * b + i) * stride + heads * dim + 2 * hc)
+                                              : _mm512_setzero_si512();
+                    transpose16(r);
+                    for (long c = 0; c < 16; c++) _mm512_store_si512(kt + (hc + c) * width + 16 * b, r[c]);
+                }
+            for (long j = 0; j < blocks * 16; j++)   /* values widened to float32; rows past n zero */
+                for (long h = 0; h < heads; h++)
+                    for (long c = 0; c < lanes; c++) {
+                        __m512 x = _mm512_setzero_ps();
+                        if (j < n)
+                            x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                    (const __m256i *)(qkv + (t0 + j) * stride + (2 * heads + h) * dim + 16 * c))), 16));
+                        _mm512_store_ps(vf + (h * width + j) * dim + 16 * c, x);
+                    }
+            for (long h = 0; h < heads; h++)
+                for (long i0 = 0; i0 < n; i0 += 4) {   /* four queries at a time: independent sums in flight */
+                    long nq = n - i0 < 4 ? n - i0 : 4;
+                    const uint32_t *q[4];
+                    for (long r = 0; r < 4; r++)
+                        q[r] = (const uint32_t *)(qkv + (t0 + i0 + (r < nq ? r : 0)) * stride + h * dim);
+                    const uint32_t *kh = kt + h * pairs * width;
+                    for (long b = 0; b < blocks; b += 2) {   /* scores of 4 queries x 32 keys */
+                        long b1 = b + 1 < blocks ? b + 1 : b;
+                        __m512 a[4][2];
+                        for (long r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+                        for (long c = 0; c < pairs; c++) {
+                            __m512bh k0 = (__m512bh)_mm512_load_si512(kh + c * width + 16 * b);
+                            __m512bh k1 = (__m512bh)_mm512_load_si512(kh + c * width + 16 * b1);
+                            for (long r = 0; r < 4; r++) {
+                                __m512bh x = (__m512bh)_mm512_set1_epi32((int)q[r][c]);
+                                a[r][0] = _mm512_dpbf16_ps(a[r][0], x, k0);
+                                a[r][1] = _mm512_dpbf16_ps(a[r][1], x, k1);
+                            }
+                        }
+                        for (long r = 0; r < 4; r++) {
+                            _mm512_store_ps(sc + r * width + 16 * b, _mm512_mul_ps(a[r][0], _mm512_set1_ps(scale)));
+                            _mm512_store_ps(sc + r * width + 16 * b1, _mm512_mul_ps(a[r][1], _mm512_set1_ps(scale)));
+                        }
+                    }
+                    float inv[4];
+                    __mmask16 last = (__mmask16)((1u << (n - (blocks - 1) * 16)) - 1);
+                    for (long r = 0; r < 4; r++) {   /* softmax numerators in float32; keys past n get 0 */
+                        float *row = sc + r * width;
+                        __m512 top = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
+                        for (long b = 0; b < blocks; b++)
+                            top = _mm512_mask_max_ps(top, b + 1 < blocks ? 0xffff : last, top, _mm512_load_ps(row + 16 * b));
+                        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+                        for (long b = 0; b < blocks; b++) {
+                            __m512 e = _mm512_maskz_mov_ps(b + 1 < blocks ? 0xffff : last,
+                                                           exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(row + 16 * b), m)));
+                            _mm512_store_ps(row + 16 * b, e);
+                            total = _mm512_add_ps(total, e);
+                        }
+                        inv[r] = 1.f / _mm512_reduce_add_ps(total);
+                    }
+                    const float *vh = vf + h * width * dim;
+                    for (long c = 0; c < lanes; c++) {   /* 16 dimensions of 4 outputs, even and odd keys apart */
+                        __m512 acc[4][2];
+                        for (long r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+                        for (long j = 0; j < n; j += 2) {   /* key n, if read, has value 0 and weight 0 */
+                            __m512 x0 = _mm512_load_ps(vh + j * dim + 16 * c), x1 = _mm512_load_ps(vh + (j + 1) * dim + 16 * c);
+                            for (long r = 0; r < 4; r++) {
+                                acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(sc[r * width + j]), x0, acc[r][0]);
+                                acc[r][1] = _mm512_fmadd_ps(_mm512_set1_ps(sc[r * width + j + 1]), x1, acc[r][1]);
+                            }
+                        }
+                        for (long r = 0; r < nq; r++)
+                            _mm256_storeu_si256((__m256i *)(out + (t0 + i0 + r) * out_stride + h * dim + 16 * c),
+                                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(
+                                                    _mm512_add_ps(acc[r][0], acc[r][1]), _mm512_set1_ps(inv[r]))));
+                    }
+                }
+        }
+        free(kt); free(vf); free(sc);
+    }
+}
+
+/* h <- LayerNorm(h + o) row by row, in float32 (h: (rows, width) float32, o: (rows, width) bf16, width a multiple
+   of 16), and x <- h rounded to bf16 (nearest even): the residual stream and the next matrix product's input. */
+void add_layer_norm(float *h, const uint16_t *o, long rows, long width, const float *gamma, const float *beta,
+                    float eps, uint16_t *x) {
+#pragma omp parallel for schedule(static)
+    for (long i = 0; i < rows; i++) {
+        float *hr = h + i * width;
+        const uint16_t *orow = o + i * width;
+        __m512 sum = _mm512_setzero_ps();
+        for (long c = 0; c < width; c += 16) {
+            __m512 v = _mm512_add_ps(_mm512_loadu_ps(hr + c), _mm512_castsi512_ps(_mm512_slli_epi32(
+                           _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(orow + c))), 16)));
+            _mm512_storeu_ps(hr + c, v);
+            sum = _mm512_add_ps(sum, v);
+        }
+        __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / width), sq = _mm512_setzero_ps();
+        for (long c = 0; c < width; c += 16) {
+            __m512 d = _mm512_sub_ps(_mm512_loadu_ps(hr + c), mean);
+            sq = _mm512_fmadd_ps(d, d, sq);
+        }
+        __m512 inv = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(sq) / width + eps));
+        for (long c = 0; c < width; c += 16) {
+            __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(hr + c), mean), inv),
+                                       _mm512_loadu_ps(gamma + c), _mm512_loadu_ps(beta + c));
+            _mm512_storeu_ps(hr + c, y);
+            _mm256_storeu_si256((__m256i *)(x + i * width + c), (__m256i)_mm512_cvtneps_pbh(y));
+        }
+    }
+}
 """
 
 
@@ -144,6 +325,12 @@ def kernel():
     so.own_attention.restype = None
     so.own_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 3
     so.threads.restype = ctypes.c_int
+    so.packed_attention.restype = None
+    so.packed_attention.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p] + [ctypes.c_long] * 3
+                                    + [ctypes.c_float, ctypes.c_void_p, ctypes.c_long])
+    so.add_layer_norm.restype = None
+    so.add_layer_norm.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 2 + [
+        ctypes.c_float, ctypes.c_void_p]
     BUILT = f"{version[0] if version else ' '.join(compiler)} -O3 -march=native"
     return so
 
@@ -201,3 +388,44 @@ def own_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch
                            dim, width, n, scale, None if o_sh is None else o_sh.data_ptr(),
                            None if lse_sh is None else lse_sh.data_ptr(), out.data_ptr())
     return out
+
+
+def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, heads: int, dim: int, scale: float) -> torch.Tensor:
+    """Attention within sequences packed one after another without padding, every token over all of its own
+    sequence's tokens (an encoder's attention): `qkv` (tokens, >= 3 x heads x dim) bf16, each row a token's
+    queries, keys and values (`heads` heads of `dim` each, as one fused projection writes them), `starts`
+    (sequences + 1) int64, where each sequence starts, from 0 to tokens, each at least one token long. The output
+    (tokens, heads x dim), bf16. `kernel()` must not be None."""
+    tokens = qkv.shape[0] if qkv.dim() == 2 else -1
+    if not (qkv.dim() == 2 and qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and qkv.stride(1) == 1
+            and heads >= 1 and dim > 0 and dim % 32 == 0 and qkv.shape[1] >= 3 * heads * dim):
+        raise ValueError(f"qkv must be a CPU bf16 (tokens, >= 3 x heads x dim) matrix with contiguous rows and dim a "
+                         f"multiple of 32; got {qkv.dtype} {tuple(qkv.shape)} on {qkv.device}, {heads} heads of {dim}")
+    if not (starts.dtype == torch.int64 and starts.dim() == 1 and starts.is_contiguous() and len(starts) >= 2
+            and starts[0] == 0 and starts[-1] == tokens and bool((starts.diff() >= 1).all())):
+        raise ValueError(f"starts must be int64 offsets rising from 0 to the {tokens} tokens, each sequence at least "
+                         f"one token; got {starts.dtype} {starts.tolist()[:8]}...")
+    out = torch.empty(tokens, heads * dim, dtype=torch.bfloat16)
+    kernel().packed_attention(qkv.data_ptr(), qkv.stride(0), starts.data_ptr(), len(starts) - 1, heads, dim, scale,
+                              out.data_ptr(), out.stride(0))
+    return out
+
+
+def add_layer_norm(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """A transformer's residual step: `h` <- LayerNorm(h + o) in float32, in place (h (rows, width) float32, o the
+    same shape in bf16, `weight` and `bias` (width) float32, width a multiple of 16), and that result rounded to
+    bf16 returned, the next matrix product's input: what bf16 autocast computes (its layer norm runs in float32),
+    in one call instead of three operators (the sum, the norm, the cast). `kernel()` must not be None."""
+    width = h.shape[-1]
+    if not (h.dim() == 2 and h.dtype == torch.float32 and h.is_contiguous() and o.shape == h.shape
+            and o.dtype == torch.bfloat16 and o.is_contiguous() and width % 16 == 0
+            and all(p.shape == (width,) and p.dtype == torch.float32 and p.is_contiguous() for p in (weight, bias))
+            and all(x.device.type == "cpu" for x in (h, o, weight, bias))):
+        raise ValueError(f"add_layer_norm takes contiguous CPU h float32 and o bf16 of one (rows, width) shape, width "
+                         f"a multiple of 16, and float32 weight and bias (width); got h {h.dtype} {tuple(h.shape)}, "
+                         f"o {o.dtype} {tuple(o.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}")
+    x = torch.empty(h.shape, dtype=torch.bfloat16)
+    kernel().add_layer_norm(h.data_ptr(), o.data_ptr(), h.shape[0], width, weight.data_ptr(), bias.data_ptr(), eps,
+                            x.data_ptr())
+    return x
