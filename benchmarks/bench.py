@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "run_overhead": ["2"],               # each chapter's start twice, the faster counted
     "diversity_speed": ["10000"],        # 10,000 pool questions
-    "embedding_ceiling": ["2000", "2"],  # 2,000 of them: bf16 encodes and one profiled, 2 threads
+    "embedding_ceiling": ["2000", "2"],  # 2,000 of them: bf16 encodes, one split by stage, 2 threads
     "training_speed": ["32", "8", "1"],  # 32 DPO pairs, batch 8, one thread as jobs run
     "sampling_backends": ["4", "2"],     # 160 samples of chapter 1's contexts (4 life domains), 2 threads
     "sampling_ceiling": ["4", "2"],      # the same contexts' token counts; decoding's matmuls alone, 2 threads

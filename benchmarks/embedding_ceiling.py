@@ -78,7 +78,8 @@ packed = packed_encoder.PackedEncoder(models.load_embedder("minilm"))
 rows.append(timed(f"packed encoder (minilm-bf16), up to {packed.tokens_per_batch} tokens per batch", packed.encode))
 
 # One packed encode with timers around its stages (each call's own time; the rest is Python and indexing).
-stages = {"matrix products (GELU inside)": (packed_encoder, "linear"), "attention": (cpu_attention, "packed_attention"),
+PRODUCTS = "matrix products (GELU inside)"
+stages = {PRODUCTS: (packed_encoder, "linear"), "attention": (cpu_attention, "packed_attention"),
           "residual adds and layer norms": (cpu_attention, "add_layer_norm")}
 timers = {}
 for name, (owner, attr) in stages.items():
@@ -98,13 +99,13 @@ print(f"bf16 peak {p16 / 1e9:.0f} GFLOP/s: floor {floor:.2f} s")
 split = {name: t.seconds for name, t in timers.items()}
 split["other work (Python, indexing, pooling)"] = total - sum(split.values())
 print(f"  packed encode split {total:.2f} s: " + ", ".join(f"{k} {v:.2f} s ({v / floor:.2f} x)" for k, v in split.items()))
-linear = split["matrix products (GELU inside)"]
+linear = split[PRODUCTS]
 rows += [
     {"figure": f"embedding ceiling: the packed encoder's matrix products alone (oneDNN bf16, {flops / linear / p16:.0%} "
                f"of the 2048^3 rate at MiniLM's shapes), {n} questions", "value": linear, "unit": "s",
      "ratio": linear / floor, "against": "its floor at the bf16 peak (x)"},
     *({"figure": f"embedding: packed encoder, {name}, {n} questions", "value": v, "unit": "s", "ratio": v / floor,
-       "against": "its floor at the bf16 peak (x)"} for name, v in split.items() if name != "matrix products (GELU inside)"),
+       "against": "its floor at the bf16 peak (x)"} for name, v in split.items() if name != PRODUCTS),
     {"figure": "embedding ceiling: bf16 matmul peak (2048^3)", "value": p16 / 1e9, "unit": "GFLOP/s", "ratio": "",
      "against": ""}]
 print(f"wrote {write('embedding_ceiling', rows)}")

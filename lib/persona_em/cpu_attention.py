@@ -44,6 +44,7 @@ MAX_SCORES = 1 << 16   # per x keys: the scores live on the stack of an OpenMP t
 SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <math.h>
 #include <omp.h>
 #include <immintrin.h>
@@ -115,12 +116,13 @@ void own_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
     }
 }
 
-/* e^x for x <= 0, in float32: x log2(e) split into a whole number w, applied by scalef, and a fraction in
-   [-1/2, 1/2], whose e^(f ln 2) is its degree-7 Taylor polynomial (truncation error under 1e-8, below float32's
-   rounding). Below -87 it returns e^-87, about 1.6e-38, just above the smallest normal float32 (a weight that small beside the
-   largest, 1, is 0 to float32's precision anyway). */
+/* e^x for x <= 0, in float32: x log2(e) split into a whole number w, applied by scalef, and a fraction f in
+   [-1/2, 1/2], whose 2^f is the degree-7 Taylor polynomial of e^(f ln 2) (its own error under 1e-8). The rounding
+   of x log2(e) dominates: relative error under 1e-6 on [-10, 0], 4e-6 near -87. Below -87 it returns e^-87, about
+   1.6e-38, just above the smallest normal float32 (a softmax weight that small beside the largest, 1, is 0 to
+   float32's precision anyway). A NaN stays NaN. */
 static inline __m512 exp_nonpositive(__m512 x) {
-    __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504088896341f));
+    __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-87.f), x), _mm512_set1_ps(1.44269504088896341f));
     __m512 w = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, w), _mm512_set1_ps(0.693147180559945309f));
     __m512 p = _mm512_set1_ps(1.f / 5040);
@@ -162,21 +164,33 @@ static inline void transpose16(__m512i r[16]) {
    sequence). qkv: (tokens, stride) bf16, each token's queries, keys and values at columns [0, heads*dim),
    [heads*dim, 2*heads*dim), [2*heads*dim, 3*heads*dim), as one fused projection writes them; sequence s is tokens
    [starts[s], starts[s+1]), at least one. out: (tokens, out_stride) bf16, heads*dim columns written, rounded to
-   nearest even. dim a multiple of 32. One OpenMP task per sequence: its keys and values are laid out once for all
-   its heads. Scores by dpbf16 (bf16 products, float32 sums), softmax and the values' sums in float32. */
-void packed_attention(const uint16_t *qkv, long stride, const long *starts, long seqs, long heads, long dim,
+   nearest even. dim a multiple of 32. The sequences are shared out among the OpenMP threads; each thread lays out
+   a sequence's keys and values once for all its heads, in buffers sized by the longest sequence. Scores by dpbf16
+   (bf16 products, float32 sums), softmax and the values' sums in float32. Returns 0, or 1 if a thread's buffers
+   could not be allocated (then nothing is computed). */
+int packed_attention(const uint16_t *qkv, long stride, const long *starts, long seqs, long heads, long dim,
                       float scale, uint16_t *out, long out_stride) {
     long longest = 0;
     for (long s = 0; s < seqs; s++) longest = starts[s + 1] - starts[s] > longest ? starts[s + 1] - starts[s] : longest;
     long width = (longest + 15) / 16 * 16, pairs = dim / 2, lanes = dim / 16;
+    int failed = 0;
 #pragma omp parallel
     {
         /* per sequence, all heads: keys as pairs, kt[(h * pairs + c) * width + j] = k[j][h][2c, 2c+1] (the layout
            dpbf16 multiplies 16 keys at a time in); values widened to float32, vf[(h * width + j) * dim + d] */
         uint32_t *kt = aligned_alloc(64, heads * pairs * width * 4);
         float *vf = aligned_alloc(64, heads * width * dim * 4), *sc = aligned_alloc(64, 4 * width * 4);
+        if (!kt || !vf || !sc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        int skip;
+#pragma omp atomic read
+        skip = failed;
 #pragma omp for schedule(dynamic, 1)
         for (long s = 0; s < seqs; s++) {
+            if (skip) continue;
             long t0 = starts[s], n = starts[s + 1] - t0, blocks = (n + 15) / 16;
             for (long b = 0; b < blocks; b++)   /* keys: 16 x 16 blocks of pairs transposed in registers */
                 for (long hc = 0; hc < heads * pairs; hc += 16) {
@@ -199,9 +213,8 @@ void packed_attention(const uint16_t *qkv, long stride, const long *starts, long
             for (long h = 0; h < heads; h++)
                 for (long i0 = 0; i0 < n; i0 += 4) {   /* four queries at a time: independent sums in flight */
                     long nq = n - i0 < 4 ? n - i0 : 4;
-                    const uint32_t *q[4];
-                    for (long r = 0; r < 4; r++)
-                        q[r] = (const uint32_t *)(qkv + (t0 + i0 + (r < nq ? r : 0)) * stride + h * dim);
+                    const uint16_t *q[4];
+                    for (long r = 0; r < 4; r++) q[r] = qkv + (t0 + i0 + (r < nq ? r : 0)) * stride + h * dim;
                     const uint32_t *kh = kt + h * pairs * width;
                     for (long b = 0; b < blocks; b += 2) {   /* scores of 4 queries x 32 keys */
                         long b1 = b + 1 < blocks ? b + 1 : b;
@@ -211,7 +224,9 @@ void packed_attention(const uint16_t *qkv, long stride, const long *starts, long
                             __m512bh k0 = (__m512bh)_mm512_load_si512(kh + c * width + 16 * b);
                             __m512bh k1 = (__m512bh)_mm512_load_si512(kh + c * width + 16 * b1);
                             for (long r = 0; r < 4; r++) {
-                                __m512bh x = (__m512bh)_mm512_set1_epi32((int)q[r][c]);
+                                int two;   /* a query's dimensions 2c and 2c + 1 */
+                                memcpy(&two, q[r] + 2 * c, 4);
+                                __m512bh x = (__m512bh)_mm512_set1_epi32(two);
                                 a[r][0] = _mm512_dpbf16_ps(a[r][0], x, k0);
                                 a[r][1] = _mm512_dpbf16_ps(a[r][1], x, k1);
                             }
@@ -257,6 +272,7 @@ void packed_attention(const uint16_t *qkv, long stride, const long *starts, long
         }
         free(kt); free(vf); free(sc);
     }
+    return failed;
 }
 
 /* h <- LayerNorm(h + o) row by row, in float32 (h: (rows, width) float32, o: (rows, width) bf16, width a multiple
@@ -309,7 +325,7 @@ def kernel():
         return None
     try:
         with tempfile.TemporaryDirectory(prefix="persona_em_attention_") as d:
-            src, lib = Path(d) / "own_attention.c", Path(d) / "own_attention.so"
+            src, lib = Path(d) / "cpu_attention.c", Path(d) / "cpu_attention.so"
             src.write_text(SOURCE)
             run = subprocess.run([*compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o",
                                   str(lib), "-lm"], capture_output=True, text=True)
@@ -325,7 +341,7 @@ def kernel():
     so.own_attention.restype = None
     so.own_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 3
     so.threads.restype = ctypes.c_int
-    so.packed_attention.restype = None
+    so.packed_attention.restype = ctypes.c_int
     so.packed_attention.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p] + [ctypes.c_long] * 3
                                     + [ctypes.c_float, ctypes.c_void_p, ctypes.c_long])
     so.add_layer_norm.restype = None
@@ -401,13 +417,17 @@ def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, heads: int, dim: i
             and heads >= 1 and dim > 0 and dim % 32 == 0 and qkv.shape[1] >= 3 * heads * dim):
         raise ValueError(f"qkv must be a CPU bf16 (tokens, >= 3 x heads x dim) matrix with contiguous rows and dim a "
                          f"multiple of 32; got {qkv.dtype} {tuple(qkv.shape)} on {qkv.device}, {heads} heads of {dim}")
-    if not (starts.dtype == torch.int64 and starts.dim() == 1 and starts.is_contiguous() and len(starts) >= 2
-            and starts[0] == 0 and starts[-1] == tokens and bool((starts.diff() >= 1).all())):
-        raise ValueError(f"starts must be int64 offsets rising from 0 to the {tokens} tokens, each sequence at least "
-                         f"one token; got {starts.dtype} {starts.tolist()[:8]}...")
+    if not (starts.dtype == torch.int64 and starts.device.type == "cpu" and starts.dim() == 1
+            and starts.is_contiguous() and len(starts) >= 2 and starts[0] == 0 and starts[-1] == tokens
+            and bool((starts.diff() >= 1).all())):
+        raise ValueError(f"starts must be a contiguous 1-D CPU int64 tensor of offsets rising from 0 to the {tokens} "
+                         f"tokens, each sequence at least one token; got {starts.dtype} {tuple(starts.shape)} on "
+                         f"{starts.device}, first values {starts.reshape(-1)[:8].tolist()}")
     out = torch.empty(tokens, heads * dim, dtype=torch.bfloat16)
-    kernel().packed_attention(qkv.data_ptr(), qkv.stride(0), starts.data_ptr(), len(starts) - 1, heads, dim, scale,
-                              out.data_ptr(), out.stride(0))
+    if kernel().packed_attention(qkv.data_ptr(), qkv.stride(0), starts.data_ptr(), len(starts) - 1, heads, dim,
+                                 scale, out.data_ptr(), out.stride(0)):
+        raise MemoryError(f"packed_attention could not allocate its buffers for a longest sequence of "
+                          f"{int(starts.diff().max())} tokens and {heads} heads of {dim}")
     return out
 
 
@@ -417,7 +437,7 @@ def add_layer_norm(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, bias:
     same shape in bf16, `weight` and `bias` (width) float32, width a multiple of 16), and that result rounded to
     bf16 returned, the next matrix product's input: what bf16 autocast computes (its layer norm runs in float32),
     in one call instead of three operators (the sum, the norm, the cast). `kernel()` must not be None."""
-    width = h.shape[-1]
+    width = h.shape[-1] if h.dim() == 2 else -1
     if not (h.dim() == 2 and h.dtype == torch.float32 and h.is_contiguous() and o.shape == h.shape
             and o.dtype == torch.bfloat16 and o.is_contiguous() and width % 16 == 0
             and all(p.shape == (width,) and p.dtype == torch.float32 and p.is_contiguous() for p in (weight, bias))

@@ -209,10 +209,16 @@ class Bf16Embedder:
         import numpy as np
         import torch
 
+        from . import packed_encoder
+
+        texts = packed_encoder.checked(texts, batch_size)   # both paths take and refuse the same inputs
         if self.packed is not None:
             return self.packed.encode(texts, batch_size, show_progress_bar, normalize_embeddings)
+        if not texts:
+            return np.zeros((0, self.model.get_embedding_dimension()), dtype=np.float32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return np.asarray(self.model.encode(texts, batch_size=batch_size or 32, show_progress_bar=show_progress_bar,
+            return np.asarray(self.model.encode(texts, batch_size=32 if batch_size is None else batch_size,
+                                                show_progress_bar=show_progress_bar,
                                                 normalize_embeddings=normalize_embeddings), dtype=np.float32)
 
     def __getattr__(self, name):

@@ -44,10 +44,14 @@ class PackedEncoder:
         bert = getattr(st[0], "auto_model", None)
         cfg = getattr(bert, "config", None)
         if not (kinds[:2] == ["Transformer", "Pooling"] and set(kinds[2:]) <= {"Normalize"}
-                and getattr(st[1], "pooling_mode", None) == "mean" and type(bert).__name__ == "BertModel"
-                and cfg.hidden_act == "gelu" and getattr(cfg, "position_embedding_type", "absolute") == "absolute"):
-            raise ValueError(f"the packed encoder runs a BERT model with mean pooling (then Normalize), got modules "
-                             f"{kinds}, model {type(bert).__name__}")
+                and getattr(st[1], "pooling_mode", None) == "mean" and not getattr(st[0], "do_lower_case", False)
+                and type(bert).__name__ == "BertModel" and cfg.hidden_act == "gelu"
+                and getattr(cfg, "position_embedding_type", "absolute") == "absolute"
+                and cfg.hidden_size % cfg.num_attention_heads == 0
+                and (cfg.hidden_size // cfg.num_attention_heads) % 32 == 0):
+            raise ValueError(f"the packed encoder runs a BERT model (exact GELU, absolute positions, heads of a "
+                             f"multiple of 32 dimensions, the tokenizer's own casing) with mean pooling, then "
+                             f"Normalize if any; got modules {kinds}, model {type(bert).__name__}")
         if not runs_here():
             raise RuntimeError("the packed encoder needs cpu_attention's compiled kernels and oneDNN bf16; "
                                "see packed_encoder.runs_here()")
@@ -56,17 +60,17 @@ class PackedEncoder:
                              f"{st.max_seq_length} tokens")
         self.normalize = "Normalize" in kinds
         self.tokens_per_batch = tokens_per_batch
-        # the model's own tokenizer, unpadded (sentence-transformers leaves padding switched on in the shared one)
+        # the model's own tokenizer, unpadded (sentence-transformers leaves padding switched on in the shared one),
+        # truncating at the model's max_seq_length as it is now
         self.tokenizer = Tokenizer.from_str(st.tokenizer.backend_tokenizer.to_str())
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(st.max_seq_length)
         self.heads = cfg.num_attention_heads
         self.dim = cfg.hidden_size // self.heads
-        self.eps = cfg.layer_norm_eps
         emb = bert.embeddings
         self.words, self.positions = emb.word_embeddings.weight.detach(), emb.position_embeddings.weight.detach()
         self.type0 = emb.token_type_embeddings.weight.detach()[0]
-        self.norm0 = emb.LayerNorm
+        self.norm0 = emb.LayerNorm   # the embeddings' layer norm, run by torch
         self.layers = [self._layer(layer) for layer in bert.encoder.layer]
 
     @staticmethod
@@ -77,7 +81,7 @@ class PackedEncoder:
             return w, bias.detach().to(torch.bfloat16)
 
         att = layer.attention.self
-        norm = lambda ln: (ln.weight.detach().float().contiguous(), ln.bias.detach().float().contiguous())
+        norm = lambda ln: (ln.weight.detach().float().contiguous(), ln.bias.detach().float().contiguous(), ln.eps)
         return {"qkv": packed(torch.cat([att.query.weight, att.key.weight, att.value.weight]),
                               torch.cat([att.query.bias, att.key.bias, att.value.bias])),
                 "out": packed(layer.attention.output.dense.weight, layer.attention.output.dense.bias),
@@ -86,21 +90,26 @@ class PackedEncoder:
                 "down": packed(layer.output.dense.weight, layer.output.dense.bias),
                 "norm2": norm(layer.output.LayerNorm)}
 
-    def forward(self, ids: list[list[int]]) -> torch.Tensor:
-        """The pooled (and normalised) embeddings of these token sequences, (len(ids), hidden) float32."""
+    def token_states(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last layer's output for these token sequences, packed: (tokens, hidden) float32, and each sequence's
+        length."""
         lengths = torch.tensor([len(x) for x in ids])
         starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         flat = torch.tensor([t for x in ids for t in x])
         where = torch.arange(len(flat)) - starts[:-1].repeat_interleave(lengths)   # each token's position
         h = F.layer_norm(self.words[flat] + self.positions[where] + self.type0, self.type0.shape,
-                         self.norm0.weight, self.norm0.bias, self.eps)
+                         self.norm0.weight, self.norm0.bias, self.norm0.eps)
         x = h.to(torch.bfloat16)
         for w in self.layers:
             qkv = linear(x, *w["qkv"])
             att = cpu_attention.packed_attention(qkv, starts, self.heads, self.dim, self.dim ** -0.5)
-            x = cpu_attention.add_layer_norm(h, linear(att, *w["out"]), *w["norm1"], self.eps)
-            x = cpu_attention.add_layer_norm(h, linear(linear(x, *w["up"], "gelu"), *w["down"]), *w["norm2"],
-                                             self.eps)
+            x = cpu_attention.add_layer_norm(h, linear(att, *w["out"]), *w["norm1"])
+            x = cpu_attention.add_layer_norm(h, linear(linear(x, *w["up"], "gelu"), *w["down"]), *w["norm2"])
+        return h, lengths
+
+    def forward(self, ids: list[list[int]]) -> torch.Tensor:
+        """The pooled (and normalised) embeddings of these token sequences, (len(ids), hidden) float32."""
+        h, lengths = self.token_states(ids)
         pooled = torch.zeros(len(ids), h.shape[1]).index_add_(0, torch.arange(len(ids)).repeat_interleave(lengths), h)
         pooled /= lengths[:, None]
         return F.normalize(pooled, dim=1) if self.normalize else pooled
@@ -111,11 +120,8 @@ class PackedEncoder:
         `tokens_per_batch` tokens and, if given, up to `batch_size` questions."""
         from tqdm.auto import tqdm
 
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("encode takes a list of strings")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        ids = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+        texts = checked(texts, batch_size)
+        ids = [e.ids for e in self.tokenizer.encode_batch(texts)]
         batches, start, tokens = [], 0, 0
         for i, x in enumerate(ids):
             if i > start and (tokens + len(x) > self.tokens_per_batch or i - start == batch_size):
@@ -131,6 +137,18 @@ class PackedEncoder:
         if normalize_embeddings:
             out = F.normalize(out, dim=1)
         return out.numpy()
+
+
+def checked(texts, batch_size: int | None) -> list[str]:
+    """`texts` as a list, if it is a sequence of strings (not one string) and `batch_size` None or >= 1."""
+    if isinstance(texts, str):
+        raise TypeError("encode takes a list of strings, got one string")
+    texts = list(texts)
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"encode takes a list of strings, got {sorted({type(t).__name__ for t in texts})}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return texts
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, then: str = "none") -> torch.Tensor:

@@ -181,8 +181,8 @@ class Run:
             # CPU float reductions depend on the thread count: same seeds, same threads, same numbers
             "torch_threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None,
             "kernel": kernel_start(),
-            # whether this process compiled decoding's own-token attention kernel (its compiler; None: not built,
-            # so bf16 decoding, if any, ran the flash kernel)
+            # whether this process compiled cpu_attention's kernels (its compiler; None: not built, so bf16 decoding,
+            # if any, ran the flash kernel, and `minilm-bf16`, if used, encoded under autocast, not packed)
             "compiled_attention": getattr(sys.modules.get("persona_em.cpu_attention"), "BUILT", None),
             "inputs": self.inputs,
             "started": self.started,
