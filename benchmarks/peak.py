@@ -34,8 +34,8 @@ def bf16_peak(tries: int = 3) -> float:
 
 def embedding_flops(embedder, texts: list[str]) -> tuple[int, int]:
     """(tokens, FLOPs) of encoding `texts` at the embedding floor's count: 2 x non-embedding parameters per token
-    (the matmuls; attention over ~50 tokens is small), BERT's pooler left out (sentence embeddings pool the
-    tokens' states instead; it never runs)."""
+    (the matmuls; attention over ~50 tokens is small), BERT's pooler left out (it runs once per question, on [CLS]
+    only, and sentence embeddings pool the tokens' states instead: negligible per token)."""
     tokens = sum(len(ids) for ids in embedder.tokenizer(texts)["input_ids"])
     dense = sum(p.numel() for name, p in embedder.named_parameters() if "embeddings" not in name
                 and "pooler" not in name)

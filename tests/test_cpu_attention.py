@@ -211,7 +211,8 @@ def test_packed_attention_is_each_sequence_s_attention_rounded_once_to_bf16(head
     got = cpu_attention.packed_attention(qkv, starts, heads, dim, scale)
     exact = _packed_exact(qkv, lengths, heads, dim, scale)
     assert got.dtype == torch.bfloat16 and got.shape == exact.shape
-    # bf16's rounding of the output, beside float32 sums over values of up to ~8 (1e-5)
+    # bf16's rounding of the output; beside it, float32's rounding of the scores and exp's 1e-6 relative error
+    # in the weights, times values of up to ~8 (1e-5)
     assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5).all()
     merged = _packed_exact(qkv, [sum(lengths)], heads, dim, scale)   # had sequences seen each other's tokens
     assert (merged - exact).abs().max() > 0.1
@@ -232,14 +233,15 @@ def test_packed_attention_refuses_what_it_would_misread():
 
 
 @needs_kernel
-def test_add_layer_norm_is_autocast_s_residual_step():
+@pytest.mark.parametrize("eps", [1e-12, 0.5])
+def test_add_layer_norm_is_autocast_s_residual_step(eps):
     """h <- LayerNorm(h + o) in float32, in place, and h rounded to bf16 returned: float64's layer norm within
     float32's rounding, and the returned matrix exactly the new h cast to bf16."""
     g = torch.Generator().manual_seed(0)
     h, o = 3 * torch.randn(37, 384, generator=g), torch.randn(37, 384, generator=g).bfloat16()
     weight, bias = torch.randn(384, generator=g), torch.randn(384, generator=g)
-    exact = F.layer_norm((h.double() + o.double()), (384,), weight.double(), bias.double(), 1e-12)
-    x = cpu_attention.add_layer_norm(h, o, weight, bias, 1e-12)
+    exact = F.layer_norm((h.double() + o.double()), (384,), weight.double(), bias.double(), eps)
+    x = cpu_attention.add_layer_norm(h, o, weight, bias, eps)
     assert (h.double() - exact).abs().max() < 1e-5 * exact.abs().max()
     assert torch.equal(x, h.bfloat16())
     with pytest.raises(ValueError, match="add_layer_norm takes"):
@@ -247,3 +249,21 @@ def test_add_layer_norm_is_autocast_s_residual_step():
     with pytest.raises(ValueError, match="add_layer_norm takes"):
         cpu_attention.add_layer_norm(h[:, :100].contiguous(), o[:, :100].contiguous(), weight[:100], bias[:100],
                                      1e-12)
+
+
+@needs_kernel
+def test_packed_attention_keeps_a_nan_in_its_sequence():
+    """A NaN key makes its own sequence's outputs NaN for that head (as float arithmetic would), not a weight of 0;
+    the other sequences stay finite."""
+    qkv = torch.randn(20, 3 * 2 * 32).bfloat16()
+    qkv[3, 2 * 32] = float("nan")   # token 3's key, head 0, in the first of two sequences (0-9, 10-19)
+    got = cpu_attention.packed_attention(qkv, torch.tensor([0, 10, 20]), 2, 32, 32 ** -0.5)
+    assert got[:10, :32].isnan().all() and got[:10, 32:].isfinite().all() and got[10:].isfinite().all()
+
+
+def test_packed_attention_raises_when_its_buffers_cannot_be_had(monkeypatch):
+    """The kernel's failed allocation comes back as a MemoryError naming the sizes, not as a crash or zeros."""
+    monkeypatch.setattr(cpu_attention, "kernel", lambda: type("Failing", (), {"packed_attention": lambda *a: 1})())
+    with pytest.raises(MemoryError, match="longest sequence of 6 tokens and 2 heads of 32"):
+        cpu_attention.packed_attention(torch.zeros(10, 3 * 64, dtype=torch.bfloat16), torch.tensor([0, 4, 10]), 2,
+                                       32, 0.1)

@@ -422,7 +422,8 @@ def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, heads: int, dim: i
             and bool((starts.diff() >= 1).all())):
         raise ValueError(f"starts must be a contiguous 1-D CPU int64 tensor of offsets rising from 0 to the {tokens} "
                          f"tokens, each sequence at least one token; got {starts.dtype} {tuple(starts.shape)} on "
-                         f"{starts.device}, first values {starts.reshape(-1)[:8].tolist()}")
+                         f"{starts.device}"
+                         + (f", first values {starts.reshape(-1)[:8].tolist()}" if starts.device.type == "cpu" else ""))
     out = torch.empty(tokens, heads * dim, dtype=torch.bfloat16)
     if kernel().packed_attention(qkv.data_ptr(), qkv.stride(0), starts.data_ptr(), len(starts) - 1, heads, dim,
                                  scale, out.data_ptr(), out.stride(0)):

@@ -194,7 +194,7 @@ EMBEDDERS = ("minilm", "minilm-bf16")
 
 class Bf16Embedder:
     """A sentence-transformers model encoding in bfloat16, float32 embeddings out, within 1e-4 in cosine of
-    float32's: by `packed_encoder` where it runs here (the compiled kernels and oneDNN bf16: about 1.3x the time its
+    float32's: by `packed_encoder` where it runs here (the compiled kernels and oneDNN bf16: 1.3-1.4x the time its
     matrix products take at this machine's bf16 peak), else under CPU bf16 autocast (matmuls in bf16, about twice
     fp32's rate on CPUs with AVX512-BF16). `packed` says which."""
 

@@ -2,7 +2,7 @@
 oneDNN with weights laid out once, attention and the residual steps in `cpu_attention`'s compiled kernels.
 
 sentence-transformers pads each batch to its longest question and runs BERT through PyTorch's operators; under bf16
-autocast that takes about 2.1x the time its matrix products would take at the machine's bf16 rate
+autocast that takes 2.0-2.5x the time its matrix products would take at the machine's bf16 rate
 (benchmarks/embedding_ceiling.py): attention over 12 heads of 32 dimensions and about 50 tokens is many small
 problems that PyTorch's kernels run far below that rate, and each layer norm, residual add and cast is a pass over
 memory of its own. Here a batch of questions is one matrix of their tokens (tokens, 384):
@@ -70,7 +70,8 @@ class PackedEncoder:
         emb = bert.embeddings
         self.words, self.positions = emb.word_embeddings.weight.detach(), emb.position_embeddings.weight.detach()
         self.type0 = emb.token_type_embeddings.weight.detach()[0]
-        self.norm0 = emb.LayerNorm   # the embeddings' layer norm, run by torch
+        ln = emb.LayerNorm   # the embeddings' layer norm, run by torch
+        self.norm0 = (ln.weight.detach(), ln.bias.detach(), ln.eps)
         self.layers = [self._layer(layer) for layer in bert.encoder.layer]
 
     @staticmethod
@@ -97,8 +98,7 @@ class PackedEncoder:
         starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         flat = torch.tensor([t for x in ids for t in x])
         where = torch.arange(len(flat)) - starts[:-1].repeat_interleave(lengths)   # each token's position
-        h = F.layer_norm(self.words[flat] + self.positions[where] + self.type0, self.type0.shape,
-                         self.norm0.weight, self.norm0.bias, self.norm0.eps)
+        h = F.layer_norm(self.words[flat] + self.positions[where] + self.type0, self.type0.shape, *self.norm0)
         x = h.to(torch.bfloat16)
         for w in self.layers:
             qkv = linear(x, *w["qkv"])
