@@ -211,9 +211,9 @@ class Bf16Embedder:
 
         from . import packed_encoder
 
-        texts = packed_encoder.checked(texts, batch_size)   # both paths take and refuse the same inputs
         if self.packed is not None:
             return self.packed.encode(texts, batch_size, show_progress_bar, normalize_embeddings)
+        texts = packed_encoder.checked(texts, batch_size)   # as the packed path takes and refuses them
         if not texts:
             return np.zeros((0, self.model.get_embedding_dimension()), dtype=np.float32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -253,6 +253,15 @@ def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     matmuls: measured on a 2-core AMD EPYC (AVX2), a 1024^3 matmul ran at 0.85 GFLOP/s in bf16 against 108 in
     float32, so `hardware.*_autocast: auto` runs float32 there. No /proc/cpuinfo (not Linux): False."""
     return any(f in cpu_flags(cpuinfo) for f in BF16_FLAGS)
+
+
+def onednn_bf16() -> bool:
+    """Whether PyTorch's oneDNN backend is there, switched on, and multiplies bf16 on this CPU: what laying bf16
+    weights out once for its inner product (`sampling.CastLinear`, `packed_encoder`) needs."""
+    import torch
+
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:

@@ -22,15 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import cpu_attention
+from . import cpu_attention, models
 
 TOKENS_PER_BATCH = 8192   # rows of each matrix product: large enough for oneDNN's full rate, ~20 MB of activations
 
 
 def runs_here() -> bool:
     """Whether this machine runs the packed encoder: the compiled kernels, and oneDNN multiplying bf16."""
-    return (cpu_attention.kernel() is not None and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return cpu_attention.kernel() is not None and models.onednn_bf16()
 
 
 class PackedEncoder:

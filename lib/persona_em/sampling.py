@@ -6,7 +6,7 @@ import re
 import torch
 from tqdm.auto import tqdm
 
-from . import cpu_attention
+from . import cpu_attention, models
 
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
 
@@ -435,8 +435,7 @@ class CastLinear:
 
 def prepacks(weight: torch.Tensor) -> bool:
     """Whether `CastLinear` lays this cast weight out for oneDNN: bf16 on a CPU where oneDNN runs bf16."""
-    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and models.onednn_bf16()
 
 
 class Cascade:
